@@ -1,0 +1,428 @@
+"""The typed configuration tree: the single source of every default.
+
+A run is described by one `Config` (sections `model`, `data`, `optim`, `train`, `mesh`, `kernels`).
+YAML files set any subset of it, may `extends:` a base file, and `key.sub=value` overrides from the
+command line go on top. Everything is checked here, before JAX compiles anything:
+
+- unknown keys (named, with the closest valid key suggested),
+- wrong types (`model.d_model: expected an integer, got 'big'`),
+- out-of-range values (`optim.lr: must be > 0, got -1`),
+- inconsistent combinations (`model.d_model=100 is not divisible by model.num_heads=3`).
+
+Every error is a `ConfigError` whose message starts with the dotted key it is about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped, out of range or inconsistent."""
+
+
+def param(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+          gt: float | None = None, lt: float | None = None) -> Any:
+    """A config field with a one-line description and optional bounds (min/max inclusive, gt/lt strict)."""
+    bounds = {k: v for k, v in dict(min=min, max=max, gt=gt, lt=lt).items() if v is not None}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata=dict(help=help, **bounds))
+    return field(default=default, metadata=dict(help=help, **bounds))
+
+
+class _Checked:
+    """Base of every config section: checks each field's bounds after construction."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            meta = f.metadata
+            if "min" in meta and value < meta["min"]:
+                raise ConfigError(f"{f.name}: must be >= {meta['min']}, got {value}")
+            if "max" in meta and value > meta["max"]:
+                raise ConfigError(f"{f.name}: must be <= {meta['max']}, got {value}")
+            if "gt" in meta and value <= meta["gt"]:
+                raise ConfigError(f"{f.name}: must be > {meta['gt']}, got {value}")
+            if "lt" in meta and value >= meta["lt"]:
+                raise ConfigError(f"{f.name}: must be < {meta['lt']}, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+MixerName = Literal["attention", "long_conv", "gated_conv"]
+
+
+@dataclass(frozen=True)
+class LongConvConfig(_Checked):
+    """The long-convolution layer of "Simple Hardware-Efficient Long Convolutions" (Fu et al. 2023)."""
+
+    squash_lambda: float = param(0.0, "squash regulariser: soft-threshold kernel weights by this λ (0 = off)", min=0)
+    smooth_width: int = param(1, "smooth regulariser: average-pool width over the kernel (1 = off)", min=1)
+    kernel_dropout: float = param(0.0, "dropout on the kernel weights during training", min=0, lt=1)
+    short_conv_width: int = param(3, "gated_conv only: width of the short causal depthwise convolution", min=1)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Checked):
+    """The network. Its head (LM or classifier) and vocabulary come from the data task."""
+
+    mixer: Literal["attention", "long_conv", "gated_conv", "hybrid"] = param(
+        "long_conv", "sequence mixer of every layer; hybrid = cycle through hybrid_pattern")
+    hybrid_pattern: tuple[MixerName, ...] = param(
+        ("gated_conv", "attention"), "mixer of layer i is hybrid_pattern[i % len] (mixer=hybrid only)")
+    d_model: int = param(128, "width of the residual stream", min=1)
+    num_layers: int = param(2, "number of residual blocks (mixer + MLP)", min=1)
+    num_heads: int = param(4, "attention heads", min=1)
+    num_kv_heads: int | None = param(None, "key/value heads for GQA/MQA (None = num_heads)", min=1)
+    mlp_hidden: int | None = param(None, "SwiGLU hidden width (None = 8/3·d_model rounded up to 64)", min=1)
+    dropout: float = param(0.0, "dropout on residual branches", min=0, lt=1)
+    rope_theta: float = param(10000.0, "rotary position embedding base", gt=0)
+    tie_embeddings: bool = param(True, "LM head shares the input embedding matrix")
+    compute_dtype: Literal["float32", "bfloat16"] = param(
+        "float32", "dtype of activations and matmuls (parameters stay float32)")
+    long_conv: LongConvConfig = param(LongConvConfig(), "long_conv and gated_conv layer options")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        kv_heads = self.num_kv_heads or self.num_heads
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"d_model: {self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.num_heads % kv_heads:
+            raise ConfigError(f"num_kv_heads: num_heads={self.num_heads} is not divisible by num_kv_heads={kv_heads}")
+        if (self.d_model // self.num_heads) % 2:
+            raise ConfigError(f"d_model: head_dim = d_model/num_heads = {self.d_model // self.num_heads} "
+                              "must be even for rotary embeddings")
+        if self.mixer == "hybrid" and not self.hybrid_pattern:
+            raise ConfigError("hybrid_pattern: must name at least one mixer when mixer=hybrid")
+
+    def layer_mixers(self) -> tuple[str, ...]:
+        """The mixer of each layer, resolving `hybrid` through the pattern."""
+        if self.mixer != "hybrid":
+            return (self.mixer,) * self.num_layers
+        return tuple(self.hybrid_pattern[i % len(self.hybrid_pattern)] for i in range(self.num_layers))
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+@dataclass(frozen=True)
+class MQARConfig(_Checked):
+    """Multi-query associative recall (Zoology): key-value pairs, then queries of some of the keys."""
+
+    vocab_size: int = param(64, "tokens, including pad=0; keys and values use disjoint halves", min=8)
+    num_kv_pairs: int = param(8, "key-value pairs per sequence (each key is queried once)", min=1)
+
+    def min_seq_len(self) -> int:
+        return 4 * self.num_kv_pairs
+
+
+@dataclass(frozen=True)
+class InductionHeadsConfig(_Checked):
+    """Induction heads: after `trigger x ... trigger`, predict `x`."""
+
+    vocab_size: int = param(16, "tokens, including pad=0 and the trigger token", min=4)
+
+    def min_seq_len(self) -> int:
+        return 4
+
+
+@dataclass(frozen=True)
+class SelectiveCopyingConfig(_Checked):
+    """Selective copying (Mamba): copy the data tokens scattered among noise, in order, after the markers."""
+
+    vocab_size: int = param(16, "data tokens + pad=0, noise and copy-marker tokens", min=4)
+    num_tokens: int = param(16, "data tokens to memorise and copy", min=1)
+
+    def min_seq_len(self) -> int:
+        return 2 * self.num_tokens + 1
+
+
+@dataclass(frozen=True)
+class ListOpsConfig(_Checked):
+    """LRA ListOps: evaluate nested MAX/MIN/MED/SM expressions over digits; 10 classes."""
+
+    max_depth: int = param(10, "deepest operator nesting", min=1)
+    max_args: int = param(10, "most arguments of one operator", min=2)
+    min_length: int = param(0, "shortest expression in tokens (0 = seq_len // 4)", min=0)
+
+    def min_seq_len(self) -> int:
+        return 8
+
+
+@dataclass(frozen=True)
+class TextConfig(_Checked):
+    """Byte-level language modelling on text every Python install ships (the stdlib's help topics)."""
+
+    eval_fraction: float = param(0.05, "share of the documents held out for evaluation", gt=0, lt=1)
+
+    def min_seq_len(self) -> int:
+        return 2
+
+
+TaskName = Literal["mqar", "induction_heads", "selective_copying", "listops", "text"]
+
+
+@dataclass(frozen=True)
+class DataConfig(_Checked):
+    """Which task, how long, how many; each task's own options live in its sub-section."""
+
+    task: TaskName = param("mqar", "the task the model is trained and evaluated on")
+    seq_len: int = param(256, "tokens per example", min=1)
+    batch_size: int = param(32, "examples per training step (global, over all devices)", min=1)
+    seed: int = param(0, "seed of the data generators (train and eval streams are disjoint)", min=0)
+    eval_batches: int = param(8, "batches in the fixed evaluation set", min=1)
+    mqar: MQARConfig = param(MQARConfig(), "task=mqar options")
+    induction_heads: InductionHeadsConfig = param(InductionHeadsConfig(), "task=induction_heads options")
+    selective_copying: SelectiveCopyingConfig = param(SelectiveCopyingConfig(), "task=selective_copying options")
+    listops: ListOpsConfig = param(ListOpsConfig(), "task=listops options")
+    text: TextConfig = param(TextConfig(), "task=text options")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        needed = self.task_options().min_seq_len()
+        if self.seq_len < needed:
+            raise ConfigError(f"seq_len: {self.seq_len} is too short for task={self.task} with its options; "
+                              f"it needs at least {needed}")
+
+    def task_options(self) -> Any:
+        """The sub-section of the selected task (e.g. `self.mqar` when task=mqar)."""
+        return getattr(self, self.task)
+
+
+# ----------------------------------------------------------------------------------------------
+# optimisation, training, devices, kernels
+
+@dataclass(frozen=True)
+class OptimConfig(_Checked):
+    """AdamW with linear warmup and cosine decay; long-conv kernels form their own parameter group."""
+
+    lr: float = param(1e-3, "peak learning rate", gt=0)
+    min_lr_ratio: float = param(0.1, "final learning rate as a fraction of the peak", min=0, max=1)
+    warmup_steps: int = param(100, "linear warmup steps", min=0)
+    weight_decay: float = param(0.1, "decoupled weight decay on matrices (not on norms, biases)", min=0)
+    b1: float = param(0.9, "Adam β1", min=0, lt=1)
+    b2: float = param(0.98, "Adam β2", min=0, lt=1)
+    eps: float = param(1e-8, "Adam ε", gt=0)
+    grad_clip: float = param(1.0, "clip the global gradient norm to this (0 = off)", min=0)
+    kernel_lr: float | None = param(None, "learning rate of long-conv kernels (None = lr)", gt=0)
+    kernel_weight_decay: float = param(0.0, "weight decay of long-conv kernels", min=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Checked):
+    """The training loop, its run directory and its bookkeeping."""
+
+    steps: int = param(1000, "optimizer steps in the whole run", min=1)
+    seed: int = param(0, "seed of parameter initialisation and dropout", min=0)
+    eval_every: int = param(200, "evaluate every this many steps (and at the end)", min=1)
+    log_every: int = param(10, "write training metrics every this many steps", min=1)
+    checkpoint_every: int = param(200, "save a checkpoint every this many steps (and at the end)", min=1)
+    keep_checkpoints: int = param(2, "most recent checkpoints kept on disk", min=1)
+    run_dir: str = param("runs", "parent folder of run directories")
+    name: str | None = param(None, "run name: runs/<name>/ (None = the config file's name)")
+    progress: bool = param(True, "show a progress bar")
+
+
+@dataclass(frozen=True)
+class MeshConfig(_Checked):
+    """Device mesh. The spine uses data parallelism only; sequence axes come with sequence parallelism."""
+
+    data: int = param(-1, "devices along the data-parallel axis (-1 = all devices)", min=-1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data == 0:
+            raise ConfigError("data: must be a positive device count or -1 (all devices), got 0")
+
+
+@dataclass(frozen=True)
+class KernelsConfig(_Checked):
+    """Which implementation runs each op (`auto` = the fastest correct one for the platform)."""
+
+    attention: Literal["auto", "reference"] = param("auto", "implementation of longseq.ops.attention")
+    long_conv: Literal["auto", "fft"] = param("auto", "implementation of longseq.ops.long_conv")
+
+
+@dataclass(frozen=True)
+class Config(_Checked):
+    """A whole run."""
+
+    model: ModelConfig = param(ModelConfig(), "the network")
+    data: DataConfig = param(DataConfig(), "the task and batches")
+    optim: OptimConfig = param(OptimConfig(), "optimizer and schedule")
+    train: TrainConfig = param(TrainConfig(), "training loop, run directory, checkpoints")
+    mesh: MeshConfig = param(MeshConfig(), "device mesh")
+    kernels: KernelsConfig = param(KernelsConfig(), "op implementations")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mesh.data > 0 and self.data.batch_size % self.mesh.data:
+            raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by "
+                              f"mesh.data={self.mesh.data}")
+
+
+# ----------------------------------------------------------------------------------------------
+# building a Config from plain data, YAML files and overrides
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a type annotation and return it in the field's Python type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}{hint}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {annotation.__name__} fields, got {_describe(value)}")
+        return from_dict(annotation, value, prefix=f"{key}.")
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {annotation!r}")  # a bug in this file, not in the config
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build config section `cls` from a (possibly partial) nested dict, checking every key and value."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        message = str(error)
+        if prefix and not message.startswith(prefix):
+            message = prefix + message
+        raise ConfigError(message) from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (YAML- and JSON-ready)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file, resolving `extends: other.yaml` (relative to the file) recursively."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"extends: cycle through {' -> '.join(p.name for p in (*chain, path))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"extends: expected a file name, got {_describe(base)}")
+    return _merge(_read_yaml(path.parent / base, (*chain, path)), data)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `update` wins, mappings merge key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`model.d_model=256` -> {"model": {"d_model": 256}}; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value, e.g. train.steps=500")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a YAML file (with its `extends:` chain) plus dotted overrides into a checked `Config`."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    return from_dict(Config, data)
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field: the documentation of the config keys."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            rows += describe_fields(type(default), f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, repr(list(default) if isinstance(default, tuple) else default),
+                         f.metadata.get("help", "")))
+    return rows
