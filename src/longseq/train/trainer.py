@@ -1,0 +1,316 @@
+"""The training loop: config -> task, model, optimizer -> jit-compiled steps -> run directory.
+
+Read top to bottom: `train()` is the whole run. A run lives in `runs/<name>/`:
+
+    config.yaml         the resolved config (every default spelled out)
+    metrics.jsonl       one JSON row per log/eval event
+    tensorboard/        the same metrics for TensorBoard
+    checkpoints/<step>/ orbax checkpoints of the whole training state (newest few kept)
+    metrics.png         train/eval curves, written at the end
+
+Rerunning the same command resumes from the newest checkpoint and reproduces, step for step, the
+losses an uninterrupted run would have produced: the data stream is indexed by step, and the
+dropout RNG state is part of the checkpoint. Ctrl-C (or SIGTERM) saves a checkpoint before exiting.
+A non-finite loss, gradient or parameter stops the run; checkpoints only ever hold finite states.
+
+The training state is a plain pytree, so one `jax.jit` compiles the whole step:
+    {"params": {"kernel": <long-conv kernels>, "other": <other parameters>},
+     "rest": <non-parameter model state (RNG counters)>, "opt_state": <optax state>}
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from longseq import data as data_lib
+from longseq.config import Config, ConfigError, from_dict, to_dict, to_yaml
+from longseq.layers import ConvKernel
+from longseq.models import build_model
+from longseq.train.checkpoint import Checkpointer
+from longseq.train.losses import classification_sums, lm_sums, means
+from longseq.train.metrics import MetricsWriter, plot_metrics
+from longseq.train.optimizer import make_optimizer, parameter_groups
+
+# Sections whose change makes an existing run directory's checkpoints meaningless.
+_FIXED_ON_RESUME = ("model", "data", "optim")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradients or the parameters became NaN or infinite."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C / SIGTERM: a checkpoint was saved; rerunning the same command resumes."""
+
+
+def run_directory(config: Config) -> Path:
+    return Path(config.train.run_dir) / (config.train.name or "run")
+
+
+def make_mesh(config: Config) -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over `mesh.data` devices (-1 = all), checked against the batch size."""
+    available = jax.device_count()
+    size = available if config.mesh.data == -1 else config.mesh.data
+    if size > available:
+        raise ConfigError(f"mesh.data: asks for {size} devices, but only {available} are available "
+                          f"({jax.devices()[0].platform})")
+    if config.data.batch_size % size:
+        raise ConfigError(f"data.batch_size: {config.data.batch_size} is not divisible by the "
+                          f"{size} devices of mesh.data")
+    return jax.sharding.Mesh(np.array(jax.devices()[:size]), ("data",))
+
+
+# ----------------------------------------------------------------------------------------------
+# the model as a pytree of arrays, and the jit-compiled steps
+
+class Steps:
+    """The model's structure plus the pure, jit-compiled train and eval steps over the state pytree."""
+
+    def __init__(self, config: Config, task: Any):
+        self.kind = task.kind
+        model = build_model(config.model, config.kernels, kind=task.kind, vocab_size=task.vocab_size,
+                            num_classes=task.num_classes, seq_len=config.data.seq_len,
+                            rngs=nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1))
+        self.graphdef, kernels, others, rest = nnx.split(model, ConvKernel, nnx.Param, ...)
+        params = {"kernel": kernels, "other": others}
+        self.num_params = sum(x.size for x in jax.tree.leaves(params))
+        self.tx = make_optimizer(config.optim, config.train.steps, parameter_groups(params))
+        self.initial_state = {"params": params, "rest": rest, "opt_state": self.tx.init(params)}
+        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step)
+
+    def _forward(self, params, rest, batch, training: bool):
+        """Loss/accuracy sums of one batch, and the updated non-parameter state."""
+        model = nnx.merge(self.graphdef, params["kernel"], params["other"], rest, copy=True)
+        model.train() if training else model.eval()
+        if self.kind == "lm":
+            sums = lm_sums(model(batch["inputs"]), batch["targets"], batch["weights"])
+        else:
+            sums = classification_sums(model(batch["inputs"], mask=batch["mask"]), batch["labels"])
+        return sums, nnx.split(model, ConvKernel, nnx.Param, ...)[3]
+
+    def _train_step(self, state, batch):
+        def loss_fn(params):
+            sums, rest = self._forward(params, state["rest"], batch, training=True)
+            return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), (sums, rest)
+
+        (_, (sums, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+        metrics = {**sums, "grad_norm": optax.global_norm(grads), "params_finite": finite}
+        return {"params": params, "rest": rest, "opt_state": opt_state}, metrics
+
+    def _eval_step(self, state, batch):
+        return self._forward(state["params"], state["rest"], batch, training=False)[0]
+
+    def evaluate(self, state, eval_batches) -> dict[str, float]:
+        totals = None
+        for batch in eval_batches:
+            sums = self.eval_step(state, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        return means(jax.device_get(totals))
+
+
+# ----------------------------------------------------------------------------------------------
+# the run directory
+
+def _prepare_run_directory(config: Config, run_dir: Path) -> None:
+    """Create the run dir and save config.yaml; refuse to resume a run whose model/data/optim changed."""
+    saved_path = run_dir / "config.yaml"
+    if saved_path.exists():
+        saved = to_dict(from_dict(Config, yaml.safe_load(saved_path.read_text())))
+        current = to_dict(config)
+        for section in _FIXED_ON_RESUME:
+            changed = [key for key in current[section] if current[section][key] != saved[section][key]]
+            if changed:
+                key = changed[0]
+                raise ConfigError(
+                    f"{section}.{key}: this run directory ({run_dir}) was started with "
+                    f"{saved[section][key]!r}, now {current[section][key]!r}; its checkpoints would not fit. "
+                    "Use another train.name, or delete the directory to start over")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(to_yaml(config))
+
+
+def _put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Numpy batch -> device arrays, split along the batch axis over the data-parallel devices."""
+    return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, sharding)
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _progress_bar(config: Config, start: int):
+    if not config.train.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole run
+
+def train(config: Config) -> dict[str, Any]:
+    """Train (or resume) the run described by `config`. Returns the final eval metrics and paths."""
+    run_dir = run_directory(config)
+    task = data_lib.make_task(config.data)   # checks data options (e.g. text length) before compiling
+    mesh = make_mesh(config)
+    _prepare_run_directory(config, run_dir)
+
+    steps = Steps(config, task)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    state = jax.device_put(steps.initial_state, replicated)
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state = checkpointer.restore(start, state)
+        print(f"resumed {run_dir} from step {start}")
+    else:
+        print(f"new run {run_dir}: {steps.num_params:,} parameters, task {task.name} "
+              f"(chance accuracy {task.chance_accuracy:.3f}), {mesh.size} device(s)")
+
+    def put(batch):
+        return _put_batch(batch, batch_sharding)
+
+    eval_batches = [put(b) for b in data_lib.eval_set(task, config.data)]
+    train_batches = data_lib.batches(task, "train", config.data.batch_size, start=start)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    writer = MetricsWriter(run_dir, resume_step=start)
+    bar = _progress_bar(config, start)
+    step, last_good = start, start
+    interval_sums, timer_start, timed_steps = None, None, 0
+
+    def record(step_done: int, metrics: dict) -> None:
+        """Host-side bookkeeping of a finished step: divergence check, progress bar, metric rows."""
+        nonlocal interval_sums, timer_start, timed_steps
+        metrics = jax.device_get(metrics)
+        loss = float(metrics["loss_sum"]) / max(float(metrics["weight_sum"]), 1e-9)
+        if not (math.isfinite(loss) and math.isfinite(float(metrics["grad_norm"]))
+                and bool(metrics["params_finite"])):
+            raise TrainingDiverged(
+                f"training diverged at step {step_done}: loss={loss}, grad_norm={float(metrics['grad_norm'])}; "
+                f"the last good checkpoint is step {last_good} in {run_dir / 'checkpoints'}. "
+                "Lower optim.lr or raise optim.warmup_steps, then rerun to resume from it")
+        sums = {k: metrics[k] for k in ("loss_sum", "correct_sum", "weight_sum")}
+        interval_sums = sums if interval_sums is None else {k: interval_sums[k] + sums[k] for k in sums}
+        if timer_start is None:  # a process's first step includes compilation: time from its end
+            timer_start = time.perf_counter()
+        else:
+            timed_steps += 1
+        if step_done % config.train.log_every == 0 or step_done == config.train.steps:
+            row = {**means(interval_sums), "grad_norm": float(metrics["grad_norm"])}
+            if timed_steps:
+                row["tokens_per_sec"] = tokens_per_step * timed_steps / (time.perf_counter() - timer_start)
+            writer.write(step_done, "train", row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
+                                tok_s=f"{row.get('tokens_per_sec', 0):,.0f}", refresh=False)
+            interval_sums, timer_start, timed_steps = None, time.perf_counter(), 0
+
+    def evaluate(step_done: int) -> dict[str, float]:
+        result = steps.evaluate(state, eval_batches)
+        writer.write(step_done, "eval", {**result, "chance_accuracy": task.chance_accuracy})
+        message = f"step {step_done}: eval loss {result['loss']:.4f}, accuracy {result['accuracy']:.3f}"
+        (bar.write if bar is not None else print)(message)
+        return result
+
+    pending = None  # the step just dispatched: its metrics are read after the next one is queued
+    final_eval = None
+    try:
+        with _StopRequest() as stop:
+            while step < config.train.steps and not stop.requested:
+                state, metrics = steps.train_step(state, put(next(train_batches)))
+                step += 1
+                if pending is not None:
+                    record(*pending)
+                pending = (step, metrics)
+                if bar is not None:
+                    bar.update(1)
+                at_end = step == config.train.steps
+                if at_end or step % config.train.checkpoint_every == 0 or step % config.train.eval_every == 0:
+                    record(*pending)
+                    pending = None
+                if at_end or step % config.train.eval_every == 0:
+                    final_eval = evaluate(step)
+                if at_end or step % config.train.checkpoint_every == 0:
+                    checkpointer.save(step, state)
+                    last_good = step
+            if pending is not None:
+                record(*pending)
+            if stop.requested:
+                checkpointer.save(step, state)
+                raise TrainingInterrupted(f"interrupted at step {step}: checkpoint saved in "
+                                          f"{run_dir / 'checkpoints'}; rerun the same command to resume")
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        checkpointer.close()
+        if (run_dir / "metrics.jsonl").exists():
+            plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png", title=run_dir.name)
+
+    if final_eval is None:  # resumed a run that had already finished
+        final_eval = steps.evaluate(state, eval_batches)
+    print(f"done: eval loss {final_eval['loss']:.4f}, accuracy {final_eval['accuracy']:.3f} "
+          f"(chance {task.chance_accuracy:.3f})\n  plot:    {run_dir / 'metrics.png'}\n"
+          f"  metrics: {run_dir / 'metrics.jsonl'}\n  tensorboard --logdir {run_dir / 'tensorboard'}")
+    return {"run_dir": run_dir, "step": step, "chance_accuracy": task.chance_accuracy, **final_eval}
+
+
+def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
+    """Evaluate the newest checkpoint of a run directory on its task's eval set."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = from_dict(Config, yaml.safe_load(config_path.read_text()))
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise ConfigError(f"{run_dir}: has no checkpoint to evaluate yet")
+    task = data_lib.make_task(config.data)
+    mesh = make_mesh(config)
+    steps = Steps(config, task)
+    state = checkpointer.restore(step, jax.device_put(steps.initial_state, NamedSharding(mesh, PartitionSpec())))
+    checkpointer.close()
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    eval_batches = [_put_batch(b, batch_sharding) for b in data_lib.eval_set(task, config.data)]
+    return {"run_dir": run_dir, "step": step, "chance_accuracy": task.chance_accuracy,
+            **steps.evaluate(state, eval_batches)}
+

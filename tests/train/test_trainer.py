@@ -1,0 +1,176 @@
+"""End-to-end training on tiny configs: learning, exact resume after SIGKILL, Ctrl-C, divergence, eval.
+
+The subprocess tests run the real `longseq` command, as a user would.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from longseq.cli import resolve
+from longseq.config import ConfigError, load_config
+from longseq.train import evaluate_run, train
+from longseq.train.metrics import read_metrics
+
+TINY = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "data.seq_len=32",
+        "data.mqar.num_kv_pairs=4", "data.mqar.vocab_size=32", "data.batch_size=8", "data.eval_batches=2",
+        "optim.warmup_steps=5", "train.progress=false"]
+
+
+def tiny(tmp_path: Path, *overrides: str):
+    return load_config(None, [*TINY, f"train.run_dir={tmp_path}", "train.name=tiny", *overrides])
+
+
+def cli(tmp_path: Path, name: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "longseq", "train", str(tmp_path / "none.yaml"), *TINY,
+            f"train.run_dir={tmp_path}", f"train.name={name}", *overrides]
+
+
+@pytest.fixture
+def empty_config(tmp_path):
+    (tmp_path / "none.yaml").write_text("{}\n")
+    return tmp_path
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if row["split"] == "train"}
+
+
+@pytest.mark.parametrize("mixer", ["long_conv", "attention"])
+def test_loss_decreases_and_run_directory_is_complete(tmp_path, mixer):
+    result = train(tiny(tmp_path, f"model.mixer={mixer}", "train.steps=60", "train.log_every=5",
+                        "train.eval_every=30", "train.checkpoint_every=30", "optim.lr=3e-3"))
+    run_dir = result["run_dir"]
+    losses = train_losses(run_dir)
+    assert losses[60] < 0.8 * losses[5], losses
+    for name in ("config.yaml", "metrics.jsonl", "metrics.png"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tensorboard").iterdir())
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [30, 60]
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.model.mixer == mixer and saved.train.steps == 60
+    eval_rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if row["split"] == "eval"]
+    assert [row["step"] for row in eval_rows] == [30, 60]
+    assert eval_rows[-1]["loss"] == pytest.approx(result["loss"])
+    # `longseq eval` recomputes the same numbers from the last checkpoint
+    evaluated = evaluate_run(run_dir)
+    assert evaluated["step"] == 60
+    assert evaluated["loss"] == pytest.approx(result["loss"], rel=1e-5)
+    assert evaluated["accuracy"] == pytest.approx(result["accuracy"])
+
+
+def test_rerunning_a_finished_run_resumes_at_its_end(tmp_path):
+    config = tiny(tmp_path, "train.steps=6", "train.checkpoint_every=3")
+    first = train(config)
+    again = train(config)
+    assert again["step"] == 6 and again["loss"] == pytest.approx(first["loss"])
+
+
+def test_resume_refuses_a_changed_model(tmp_path):
+    train(tiny(tmp_path, "train.steps=2"))
+    with pytest.raises(ConfigError, match=r"model\.d_model: this run directory .* was started with 32, now 64"):
+        train(tiny(tmp_path, "train.steps=2", "model.d_model=64"))
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_identical_losses(empty_config):
+    tmp_path = empty_config
+    common = ["train.steps=300", "train.log_every=1", "train.checkpoint_every=20", "train.eval_every=300",
+              "model.dropout=0.1", "model.long_conv.kernel_dropout=0.1"]  # dropout: RNG state must resume too
+    subprocess.run(cli(tmp_path, "whole", *common), check=True, capture_output=True)
+
+    killed = subprocess.Popen(cli(tmp_path, "killed", *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(tmp_path / "killed" / "checkpoints" / "20", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert not (tmp_path / "killed" / "checkpoints" / "300").exists(), "the run finished before it was killed"
+    resumed = subprocess.run(cli(tmp_path, "killed", *common), check=True, capture_output=True, text=True)
+    assert "resumed" in resumed.stdout
+
+    whole, restarted = train_losses(tmp_path / "whole"), train_losses(tmp_path / "killed")
+    assert sorted(restarted) == list(range(1, 301))  # one row per step: none lost, none duplicated
+    assert [restarted[s] for s in range(1, 301)] == [whole[s] for s in range(1, 301)]  # bit-for-bit
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(empty_config):
+    tmp_path = empty_config
+    common = ["train.steps=400", "train.checkpoint_every=20", "train.eval_every=400"]
+    process = subprocess.Popen(cli(tmp_path, "interrupted", *common), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "interrupted" / "checkpoints" / "20", process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "checkpoint saved" in stderr and "rerun the same command to resume" in stderr
+    saved = [int(p.name) for p in (tmp_path / "interrupted" / "checkpoints").iterdir() if p.name.isdigit()]
+    stopped_at = max(saved)
+    assert 20 <= stopped_at < 400
+    finished = subprocess.run(cli(tmp_path, "interrupted", *common), capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert f"resumed {tmp_path / 'interrupted'} from step {stopped_at}" in finished.stdout
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_only_finite_checkpoints(empty_config):
+    tmp_path = empty_config
+    result = subprocess.run(cli(tmp_path, "diverged", "train.steps=50", "train.checkpoint_every=1",
+                                "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0"),
+                            capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert "training diverged at step" in result.stderr and "last good checkpoint is step" in result.stderr
+    run_dir = tmp_path / "diverged"
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < 50
+    assert np.isfinite(evaluate_run(run_dir)["loss"])
+
+
+def test_cli_config_show_prints_the_resolved_config(empty_config):
+    tmp_path = empty_config
+    shown = subprocess.run([sys.executable, "-m", "longseq", "config", "show", str(tmp_path / "none.yaml"),
+                            "train.steps=5", "model.mixer=attention"], capture_output=True, text=True, check=True)
+    import yaml
+
+    data = yaml.safe_load(shown.stdout)
+    assert data["train"]["steps"] == 5 and data["model"]["mixer"] == "attention"
+    assert data["train"]["name"] == "none"  # runs are named after their config file by default
+    assert resolve(str(tmp_path / "none.yaml"), ["train.steps=5", "model.mixer=attention"]).train.steps == 5
+
+
+def test_cli_reports_config_errors_before_compiling(empty_config):
+    tmp_path = empty_config
+    result = subprocess.run(cli(tmp_path, "bad", "model.d_modle=3"), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "config error: model.d_modle: unknown key; did you mean model.d_model?" in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_eval_prints_json(tmp_path):
+    train(tiny(tmp_path, "train.steps=3"))
+    shown = subprocess.run([sys.executable, "-m", "longseq", "eval", str(tmp_path / "tiny")],
+                           capture_output=True, text=True, check=True)
+    result = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert result["step"] == 3 and 0 <= result["accuracy"] <= 1
+    missing = subprocess.run([sys.executable, "-m", "longseq", "eval", str(tmp_path / "nothing")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "not a run directory" in missing.stderr
+
+
+def test_mesh_larger_than_the_machine_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"mesh\.data: asks for 64 devices, but only \d+ are available"):
+        train(tiny(tmp_path, "mesh.data=64", "data.batch_size=64"))
+
+
