@@ -123,6 +123,12 @@ class MQARConfig(_Checked):
     vocab_size: int = param(64, "tokens, including pad=0; keys and values use disjoint halves", min=8)
     num_kv_pairs: int = param(8, "key-value pairs per sequence (each key is queried once)", min=1)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vocab_size // 2 - 1 < self.num_kv_pairs:
+            raise ConfigError(f"vocab_size: {self.vocab_size} leaves {self.vocab_size // 2 - 1} distinct keys, fewer "
+                              f"than num_kv_pairs={self.num_kv_pairs}; it needs >= {2 * (self.num_kv_pairs + 1)}")
+
     def min_seq_len(self) -> int:
         return 4 * self.num_kv_pairs
 
@@ -152,12 +158,12 @@ class SelectiveCopyingConfig(_Checked):
 class ListOpsConfig(_Checked):
     """LRA ListOps: evaluate nested MAX/MIN/MED/SM expressions over digits; 10 classes."""
 
-    max_depth: int = param(10, "deepest operator nesting", min=1)
+    max_depth: int = param(10, "deepest operator nesting (LRA's generator flag max_depth=10 is 9 here)", min=1)
     max_args: int = param(10, "most arguments of one operator", min=2)
     min_length: int = param(0, "shortest expression in tokens (0 = seq_len // 4)", min=0)
 
     def min_seq_len(self) -> int:
-        return 8
+        return max(8, self.min_length)
 
 
 @dataclass(frozen=True)
