@@ -1,0 +1,16 @@
+"""Sequence-mixing ops: attention and long convolution, each behind one dispatch function.
+
+`impl=` selects the implementation ("auto" = the best one available on the platform).
+"""
+
+from longseq.ops.attention import ATTENTION_IMPLS, attention, merge_partials
+from longseq.ops.long_conv import LONG_CONV_IMPLS, long_conv, long_conv_direct
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "LONG_CONV_IMPLS",
+    "attention",
+    "long_conv",
+    "long_conv_direct",
+    "merge_partials",
+]

@@ -1,0 +1,247 @@
+"""Scaled dot-product attention that also returns the log-sum-exp, plus the merge of partial results.
+
+For a query i and the keys j it may see (its *visible* keys), with s = scale · q·k:
+
+    s_ij   = scale · Σ_d q[i, d] · k[j, d]                (scale defaults to 1 / sqrt(head_dim))
+    lse_i  = log Σ_{j visible} exp(s_ij)
+    out_i  = Σ_{j visible} exp(s_ij − lse_i) · v[j]
+
+Shapes:
+
+    q:   [batch, q_len,  heads,    head_dim]
+    k,v: [batch, kv_len, kv_heads, head_dim]      heads % kv_heads == 0
+    out: [batch, q_len,  heads,    head_dim]      dtype of q
+    lse: [batch, heads,  q_len]                   float32 (float64 for float64 inputs)
+
+Grouped-query attention: with group = heads // kv_heads, query head h reads kv head h // group
+(kv_heads == 1 is multi-query attention). K and V are never repeated in memory: q is viewed as
+[batch, q_len, kv_heads, group, head_dim] and contracted against k directly.
+
+Visibility. Key j is visible to query i when both hold:
+  - causal=False, or kv_offset + j <= q_offset + i (positions are global, so a shard of queries
+    can attend to a shard of keys held elsewhere; offsets may be traced int32 scalars);
+  - segment_ids is None, or q_ids[b, i] == kv_ids[b, j] (packed sequences).
+
+A query with NO visible key gets out = 0 and lse = -inf, and its gradient is exactly 0 (never NaN).
+This is what makes partial results over blocks of keys composable: the lse is the log of the
+softmax denominator, so `merge_partials` recombines blocks exactly, and a block that a query
+cannot see contributes exp(-inf) = 0.
+
+Scores and softmax are computed in float32 (float64 for float64 inputs) whatever the input dtype.
+
+The file reads: validation → reference implementation → merge_partials → public `attention`,
+which dispatches on `impl` (Pallas kernels will be added behind the same function).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("auto", "reference")
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_offset(name: str, offset: Any) -> None:
+    if jnp.ndim(offset) != 0 or not jnp.issubdtype(jnp.result_type(offset), jnp.integer):
+        raise ValueError(f"{name}: expected an integer scalar, got {offset!r}")
+
+
+def _check_attention_args(q, k, v, segment_ids, q_offset, kv_offset) -> None:
+    """Raise a ValueError naming the first argument that does not fit the shapes documented above."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"{name}: expected rank 4 [batch, len, heads, head_dim], "
+                             f"got shape {jnp.shape(x)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {k.shape}, got {v.shape}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k, v: expected the dtype of q ({q.dtype}), got {k.dtype} and {v.dtype}")
+    batch, q_len, heads, head_dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"k: expected batch {batch} (from q), got {k.shape[0]}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k: expected head_dim {head_dim} (from q), got {k.shape[3]}")
+    kv_heads = k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k: expected kv_heads dividing heads={heads}, got kv_heads={kv_heads}")
+    if segment_ids is not None:
+        if not isinstance(segment_ids, (tuple, list)) or len(segment_ids) != 2:
+            raise ValueError("segment_ids: expected None or a pair (q_ids, kv_ids), "
+                             f"got {type(segment_ids).__name__}")
+        expected = ((batch, q_len), (batch, k.shape[1]))
+        for part, ids, shape in zip(("q_ids", "kv_ids"), segment_ids, expected):
+            if jnp.shape(ids) != shape:
+                raise ValueError(f"segment_ids: expected {part} of shape {shape}, got {jnp.shape(ids)}")
+            if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+                raise ValueError(f"segment_ids: expected integer {part}, got {jnp.result_type(ids)}")
+    _check_offset("q_offset", q_offset)
+    _check_offset("kv_offset", kv_offset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference implementation (plain jnp; the ground truth for the kernels)
+
+
+def visibility_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None,
+                    q_offset=0, kv_offset=0) -> Array | None:
+    """Which keys each query sees: bool [batch or 1, q_len, kv_len], or None when all are visible.
+
+    Built with jnp ops only, so q_offset / kv_offset may be traced scalars (e.g. derived from
+    `jax.lax.axis_index` inside shard_map).
+    """
+    mask = None
+    if causal:
+        q_pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)
+        kv_pos = jnp.asarray(kv_offset, jnp.int32) + jnp.arange(kv_len, dtype=jnp.int32)
+        mask = (kv_pos[None, :] <= q_pos[:, None])[None]
+    if segment_ids is not None:
+        q_ids, kv_ids = segment_ids
+        same = jnp.asarray(q_ids)[:, :, None] == jnp.asarray(kv_ids)[:, None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def _attention_reference(q, k, v, *, causal, segment_ids, scale, q_offset, kv_offset):
+    """Dense masked softmax, O(q_len · kv_len) memory. Arguments already validated."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    # HIGHEST: on GPU the default f32 matmul may use TF32; a reference must not.
+    precision = jax.lax.Precision.HIGHEST
+
+    # Query head h = kv_head * group + g, so this view pairs every query head with its kv head.
+    qg = q.reshape(batch, q_len, kv_heads, group, head_dim)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, precision=precision, preferred_element_type=acc)
+    s = s * jnp.asarray(scale, acc)
+
+    mask = visibility_mask(q_len, kv_len, causal=causal, segment_ids=segment_ids,
+                           q_offset=q_offset, kv_offset=kv_offset)
+    if mask is not None:
+        # -inf (not a large negative number) so hidden keys get weight exactly 0 even when a
+        # row has no visible key at all; where's gradient sends nothing to the hidden scores.
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)
+
+    # Subtracting the row max only keeps exp in range; softmax and lse are invariant to it, so
+    # no gradient needs to flow through it. A row with no visible key has max -inf: shift by 0
+    # instead, so that exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    # Empty rows have denom 0. Dividing by a safe 1 there gives out = 0 with finite gradients;
+    # the -inf lse is selected by where, so no gradient reaches log(0).
+    visible = denom > 0
+    safe_denom = jnp.where(visible, denom, 1.0)
+    lse = jnp.where(visible, m + jnp.log(safe_denom), -jnp.inf)[..., 0]  # [b, kvh, g, q]
+
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p / safe_denom, v.astype(acc), precision=precision)
+    out = out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+    return out, lse.reshape(batch, heads, q_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging partial results
+
+
+def merge_partials(outs: Sequence[Array] | Array, lses: Sequence[Array] | Array) -> tuple[Array, Array]:
+    """Exact attention over the union of disjoint key blocks, from each block's (out, lse).
+
+    Args:
+      outs: the blocks' outputs, either a sequence of arrays [batch, q_len, heads, head_dim] or one
+        stacked array [parts, batch, q_len, heads, head_dim].
+      lses: the blocks' log-sum-exps, a sequence of [batch, heads, q_len] or one stacked array
+        [parts, batch, heads, q_len].
+
+    Returns:
+      (out, lse): out [batch, q_len, heads, head_dim] in the outs' dtype, lse [batch, heads, q_len]
+      float32 (float64 for float64 inputs), with
+
+          lse = log Σ_p exp(lse_p)        out = Σ_p exp(lse_p − lse) · out_p
+
+      computed in float32. Blocks with lse_p = -inf (no visible key) get weight 0; rows where
+      every block is -inf get out = 0 and lse = -inf, with zero (not NaN) gradients.
+    """
+    outs = jnp.stack(list(outs)) if isinstance(outs, (list, tuple)) else jnp.asarray(outs)
+    lses = jnp.stack(list(lses)) if isinstance(lses, (list, tuple)) else jnp.asarray(lses)
+    if outs.ndim != 5:
+        raise ValueError("outs: expected [batch, q_len, heads, head_dim] per part "
+                         f"(stacked: rank 5), got stacked shape {outs.shape}")
+    parts, batch, q_len, heads, _ = outs.shape
+    if parts == 0:
+        raise ValueError("outs: expected at least one part, got none")
+    if lses.shape != (parts, batch, heads, q_len):
+        raise ValueError(f"lses: expected stacked shape {(parts, batch, heads, q_len)} "
+                         f"(parts, batch, heads, q_len), got {lses.shape}")
+
+    acc = jnp.promote_types(outs.dtype, jnp.float32)
+    lses = lses.astype(acc)
+    # Same guard as in the reference: shift by the max for range, but by 0 when all parts are -inf.
+    m = jax.lax.stop_gradient(jnp.max(lses, axis=0))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lses - m)  # [parts, b, h, q]; 0 for parts with lse -inf
+    total = jnp.sum(w, axis=0)
+    visible = total > 0
+    safe_total = jnp.where(visible, total, 1.0)
+    lse = jnp.where(visible, m + jnp.log(safe_total), -jnp.inf)
+
+    weights = jnp.transpose(w / safe_total, (0, 1, 3, 2))[..., None]  # [parts, b, q, h, 1]
+    out = jnp.sum(weights * outs.astype(acc), axis=0)
+    return out.astype(outs.dtype), lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+
+_IMPLEMENTATIONS = {"reference": _attention_reference}
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        expected = ", ".join(repr(name) for name in ATTENTION_IMPLS)
+        raise ValueError(f"impl: expected one of {expected}, got {impl!r}")
+    return "reference" if impl == "auto" else impl
+
+
+def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids=None,
+              scale: float | None = None, q_offset=0, kv_offset=0,
+              impl: str = "auto") -> tuple[Array, Array]:
+    """Masked scaled dot-product attention returning (out, lse).
+
+    Args:
+      q: [batch, q_len, heads, head_dim] queries.
+      k: [batch, kv_len, kv_heads, head_dim] keys, same dtype as q; heads % kv_heads == 0.
+      v: [batch, kv_len, kv_heads, head_dim] values, same shape and dtype as k.
+      causal: key at global position kv_offset + j is visible to the query at global position
+        q_offset + i only if kv_offset + j <= q_offset + i.
+      segment_ids: None, or a pair (q_ids [batch, q_len], kv_ids [batch, kv_len]) of integers; a
+        query sees only keys with the same id. Combines with causal.
+      scale: multiplies q·k; default 1 / sqrt(head_dim).
+      q_offset, kv_offset: global positions of q[:, 0] and k[:, 0] (Python ints or traced int32
+        scalars); only used when causal.
+      impl: one of ATTENTION_IMPLS; "auto" picks the best available ("reference" today).
+
+    Returns:
+      out: [batch, q_len, heads, head_dim] in q's dtype.
+      lse: [batch, heads, q_len] float32 (float64 for float64 inputs), the log of the softmax
+        denominator. Rows with no visible key have out = 0, lse = -inf and zero gradient.
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    _check_attention_args(q, k, v, segment_ids, q_offset, kv_offset)
+    name = _resolve_impl(impl)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return _IMPLEMENTATIONS[name](q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
+                                  q_offset=q_offset, kv_offset=kv_offset)
