@@ -1,0 +1,162 @@
+"""Long convolutions (Fu et al. 2023, "Simple Hardware-Efficient Long Convolutions for Sequence
+Modeling"): every channel owns an explicit kernel as long as the sequence, kept smooth and sparse
+by two regularisers applied in the forward pass instead of by a parameterisation (as S4 does).
+
+Effective kernel, from the learned parameter `kernel` [channels, seq_len]:
+
+    k = smooth(kernel, smooth_width)          average pool along the taps ('same' length; off at 1)
+    k = squash(k, squash_lambda)              soft-threshold sign(k)·max(|k| − λ, 0) (off at 0)
+    k = dropout(k, kernel_dropout)            on the kernel weights, training only
+
+(the order of the paper's reference code: smoothing first, so the squash leaves exact zeros in the
+kernel that is actually applied). Then
+
+    y = long_conv(x, k[:, :seq]) + D ⊙ x      (D: learned per-channel skip, `longseq.ops.long_conv`)
+
+Causal layers use a linear causal convolution; bidirectional ones (causal=False) a circular
+convolution over the sequence, i.e. the kernel covers all lags in both directions.
+
+The kernel is a `ConvKernel` variable (a subclass of `nnx.Param`), so an optimizer can give the
+kernels their own learning rate and weight decay: `nnx.state(model, ConvKernel)` selects them, and
+`nnx.Param` still selects every parameter including them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longseq.ops import long_conv as long_conv_op
+
+
+class ConvKernel(nnx.Param):
+    """A long-convolution kernel, [channels, kernel_len]: its own parameter group for the optimizer."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions: initialisation and regularisers
+
+
+def init_long_conv_kernel(key: jax.Array, channels: int, seq_len: int, *, scale: float = 0.02) -> jax.Array:
+    """Small random kernels with a per-channel exponential decay along the taps.
+
+    k[c, t] = scale · N(0, 1) · exp(−rate_c · t / seq_len), rate_c = max(channels/2, 1)^(c/channels):
+    channel 0 decays by e^−1 over the whole length, the last channel by about e^−(channels/2), so
+    the layer starts with a spread of effective lengths (the decaying "double exponential"
+    initialisation of the paper's code; its plain alternative is N(0, 1)·0.002 without decay).
+
+    Returns:
+      [channels, seq_len] float32.
+    """
+    rates = max(channels / 2, 1.0) ** (jnp.arange(channels, dtype=jnp.float32) / channels)  # [channels]
+    taps = jnp.arange(seq_len, dtype=jnp.float32) / seq_len  # [seq_len]
+    decay = jnp.exp(-rates[:, None] * taps[None, :])
+    return scale * jax.random.normal(key, (channels, seq_len), jnp.float32) * decay
+
+
+def squash(k: jax.Array, lam: float) -> jax.Array:
+    """Soft-threshold: sign(k)·max(|k| − λ, 0); entries with |k| <= λ become exactly 0.
+
+    k: [..., taps] -> same shape and dtype. λ = 0 returns k unchanged.
+    """
+    if lam == 0:
+        return k
+    return jnp.sign(k) * jnp.maximum(jnp.abs(k) - lam, 0.0)
+
+
+def smooth(k: jax.Array, width: int) -> jax.Array:
+    """Moving average of `width` taps along the last axis, zero-padded to the same length.
+
+    out[..., t] = (1/width) · Σ_{j = t − width//2}^{t + (width−1)//2} k[..., j] (k = 0 outside),
+    i.e. numpy.convolve(k, ones(width) / width, mode="same") for every row. width = 1 returns k.
+
+    k: [..., taps] -> same shape and dtype.
+    """
+    if width == 1:
+        return k
+    left, right = width // 2, (width - 1) // 2
+    pads = [(0, 0, 0)] * (k.ndim - 1) + [(left, right, 0)]
+    padded = jax.lax.pad(k, jnp.zeros((), k.dtype), pads)
+    window = (1,) * (k.ndim - 1) + (width,)
+    total = jax.lax.reduce_window(padded, jnp.zeros((), k.dtype), jax.lax.add, window, (1,) * k.ndim, "VALID")
+    return total / width
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+class LongConv(nnx.Module):
+    """Depthwise long convolution with the paper's regularisers and a skip term: y = k * x + D ⊙ x.
+
+    Parameters: `kernel` ConvKernel [channels, seq_len], `skip` (D) Param [channels] initialised to 1.
+    """
+
+    def __init__(self, channels: int, seq_len: int, *, causal: bool = True, squash_lambda: float = 0.0,
+                 smooth_width: int = 1, kernel_dropout: float = 0.0, dtype: jnp.dtype = jnp.float32,
+                 impl: str = "auto", rngs: nnx.Rngs):
+        """
+        Args:
+          channels: channels convolved independently.
+          seq_len: the kernel length = the longest sequence the kernel covers fully. Shorter inputs
+            use the first `seq` taps; longer ones the whole kernel (zero beyond it).
+          causal: linear causal convolution (True) or circular over the sequence (False).
+          squash_lambda, smooth_width, kernel_dropout: the regularisers (LongConvConfig).
+          dtype: compute dtype; the kernel is regularised in float32, then cast.
+          impl: `KernelsConfig.long_conv`, forwarded to the op.
+          rngs: `params` stream; and a `dropout` stream if kernel_dropout > 0.
+        """
+        self.channels = channels
+        self.seq_len = seq_len
+        self.causal = causal
+        self.squash_lambda = squash_lambda
+        self.smooth_width = smooth_width
+        self.dtype = dtype
+        self.impl = impl
+        self.kernel = ConvKernel(init_long_conv_kernel(rngs.params(), channels, seq_len))
+        self.skip = nnx.Param(jnp.ones((channels,), jnp.float32))
+        self.kernel_dropout = nnx.Dropout(kernel_dropout, rngs=rngs if kernel_dropout > 0 else None)
+
+    def effective_kernel(self, seq: int | None = None) -> jax.Array:
+        """The kernel the convolution applies: smoothed, squashed, dropped out (in training mode).
+
+        Args:
+          seq: keep the first min(seq, seq_len) taps (None = all).
+
+        Returns:
+          [channels, min(seq, seq_len)] float32.
+        """
+        k = self.kernel[...].astype(jnp.float32)
+        k = squash(smooth(k, self.smooth_width), self.squash_lambda)
+        if seq is not None:
+            k = k[:, :seq]
+        return self.kernel_dropout(k)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, seq, channels] -> [batch, seq, channels] in the compute dtype."""
+        x = x.astype(self.dtype)
+        k = self.effective_kernel(x.shape[1]).astype(self.dtype)
+        y = long_conv_op(x, k, causal=self.causal, impl=self.impl)
+        return y + self.skip[...].astype(self.dtype) * x
+
+
+class LongConvMixer(nnx.Module):
+    """The paper's simplest sequence mixer: LongConv over the d_model channels → GELU → linear.
+
+    As in the S4-style blocks the paper builds on: y = W_out gelu(k * x + D ⊙ x). The residual
+    connection and the pre-norm belong to the enclosing `Block`.
+    """
+
+    def __init__(self, d_model: int, seq_len: int, *, causal: bool, squash_lambda: float = 0.0,
+                 smooth_width: int = 1, kernel_dropout: float = 0.0, dtype: jnp.dtype = jnp.float32,
+                 impl: str = "auto", rngs: nnx.Rngs):
+        """Arguments as in `LongConv` (channels = d_model); the output projection has no bias."""
+        self.conv = LongConv(d_model, seq_len, causal=causal, squash_lambda=squash_lambda,
+                             smooth_width=smooth_width, kernel_dropout=kernel_dropout, dtype=dtype,
+                             impl=impl, rngs=rngs)
+        self.out_proj = nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, seq, d_model] -> [batch, seq, d_model] in the compute dtype."""
+        return self.out_proj(nnx.gelu(self.conv(x)))

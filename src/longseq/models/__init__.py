@@ -1,0 +1,31 @@
+"""Models: a decoder LM and a sequence classifier over one shared backbone, and their factory."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from flax import nnx
+
+from longseq.config import KernelsConfig, ModelConfig
+from longseq.models.backbone import Backbone
+from longseq.models.classifier import SequenceClassifier, masked_mean
+from longseq.models.lm import DecoderLM
+
+__all__ = ["Backbone", "DecoderLM", "SequenceClassifier", "build_model", "masked_mean"]
+
+
+def build_model(model_config: ModelConfig, kernels_config: KernelsConfig, *,
+                kind: Literal["lm", "classification"], vocab_size: int, num_classes: int | None = None,
+                seq_len: int, rngs: nnx.Rngs) -> DecoderLM | SequenceClassifier:
+    """The model for a task kind: "lm" → DecoderLM, "classification" → SequenceClassifier.
+
+    num_classes is required for (and only used by) "classification".
+    """
+    if kind == "lm":
+        return DecoderLM(model_config, kernels_config, vocab_size=vocab_size, seq_len=seq_len, rngs=rngs)
+    if kind == "classification":
+        if num_classes is None:
+            raise ValueError("num_classes: required for kind='classification'")
+        return SequenceClassifier(model_config, kernels_config, vocab_size=vocab_size,
+                                  num_classes=num_classes, seq_len=seq_len, rngs=rngs)
+    raise ValueError(f"kind: expected 'lm' or 'classification', got {kind!r}")

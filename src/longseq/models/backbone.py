@@ -1,0 +1,64 @@
+"""The shared trunk of every model: token embedding → residual blocks → final RMSNorm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longseq.config import KernelsConfig, ModelConfig
+from longseq.layers import Block, RMSNorm, compute_dtype
+
+
+class Backbone(nnx.Module):
+    """Embedding (float32, N(0, 0.02²)) → `config.num_layers` Blocks with mixers from
+    `config.layer_mixers()` → final RMSNorm.
+
+    The residual stream is float32; the blocks' branches compute in the compute dtype.
+    Dropout: every `nnx.Dropout` holds its own fork of the `dropout` stream of the constructor's
+    `rngs`, so the RNG state lives in `nnx.state(model, nnx.RngState)` and checkpoints resume it;
+    `model.train()` / `model.eval()` switch dropout on and off.
+    """
+
+    def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, vocab_size: int, seq_len: int,
+                 causal: bool, rngs: nnx.Rngs):
+        """
+        Args:
+          config: the model section.
+          kernels: op implementations.
+          vocab_size: token ids are in [0, vocab_size).
+          seq_len: the longest sequence (the long-convolution kernel length).
+          causal: decoder (True) or bidirectional encoder (False) mixing in every block.
+          rngs: `params` stream; and `dropout` if any dropout rate is > 0.
+        """
+        self.dtype = compute_dtype(config)
+        self.embed = nnx.Embed(vocab_size, config.d_model,
+                               embedding_init=nnx.initializers.normal(stddev=0.02), rngs=rngs)
+        self.blocks = nnx.List([
+            Block(config, kernels, mixer=mixer, seq_len=seq_len, causal=causal, rngs=rngs)
+            for mixer in config.layer_mixers()
+        ])
+        self.final_norm = RMSNorm(config.d_model, dtype=self.dtype)
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: tuple[jax.Array, jax.Array] | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """
+        Args:
+          tokens: [batch, seq] int.
+          segment_ids: (q_ids, kv_ids) [batch, seq] each, passed to the attention mixers.
+          mask: optional [batch, seq], 1 = real token, 0 = padding. Padded positions of the
+            residual stream are zeroed after the embedding and after every block, so nothing at a
+            padded position (its token included) reaches the real positions through any mixer.
+
+        Returns:
+          [batch, seq, d_model] normalised hidden states in the compute dtype.
+        """
+        h = self.embed(tokens).astype(jnp.float32)
+        keep = None if mask is None else mask.astype(jnp.float32)[..., None]
+        if keep is not None:
+            h = h * keep
+        for block in self.blocks:
+            h = block(h, segment_ids=segment_ids)
+            if keep is not None:
+                h = h * keep
+        return self.final_norm(h)

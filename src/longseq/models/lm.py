@@ -1,0 +1,53 @@
+"""Decoder-only language model: causal backbone and a (tied) vocabulary projection."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longseq.config import KernelsConfig, ModelConfig
+from longseq.models.backbone import Backbone
+
+
+class DecoderLM(nnx.Module):
+    """tokens → Backbone(causal) → logits over the vocabulary, float32.
+
+    With config.tie_embeddings the output projection is the transposed embedding matrix;
+    otherwise a separate bias-free linear layer. The projection runs in the compute dtype with
+    float32 accumulation and output.
+    """
+
+    def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, vocab_size: int, seq_len: int,
+                 rngs: nnx.Rngs):
+        """
+        Args:
+          config: the model section.
+          kernels: op implementations.
+          vocab_size: size of the token vocabulary (input and output).
+          seq_len: the longest sequence (the long-convolution kernel length).
+          rngs: `params` stream; and `dropout` if any dropout rate is > 0.
+        """
+        self.tie_embeddings = config.tie_embeddings
+        self.backbone = Backbone(config, kernels, vocab_size=vocab_size, seq_len=seq_len, causal=True,
+                                 rngs=rngs)
+        if not config.tie_embeddings:
+            self.lm_head = nnx.Linear(config.d_model, vocab_size, use_bias=False, dtype=self.backbone.dtype,
+                                      preferred_element_type=jnp.float32, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, *,
+                 segment_ids: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """
+        Args:
+          tokens: [batch, seq] int32.
+          segment_ids: optional (q_ids, kv_ids) [batch, seq] each: attention layers attend within
+            a segment only (packed sequences). Convolution mixers ignore them.
+
+        Returns:
+          logits [batch, seq, vocab_size] float32; position t depends on tokens[:, :t + 1] only.
+        """
+        h = self.backbone(tokens, segment_ids=segment_ids)
+        if self.tie_embeddings:
+            table = self.backbone.embed.embedding[...].astype(h.dtype)  # [vocab, d_model]
+            return jnp.einsum("bld,vd->blv", h, table, preferred_element_type=jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)

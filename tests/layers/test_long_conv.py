@@ -1,0 +1,156 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from longseq.layers import (ConvKernel, GatedConv, LongConv, LongConvMixer, ShortConv, init_long_conv_kernel,
+                            short_conv, smooth, squash)
+
+# Jit whole calls: op-by-op dispatch compiles every primitive separately (slow on CPU).
+apply = nnx.jit(lambda module, *args, **kwargs: module(*args, **kwargs))
+effective_kernel = nnx.jit(lambda layer, seq=None: layer.effective_kernel(seq), static_argnums=1)
+rng = np.random.default_rng(0)
+
+
+def _causal_conv_numpy(x, k):
+    """y[b, t, c] = Σ_{s<=t} k[c, t-s] x[b, s, c], float64."""
+    b, l, c = x.shape
+    y = np.zeros((b, l, c))
+    for t in range(l):
+        for s in range(max(0, t - k.shape[1] + 1), t + 1):
+            y[:, t] += k[:, t - s] * x[:, s]
+    return y
+
+
+def _circular_conv_numpy(x, k):
+    l = x.shape[1]
+    kp = np.zeros((k.shape[0], l))
+    kp[:, :k.shape[1]] = k
+    return np.stack([sum(kp[:, (t - s) % l] * x[:, s] for s in range(l)) for t in range(l)], 1)
+
+
+def test_squash_soft_thresholds():
+    k = jnp.array([[-0.5, -0.1, -0.05, 0.0, 0.05, 0.1, 0.3]])
+    out = np.asarray(squash(k, 0.1))
+    np.testing.assert_array_equal(out[0, 1:6], 0.0)  # |k| <= λ: exactly zero
+    np.testing.assert_allclose(out[0, [0, 6]], [-0.4, 0.2], rtol=1e-6)
+    assert squash(k, 0.0) is k
+
+
+def test_effective_kernel_is_squashed():
+    layer = LongConv(4, 32, squash_lambda=0.01, rngs=nnx.Rngs(0))
+    raw = np.asarray(layer.kernel[...])
+    assert np.mean(np.abs(raw) <= 0.01) > 0.2  # the test covers both sides of the threshold
+    eff = np.asarray(effective_kernel(layer))
+    np.testing.assert_array_equal(eff[np.abs(raw) <= 0.01], 0.0)
+    big = np.abs(raw) > 0.01
+    np.testing.assert_allclose(eff[big], raw[big] - 0.01 * np.sign(raw[big]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("width", [3, 4, 5])
+def test_smooth_is_a_moving_average(width):
+    k = rng.normal(size=(3, 20)).astype(np.float32)
+    expected = np.stack([np.convolve(row, np.ones(width) / width, mode="same") for row in k])
+    np.testing.assert_allclose(np.asarray(jax.jit(smooth, static_argnums=1)(jnp.asarray(k), width)), expected,
+                               rtol=1e-5, atol=1e-6)
+    assert smooth(jnp.asarray(k), 1) is not None and np.array_equal(np.asarray(smooth(jnp.asarray(k), 1)), k)
+
+
+def test_effective_kernel_smooths_then_squashes_then_truncates():
+    layer = LongConv(3, 24, squash_lambda=0.002, smooth_width=5, rngs=nnx.Rngs(1))
+    raw = np.asarray(layer.kernel[...], np.float64)
+    smoothed = np.stack([np.convolve(row, np.ones(5) / 5, mode="same") for row in raw])
+    expected = np.sign(smoothed) * np.maximum(np.abs(smoothed) - 0.002, 0)
+    np.testing.assert_allclose(np.asarray(effective_kernel(layer)), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(effective_kernel(layer, 10)), expected[:, :10], rtol=1e-5, atol=1e-7)
+
+
+def test_kernel_dropout_only_in_training():
+    layer = LongConv(8, 64, kernel_dropout=0.5, rngs=nnx.Rngs(params=0, dropout=1))
+    raw = np.asarray(layer.kernel[...])
+    a, b = np.asarray(effective_kernel(layer)), np.asarray(effective_kernel(layer))
+    assert 0.3 < np.mean(a == 0) < 0.7
+    np.testing.assert_allclose(a[a != 0], 2 * raw[a != 0], rtol=1e-6)  # inverted dropout scaling
+    assert not np.array_equal(a, b)  # the RNG stream advances between calls
+    layer.eval()
+    np.testing.assert_array_equal(np.asarray(effective_kernel(layer)), raw)
+    layer.train()
+    assert np.mean(np.asarray(effective_kernel(layer)) == 0) > 0.3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_long_conv_layer_matches_numpy(causal):
+    layer = LongConv(4, 16, causal=causal, rngs=nnx.Rngs(0))
+    layer.skip[...] = jnp.array([0.5, 1.0, -1.0, 2.0])
+    for seq in (16, 9):  # full length, and a shorter input using the first `seq` taps
+        x = rng.normal(size=(2, seq, 4)).astype(np.float32)
+        k = np.asarray(layer.kernel[...], np.float64)[:, :seq]
+        conv = _causal_conv_numpy(x, k) if causal else _circular_conv_numpy(x, k)
+        expected = conv + np.array([0.5, 1.0, -1.0, 2.0]) * x
+        np.testing.assert_allclose(np.asarray(apply(layer, jnp.asarray(x))), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_kernel_variable_type_and_init():
+    layer = LongConv(16, 256, rngs=nnx.Rngs(0))
+    assert isinstance(layer.kernel, ConvKernel) and isinstance(layer.kernel, nnx.Param)
+    kernels = jax.tree.leaves(nnx.state(layer, ConvKernel))
+    assert len(kernels) == 1 and kernels[0].shape == (16, 256) and kernels[0].dtype == jnp.float32
+    assert len(jax.tree.leaves(nnx.state(layer, nnx.Param))) == 2  # kernel + skip
+    k = np.asarray(init_long_conv_kernel(jax.random.key(0), 16, 256))
+    assert 0.005 < np.std(k[:, :16]) < 0.05  # small
+    # decaying along the taps, faster for later channels
+    assert np.abs(k[:, -64:]).mean() < 0.5 * np.abs(k[:, :64]).mean()
+    assert np.abs(k[-4:, 128:]).mean() < 0.5 * np.abs(k[:4, 128:]).mean()
+
+
+def test_short_conv_causal_and_centred():
+    x = rng.normal(size=(2, 7, 3)).astype(np.float32)
+    w = rng.normal(size=(3, 3)).astype(np.float32)
+    bias = np.array([0.1, -0.2, 0.3], np.float32)
+    xp = np.pad(x, ((0, 0), (2, 2), (0, 0)))
+    causal = sum(w[j] * xp[:, j:j + 7] for j in range(3)) + bias             # taps t-2, t-1, t
+    centred = sum(w[j] * xp[:, j + 1:j + 8] for j in range(3)) + bias        # taps t-1, t, t+1
+    f = jax.jit(short_conv, static_argnames="causal")
+    np.testing.assert_allclose(np.asarray(f(x, w, bias, causal=True)), causal, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(f(x, w, bias, causal=False)), centred, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_conv_formula():
+    layer = GatedConv(8, 12, causal=True, short_conv_width=3, rngs=nnx.Rngs(0))
+    x = rng.normal(size=(2, 12, 8)).astype(np.float32)
+    z = x @ np.asarray(layer.in_proj.kernel[...], np.float64)
+    zp = np.pad(z, ((0, 0), (2, 0), (0, 0)))
+    w = np.asarray(layer.short_conv.weight[...], np.float64)
+    z = sum(w[j] * zp[:, j:j + 12] for j in range(3))
+    q, k, v = np.split(z, 3, -1)
+    kern = np.asarray(layer.long_conv.kernel[...], np.float64)
+    inner = _causal_conv_numpy(k * v, kern) + k * v  # skip D = 1 at init
+    expected = (q * inner) @ np.asarray(layer.out_proj.kernel[...], np.float64)
+    np.testing.assert_allclose(np.asarray(apply(layer, jnp.asarray(x))), expected, rtol=1e-4, atol=1e-5)
+    assert isinstance(layer.long_conv.kernel, ConvKernel)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv_layers_shapes_and_dtypes(dtype):
+    x = jnp.asarray(rng.normal(size=(2, 10, 8)), dtype)
+    cfg = dict(squash_lambda=1e-3, smooth_width=3, kernel_dropout=0.1, dtype=dtype, rngs=nnx.Rngs(0))
+    for layer in (LongConv(8, 16, **cfg), LongConvMixer(8, 16, causal=True, **cfg),
+                  GatedConv(8, 16, causal=False, **cfg), ShortConv(8, 4, causal=True, dtype=dtype, rngs=nnx.Rngs(0))):
+        y = apply(layer, x)
+        assert y.shape == (2, 10, 8) and y.dtype == dtype, type(layer)
+        assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+
+
+@pytest.mark.parametrize("layer_cls", [LongConvMixer, GatedConv])
+def test_conv_mixers_causal_or_not(layer_cls):
+    x = rng.normal(size=(1, 12, 8)).astype(np.float32)
+    x2 = x.copy()
+    x2[:, 6] += 1.0
+    causal = layer_cls(8, 12, causal=True, rngs=nnx.Rngs(0))
+    diff = np.abs(np.asarray(apply(causal, x2) - apply(causal, x))).max(-1)[0]
+    # FFT convolution leaves round-off (~1e-8) where the exact answer is 0
+    assert np.all(diff[:6] < 1e-6) and diff[6] > 1e-3
+    bidir = layer_cls(8, 12, causal=False, rngs=nnx.Rngs(0))
+    diff = np.abs(np.asarray(apply(bidir, x2) - apply(bidir, x))).max(-1)[0]
+    assert np.all(diff[:6] > 1e-3)  # earlier positions see position 6 (circular / centred)
