@@ -48,7 +48,7 @@ def test_loss_decreases_and_run_directory_is_complete(tmp_path, mixer):
                         "train.eval_every=30", "train.checkpoint_every=30", "optim.lr=3e-3"))
     run_dir = result["run_dir"]
     losses = train_losses(run_dir)
-    assert losses[60] < 0.8 * losses[5], losses
+    assert losses[60] < losses[5] - 0.3, losses  # an untrained model stays near ln(vocab)
     for name in ("config.yaml", "metrics.jsonl", "metrics.png"):
         assert (run_dir / name).is_file(), name
     assert any((run_dir / "tensorboard").iterdir())

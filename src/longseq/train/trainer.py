@@ -110,7 +110,7 @@ class Steps:
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-        metrics = {**sums, "grad_norm": optax.global_norm(grads), "params_finite": finite}
+        metrics = {**sums, "grad_norm": optax.tree.norm(grads), "params_finite": finite}
         return {"params": params, "rest": rest, "opt_state": opt_state}, metrics
 
     def _eval_step(self, state, batch):
