@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -174,3 +175,16 @@ def test_mesh_larger_than_the_machine_is_a_config_error(tmp_path):
         train(tiny(tmp_path, "mesh.data=64", "data.batch_size=64"))
 
 
+
+
+def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
+    config = tiny(tmp_path, "model.compute_dtype=bfloat16", "model.mixer=hybrid", "model.num_layers=2",
+                  "train.steps=60", "train.log_every=5", "optim.lr=3e-3")
+    result = train(config)
+    losses = train_losses(result["run_dir"])
+    assert np.isfinite(result["loss"]) and losses[60] < losses[5] - 0.3, losses
+    from longseq.train.trainer import Steps
+    from longseq.data import make_task
+
+    state = Steps(config, make_task(config.data)).initial_state
+    assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
