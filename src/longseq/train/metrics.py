@@ -45,13 +45,12 @@ class MetricsWriter:
 
 def plot_metrics(metrics_path: str | Path, out_path: str | Path, title: str = "") -> Path:
     """Loss and accuracy against step, train and eval, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot) leaves the global backend alone: a notebook's inline plots keep working.
+    from matplotlib.figure import Figure
 
     rows = read_metrics(metrics_path)
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    loss_axis, accuracy_axis = figure.subplots(1, 2)
     for split, style in (("train", "-"), ("eval", "o-")):
         split_rows = [r for r in rows if r["split"] == split]
         steps = [r["step"] for r in split_rows]
@@ -70,5 +69,4 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path, title: str = ""
     figure.tight_layout()
     out_path = Path(out_path)
     figure.savefig(out_path, dpi=110)
-    plt.close(figure)
     return out_path
