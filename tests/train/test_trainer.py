@@ -4,6 +4,7 @@ The subprocess tests run the real `longseq` command, as a user would.
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,10 @@ TINY = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "data.seq
 
 def tiny(tmp_path: Path, *overrides: str):
     return load_config(None, [*TINY, f"train.run_dir={tmp_path}", "train.name=tiny", *overrides])
+
+
+# GPUs reduce in a varying order (atomics) unless asked not to: bit-for-bit comparisons need it. No-op on CPU.
+DETERMINISTIC = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true")}
 
 
 def cli(tmp_path: Path, name: str, *overrides: str) -> list[str]:
@@ -92,14 +97,16 @@ def test_killed_run_resumes_with_identical_losses(empty_config):
     tmp_path = empty_config
     common = ["train.steps=300", "train.log_every=1", "train.checkpoint_every=20", "train.eval_every=300",
               "model.dropout=0.1", "model.long_conv.kernel_dropout=0.1"]  # dropout: RNG state must resume too
-    subprocess.run(cli(tmp_path, "whole", *common), check=True, capture_output=True)
+    subprocess.run(cli(tmp_path, "whole", *common), check=True, capture_output=True, env=DETERMINISTIC)
 
-    killed = subprocess.Popen(cli(tmp_path, "killed", *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killed = subprocess.Popen(cli(tmp_path, "killed", *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=DETERMINISTIC)
     wait_for(tmp_path / "killed" / "checkpoints" / "20", killed)
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
     assert not (tmp_path / "killed" / "checkpoints" / "300").exists(), "the run finished before it was killed"
-    resumed = subprocess.run(cli(tmp_path, "killed", *common), check=True, capture_output=True, text=True)
+    resumed = subprocess.run(cli(tmp_path, "killed", *common), check=True, capture_output=True, text=True,
+                             env=DETERMINISTIC)
     assert "resumed" in resumed.stdout
 
     whole, restarted = train_losses(tmp_path / "whole"), train_losses(tmp_path / "killed")
