@@ -142,3 +142,9 @@ def test_every_leaf_key_is_documented():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     load_config(path)
+
+
+def test_readme_documents_every_config_key_with_its_default():
+    readme = (REPO / "README.md").read_text()
+    for key, default, _ in describe_fields():
+        assert f"| `{key}` | `{default}` |" in readme, f"README.md lacks the row of {key} (default {default})"
