@@ -195,3 +195,21 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
 
     state = Steps(config, make_task(config.data)).initial_state
     assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
+
+
+def test_data_parallel_over_four_devices_matches_one_device(empty_config):
+    """The batch is split over a 4-device data mesh (simulated CPUs); the losses equal one device's."""
+    tmp_path = empty_config
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
+    common = ["train.steps=8", "train.log_every=1", "model.mixer=hybrid", "model.num_layers=2"]
+    outputs = {}
+    for devices in (1, 4):
+        run = subprocess.run(cli(tmp_path, f"dp{devices}", *common, f"mesh.data={devices}"),
+                             capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        outputs[devices] = run.stdout
+    assert f"{4} device(s)" in outputs[4] and "1 device(s)" in outputs[1]
+    one, four = train_losses(tmp_path / "dp1"), train_losses(tmp_path / "dp4")
+    assert sorted(one) == sorted(four) == list(range(1, 9))
+    np.testing.assert_allclose([four[s] for s in range(1, 9)], [one[s] for s in range(1, 9)], rtol=2e-5)
