@@ -87,6 +87,11 @@ def test_wrong_type_is_named(override, message):
     ("train.steps=0", r"train\.steps: must be >= 1, got 0"),
     ("model.long_conv.squash_lambda=-0.1", r"model\.long_conv\.squash_lambda: must be >= 0"),
     ("mesh.data=0", r"mesh\.data: must be a positive device count or -1"),
+    ("optim.lr=nan", r"optim\.lr: expected a finite number, got nan"),
+    ("optim.grad_clip=.inf", r"optim\.grad_clip: expected a finite number, got inf"),
+    ("model.dropout=nan", r"model\.dropout: expected a finite number"),
+    ("train.seed=9223372036854775807", r"train\.seed: must be <= 2147483646"),
+    ("train.name=../elsewhere", r"train\.name: '\.\./elsewhere' must be a plain directory name"),
 ])
 def test_out_of_range_value_is_named(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -96,11 +101,11 @@ def test_out_of_range_value_is_named(override, message):
 @pytest.mark.parametrize("overrides, message", [
     (["model.d_model=100", "model.num_heads=3"], r"model\.d_model: 100 is not divisible by num_heads=3"),
     (["model.num_heads=4", "model.num_kv_heads=3"], r"model\.num_kv_heads: num_heads=4 is not divisible"),
-    (["model.d_model=12", "model.num_heads=4"], r"model\.d_model: head_dim .* must be even"),
     (["data.seq_len=16", "data.mqar.num_kv_pairs=8"], r"data\.seq_len: 16 is too short for task=mqar"),
     (["data.task=selective_copying", "data.seq_len=20"], r"data\.seq_len: 20 is too short for task=selective_copying"),
     (["mesh.data=3", "data.batch_size=32"], r"data\.batch_size: 32 is not divisible by mesh\.data=3"),
     (["model.mixer=hybrid", "model.hybrid_pattern=[]"], r"model\.hybrid_pattern: must name at least one"),
+    (["model.mixer=attention", "model.d_model=100", "model.num_heads=4"], r"model\.d_model: head_dim .* must be even"),
 ])
 def test_inconsistent_combination_is_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -136,7 +141,11 @@ def test_every_leaf_key_is_documented():
         value = flat
         for part in key.split("."):
             value = value[part]
-        assert load_config(None, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"])
+        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        resolved = to_dict(load_config(None, [f"{key}={text}"]))
+        for part in key.split("."):
+            resolved = resolved[part]
+        assert resolved == value, key
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -148,3 +157,7 @@ def test_readme_documents_every_config_key_with_its_default():
     readme = (REPO / "README.md").read_text()
     for key, default, _ in describe_fields():
         assert f"| `{key}` | `{default}` |" in readme, f"README.md lacks the row of {key} (default {default})"
+
+
+def test_odd_head_dim_is_fine_without_attention_layers():
+    assert load_config(None, ["model.mixer=long_conv", "model.d_model=100", "model.num_heads=4"]).model.d_model == 100

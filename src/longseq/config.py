@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,16 +96,16 @@ class ModelConfig(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mixer == "hybrid" and not self.hybrid_pattern:
+            raise ConfigError("hybrid_pattern: must name at least one mixer when mixer=hybrid")
         kv_heads = self.num_kv_heads or self.num_heads
         if self.d_model % self.num_heads:
             raise ConfigError(f"d_model: {self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % kv_heads:
             raise ConfigError(f"num_kv_heads: num_heads={self.num_heads} is not divisible by num_kv_heads={kv_heads}")
-        if (self.d_model // self.num_heads) % 2:
+        if "attention" in self.layer_mixers() and (self.d_model // self.num_heads) % 2:
             raise ConfigError(f"d_model: head_dim = d_model/num_heads = {self.d_model // self.num_heads} "
                               "must be even for rotary embeddings")
-        if self.mixer == "hybrid" and not self.hybrid_pattern:
-            raise ConfigError("hybrid_pattern: must name at least one mixer when mixer=hybrid")
 
     def layer_mixers(self) -> tuple[str, ...]:
         """The mixer of each layer, resolving `hybrid` through the pattern."""
@@ -186,7 +187,7 @@ class DataConfig(_Checked):
     task: TaskName = param("mqar", "the task the model is trained and evaluated on")
     seq_len: int = param(256, "tokens per example", min=1)
     batch_size: int = param(32, "examples per training step (global, over all devices)", min=1)
-    seed: int = param(0, "seed of the data generators (train and eval streams are disjoint)", min=0)
+    seed: int = param(0, "seed of the data generators (train and eval streams are disjoint)", min=0, max=2**31 - 2)
     eval_batches: int = param(8, "batches in the fixed evaluation set", min=1)
     mqar: MQARConfig = param(MQARConfig(), "task=mqar options")
     induction_heads: InductionHeadsConfig = param(InductionHeadsConfig(), "task=induction_heads options")
@@ -230,14 +231,20 @@ class TrainConfig(_Checked):
     """The training loop, its run directory and its bookkeeping."""
 
     steps: int = param(1000, "optimizer steps in the whole run", min=1)
-    seed: int = param(0, "seed of parameter initialisation and dropout", min=0)
+    seed: int = param(0, "seed of parameter initialisation and dropout", min=0, max=2**31 - 2)
     eval_every: int = param(200, "evaluate every this many steps (and at the end)", min=1)
-    log_every: int = param(10, "write training metrics every this many steps", min=1)
+    log_every: int = param(10, "write training metrics every this many steps (and at each checkpoint)", min=1)
     checkpoint_every: int = param(200, "save a checkpoint every this many steps (and at the end)", min=1)
     keep_checkpoints: int = param(2, "most recent checkpoints kept on disk", min=1)
     run_dir: str = param("runs", "parent folder of run directories")
     name: str | None = param(None, "run name: runs/<name>/ (None = the config file's name)")
     progress: bool = param(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name
+                                      or "\\" in self.name):
+            raise ConfigError(f"name: {self.name!r} must be a plain directory name (no '/', not '.' or '..')")
 
 
 @dataclass(frozen=True)
@@ -324,6 +331,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

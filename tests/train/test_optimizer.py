@@ -36,7 +36,7 @@ def test_groups_follow_parameter_type_and_rank():
 
 def test_kernel_learning_rate_and_decay_apply_to_kernels_only():
     config, params = split_params("long_conv")
-    optim = load_config(None, ["optim.lr=0.1", "optim.kernel_lr=1e-4", "optim.warmup_steps=0",
+    optim = load_config(None, ["optim.lr=0.1", "optim.kernel_lr=1e-4", "optim.warmup_steps=0", "optim.min_lr_ratio=1",
                                "optim.weight_decay=0", "optim.grad_clip=0"]).optim
     tx = make_optimizer(optim, total_steps=10, groups=parameter_groups(params))
     grads = jax.tree.map(jnp.ones_like, params)
@@ -50,7 +50,7 @@ def test_kernel_learning_rate_and_decay_apply_to_kernels_only():
 
 def test_weight_decay_skips_vectors_and_kernels_by_default():
     _, params = split_params("long_conv")
-    optim = load_config(None, ["optim.lr=0.5", "optim.weight_decay=0.1", "optim.warmup_steps=0",
+    optim = load_config(None, ["optim.lr=0.5", "optim.weight_decay=0.1", "optim.warmup_steps=0", "optim.min_lr_ratio=1",
                                "optim.grad_clip=0"]).optim
     tx = make_optimizer(optim, total_steps=10, groups=parameter_groups(params))
     zeros = jax.tree.map(jnp.zeros_like, params)  # zero gradient: only weight decay moves parameters
@@ -64,11 +64,20 @@ def test_weight_decay_skips_vectors_and_kernels_by_default():
 def test_schedule_warms_up_linearly_then_decays_to_the_floor():
     optim = load_config(None, ["optim.lr=2.0", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1"]).optim
     schedule = learning_rate_schedule(2.0, optim, total_steps=110)
-    assert float(schedule(0)) == 0.0
-    assert float(schedule(5)) == pytest.approx(1.0)
-    assert float(schedule(10)) == pytest.approx(2.0)
-    assert float(schedule(60)) == pytest.approx(0.2 + 1.8 * 0.5, rel=1e-4)  # cosine midpoint
-    assert float(schedule(110)) == pytest.approx(0.2)
+    rate_of_update = {n: float(schedule(n - 1)) for n in (1, 5, 10, 60, 110)}  # optax counts updates done
+    assert rate_of_update[1] == pytest.approx(0.2)  # the first update already moves the parameters
+    assert rate_of_update[5] == pytest.approx(1.0)
+    assert rate_of_update[10] == pytest.approx(2.0)
+    assert rate_of_update[60] == pytest.approx(0.2 + 1.8 * 0.5, rel=1e-4)  # cosine midpoint
+    assert rate_of_update[110] == pytest.approx(0.2)  # the last update uses the floor
+
+
+def test_first_update_moves_the_parameters():
+    _, params = split_params("long_conv")
+    optim = load_config(None, ["optim.warmup_steps=100"]).optim
+    tx = make_optimizer(optim, total_steps=1000, groups=parameter_groups(params))
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    assert min(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(updates)) > 0
 
 
 def test_gradient_clipping_bounds_the_global_norm():

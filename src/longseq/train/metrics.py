@@ -29,8 +29,7 @@ class MetricsWriter:
         kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
         self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         self._file = self.path.open("a")
-        self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"),
-                                          purge_step=resume_step + 1 if resume_step else None)
+        self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         self._file.write(json.dumps({"step": step, "split": split, **values}) + "\n")

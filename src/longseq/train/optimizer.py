@@ -18,11 +18,17 @@ from longseq.config import OptimConfig
 
 
 def learning_rate_schedule(peak: float, config: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `peak`, then cosine decay to `peak * min_lr_ratio` at `total_steps`."""
+    """`f(count)`: the learning rate of the update made after `count` updates (optax's convention).
+
+    Counting updates from 1 as the progress bar does: linear warmup reaching `peak` at update
+    `warmup_steps` (so update 1 already moves, by peak / warmup_steps), then cosine decay reaching
+    `peak * min_lr_ratio` at the last update, number `total_steps`.
+    """
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
+    schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=peak * config.min_lr_ratio)
+    return lambda count: schedule(count + 1)  # optax passes the number of updates done so far
 
 
 def parameter_groups(params: dict[str, Any]) -> dict[str, Any]:
@@ -35,7 +41,11 @@ def parameter_groups(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_optimizer(config: OptimConfig, total_steps: int, groups: Any) -> optax.GradientTransformation:
-    """The full update rule: optional global-norm clipping, then AdamW per parameter group."""
+    """The full update rule: global-norm clipping (a no-op at grad_clip=0), then AdamW per parameter group.
+
+    The structure of the optimizer state never depends on the config's values, so a run may resume
+    with another learning rate or clipping threshold.
+    """
     def adamw(peak_lr: float, weight_decay: float) -> optax.GradientTransformation:
         return optax.adamw(learning_rate_schedule(peak_lr, config, total_steps), b1=config.b1, b2=config.b2,
                            eps=config.eps, weight_decay=weight_decay)
@@ -46,6 +56,4 @@ def make_optimizer(config: OptimConfig, total_steps: int, groups: Any) -> optax.
          "no_decay": adamw(config.lr, 0.0),
          "kernel": adamw(kernel_lr, config.kernel_weight_decay)},
         groups)
-    if config.grad_clip > 0:
-        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
-    return tx
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip if config.grad_clip > 0 else float("inf")), tx)

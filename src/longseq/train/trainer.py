@@ -43,8 +43,10 @@ from longseq.train.losses import classification_sums, lm_sums, means
 from longseq.train.metrics import MetricsWriter, plot_metrics
 from longseq.train.optimizer import make_optimizer, parameter_groups
 
-# Sections whose change makes an existing run directory's checkpoints meaningless.
-_FIXED_ON_RESUME = ("model", "data", "optim")
+# What a checkpoint's meaning depends on: the model (its parameters), the data stream (which batch comes
+# at which step) and the schedule's horizon. Everything else (learning rate, clipping, logging) may
+# change when a run resumes, e.g. a lower optim.lr after a divergence.
+_FIXED_ON_RESUME = ("model", "data", "train.steps")
 
 
 class TrainingDiverged(RuntimeError):
@@ -127,22 +129,35 @@ class Steps:
 # ----------------------------------------------------------------------------------------------
 # the run directory
 
-def _prepare_run_directory(config: Config, run_dir: Path) -> None:
-    """Create the run dir and save config.yaml; refuse to resume a run whose model/data/optim changed."""
+def _prepare_run_directory(config: Config, run_dir: Path) -> list[str]:
+    """Create the run dir and save config.yaml. When it holds checkpoints, refuse a config whose
+    model, data or horizon differ from theirs, and return the other changed keys (`key: old -> new`)."""
     saved_path = run_dir / "config.yaml"
-    if saved_path.exists():
-        saved = to_dict(from_dict(Config, yaml.safe_load(saved_path.read_text())))
-        current = to_dict(config)
-        for section in _FIXED_ON_RESUME:
-            changed = [key for key in current[section] if current[section][key] != saved[section][key]]
-            if changed:
-                key = changed[0]
+    has_checkpoint = any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*"))
+    changes = []
+    if saved_path.exists() and has_checkpoint:
+        saved = _flatten_dict(to_dict(from_dict(Config, yaml.safe_load(saved_path.read_text()))))
+        for key, value in _flatten_dict(to_dict(config)).items():
+            if value == saved.get(key):
+                continue
+            if any(key == fixed or key.startswith(fixed + ".") for fixed in _FIXED_ON_RESUME):
                 raise ConfigError(
-                    f"{section}.{key}: this run directory ({run_dir}) was started with "
-                    f"{saved[section][key]!r}, now {current[section][key]!r}; its checkpoints would not fit. "
-                    "Use another train.name, or delete the directory to start over")
+                    f"{key}: this run directory ({run_dir}) has checkpoints made with {saved.get(key)!r}, "
+                    f"now {value!r}. Use another train.name, or delete the directory to start over")
+            changes.append(f"{key}: {saved.get(key)!r} -> {value!r}")
     run_dir.mkdir(parents=True, exist_ok=True)
     saved_path.write_text(to_yaml(config))
+    return changes
+
+
+def _flatten_dict(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_dict(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def _put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -187,9 +202,11 @@ def _progress_bar(config: Config, start: int):
 def train(config: Config) -> dict[str, Any]:
     """Train (or resume) the run described by `config`. Returns the final eval metrics and paths."""
     run_dir = run_directory(config)
-    task = data_lib.make_task(config.data)   # checks data options (e.g. text length) before compiling
+    # Everything that can fail on the config fails here, before the run directory is written.
+    task = data_lib.make_task(config.data)
+    eval_numpy = data_lib.eval_set(task, config.data)
     mesh = make_mesh(config)
-    _prepare_run_directory(config, run_dir)
+    changes = _prepare_run_directory(config, run_dir)
 
     steps = Steps(config, task)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -200,7 +217,7 @@ def train(config: Config) -> dict[str, Any]:
     start = checkpointer.latest_step() or 0
     if start:
         state = checkpointer.restore(start, state)
-        print(f"resumed {run_dir} from step {start}")
+        print(f"resumed {run_dir} from step {start}" + "".join(f"\n  changed: {c}" for c in changes))
     else:
         print(f"new run {run_dir}: {steps.num_params:,} parameters, task {task.name} "
               f"(chance accuracy {task.chance_accuracy:.3f}), {mesh.size} device(s)")
@@ -208,40 +225,47 @@ def train(config: Config) -> dict[str, Any]:
     def put(batch):
         return _put_batch(batch, batch_sharding)
 
-    eval_batches = [put(b) for b in data_lib.eval_set(task, config.data)]
+    eval_batches = [put(b) for b in eval_numpy]
     train_batches = data_lib.batches(task, "train", config.data.batch_size, start=start)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     writer = MetricsWriter(run_dir, resume_step=start)
     bar = _progress_bar(config, start)
-    step, last_good = start, start
-    interval_sums, timer_start, timed_steps = None, None, 0
+    step, last_good = start, (start or None)
+    interval_sums, timer_start, timed_steps, last_grad_norm = None, None, 0, float("nan")
 
     def record(step_done: int, metrics: dict) -> None:
         """Host-side bookkeeping of a finished step: divergence check, progress bar, metric rows."""
-        nonlocal interval_sums, timer_start, timed_steps
+        nonlocal interval_sums, timer_start, timed_steps, last_grad_norm
         metrics = jax.device_get(metrics)
         loss = float(metrics["loss_sum"]) / max(float(metrics["weight_sum"]), 1e-9)
         if not (math.isfinite(loss) and math.isfinite(float(metrics["grad_norm"]))
                 and bool(metrics["params_finite"])):
-            raise TrainingDiverged(
-                f"training diverged at step {step_done}: loss={loss}, grad_norm={float(metrics['grad_norm'])}; "
-                f"the last good checkpoint is step {last_good} in {run_dir / 'checkpoints'}. "
-                "Lower optim.lr or raise optim.warmup_steps, then rerun to resume from it")
+            where = (f"the last good checkpoint is step {last_good} in {run_dir / 'checkpoints'}: rerun with a "
+                     "lower optim.lr (or higher optim.warmup_steps) to resume from it" if last_good else
+                     "no checkpoint was saved before it: rerun with a lower optim.lr (or higher optim.warmup_steps)")
+            raise TrainingDiverged(f"training diverged at step {step_done}: loss={loss}, "
+                                   f"grad_norm={float(metrics['grad_norm'])}; {where}")
         sums = {k: metrics[k] for k in ("loss_sum", "correct_sum", "weight_sum")}
         interval_sums = sums if interval_sums is None else {k: interval_sums[k] + sums[k] for k in sums}
         if timer_start is None:  # a process's first step includes compilation: time from its end
             timer_start = time.perf_counter()
         else:
             timed_steps += 1
+        last_grad_norm = float(metrics["grad_norm"])
         if step_done % config.train.log_every == 0 or step_done == config.train.steps:
-            row = {**means(interval_sums), "grad_norm": float(metrics["grad_norm"])}
-            if timed_steps:
-                row["tokens_per_sec"] = tokens_per_step * timed_steps / (time.perf_counter() - timer_start)
-            writer.write(step_done, "train", row)
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
-                                tok_s=f"{row.get('tokens_per_sec', 0):,.0f}", refresh=False)
-            interval_sums, timer_start, timed_steps = None, time.perf_counter(), 0
+            write_row(step_done)
+
+    def write_row(step_done: int) -> None:
+        """One train row: the means over the steps since the last row."""
+        nonlocal interval_sums, timer_start, timed_steps
+        row = {**means(interval_sums), "grad_norm": last_grad_norm}
+        if timed_steps:
+            row["tokens_per_sec"] = tokens_per_step * timed_steps / (time.perf_counter() - timer_start)
+        writer.write(step_done, "train", row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
+                            tok_s=f"{row.get('tokens_per_sec', 0):,.0f}", refresh=False)
+        interval_sums, timer_start, timed_steps = None, time.perf_counter(), 0
 
     def evaluate(step_done: int) -> dict[str, float]:
         result = steps.evaluate(state, eval_batches)
@@ -269,11 +293,15 @@ def train(config: Config) -> dict[str, Any]:
                 if at_end or step % config.train.eval_every == 0:
                     final_eval = evaluate(step)
                 if at_end or step % config.train.checkpoint_every == 0:
+                    if interval_sums is not None:  # rows end at checkpoints too: a resumed run continues them
+                        write_row(step)
                     checkpointer.save(step, state)
                     last_good = step
             if pending is not None:
                 record(*pending)
             if stop.requested:
+                if interval_sums is not None:  # the steps since the last row, so none goes unlogged
+                    write_row(step)
                 checkpointer.save(step, state)
                 raise TrainingInterrupted(f"interrupted at step {step}: checkpoint saved in "
                                           f"{run_dir / 'checkpoints'}; rerun the same command to resume")
