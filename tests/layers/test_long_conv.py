@@ -10,6 +10,7 @@ from longseq.layers import (ConvKernel, GatedConv, LongConv, LongConvMixer, Shor
 # Jit whole calls: op-by-op dispatch compiles every primitive separately (slow on CPU).
 apply = nnx.jit(lambda module, *args, **kwargs: module(*args, **kwargs))
 effective_kernel = nnx.jit(lambda layer, seq=None: layer.effective_kernel(seq), static_argnums=1)
+effective_kernels = nnx.jit(lambda layer, seq=None: layer.effective_kernels(seq), static_argnums=1)
 rng = np.random.default_rng(0)
 
 
@@ -23,11 +24,17 @@ def _causal_conv_numpy(x, k):
     return y
 
 
-def _circular_conv_numpy(x, k):
-    l = x.shape[1]
-    kp = np.zeros((k.shape[0], l))
-    kp[:, :k.shape[1]] = k
-    return np.stack([sum(kp[:, (t - s) % l] * x[:, s] for s in range(l)) for t in range(l)], 1)
+def _bidirectional_conv_numpy(x, k_fwd, k_bwd):
+    """y[b, t, c] = Σ_{s<=t} k_fwd[c, t-s] x[b, s, c] + Σ_{s>t} k_bwd[c, s-t-1] x[b, s, c], float64."""
+    b, l, c = x.shape
+    y = np.zeros((b, l, c))
+    for t in range(l):
+        for s in range(l):
+            if s <= t and t - s < k_fwd.shape[1]:
+                y[:, t] += k_fwd[:, t - s] * x[:, s]
+            elif s > t and s - t - 1 < k_bwd.shape[1]:
+                y[:, t] += k_bwd[:, s - t - 1] * x[:, s]
+    return y
 
 
 def test_squash_soft_thresholds():
@@ -77,18 +84,77 @@ def test_kernel_dropout_only_in_training():
     np.testing.assert_array_equal(np.asarray(effective_kernel(layer)), raw)
     layer.train()
     assert np.mean(np.asarray(effective_kernel(layer)) == 0) > 0.3
+    bidir = LongConv(8, 64, causal=False, kernel_dropout=0.5, rngs=nnx.Rngs(params=0, dropout=1))
+    fwd, bwd = (np.asarray(k) == 0 for k in effective_kernels(bidir))
+    assert 0.3 < fwd.mean() < 0.7 and 0.3 < bwd.mean() < 0.7 and not np.array_equal(fwd, bwd)  # own masks
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_long_conv_layer_matches_numpy(causal):
-    layer = LongConv(4, 16, causal=causal, rngs=nnx.Rngs(0))
+def test_long_conv_layer_matches_numpy():
+    layer = LongConv(4, 16, causal=True, rngs=nnx.Rngs(0))
+    assert not hasattr(layer, "kernel_bwd")  # causal: one kernel
     layer.skip[...] = jnp.array([0.5, 1.0, -1.0, 2.0])
     for seq in (16, 9):  # full length, and a shorter input using the first `seq` taps
         x = rng.normal(size=(2, seq, 4)).astype(np.float32)
         k = np.asarray(layer.kernel[...], np.float64)[:, :seq]
-        conv = _causal_conv_numpy(x, k) if causal else _circular_conv_numpy(x, k)
-        expected = conv + np.array([0.5, 1.0, -1.0, 2.0]) * x
+        expected = _causal_conv_numpy(x, k) + np.array([0.5, 1.0, -1.0, 2.0]) * x
         np.testing.assert_allclose(np.asarray(apply(layer, jnp.asarray(x))), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bidirectional_long_conv_matches_the_two_kernel_formula():
+    """y[t] = Σ_{s<=t} k_fwd[t-s] x[s] + Σ_{s>t} k_bwd[s-t-1] x[s] + D x[t], random kernels (not the
+    decaying init, so every tap matters), against a float64 loop."""
+    r = np.random.default_rng(11)
+    layer = LongConv(3, 12, causal=False, rngs=nnx.Rngs(0))
+    k_fwd, k_bwd, d = r.normal(size=(3, 12)), r.normal(size=(3, 12)), r.normal(size=3)
+    layer.kernel[...], layer.kernel_bwd[...], layer.skip[...] = (jnp.asarray(a, jnp.float32) for a in (k_fwd, k_bwd, d))
+    for seq in (12, 7):  # full length, and a shorter input using the first `seq` taps of each kernel
+        x = r.normal(size=(2, seq, 3))
+        expected = _bidirectional_conv_numpy(x, k_fwd[:, :seq], k_bwd[:, :seq]) + d * x
+        np.testing.assert_allclose(np.asarray(apply(layer, jnp.asarray(x, jnp.float32))), expected,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_bidirectional_long_conv_sees_the_future_with_its_own_kernel():
+    layer = LongConv(4, 16, causal=False, rngs=nnx.Rngs(0))
+    x = rng.normal(size=(1, 16, 4)).astype(np.float32)
+    t = 9
+    x2 = x.copy()
+    x2[:, t] += 1.0
+    diff = np.asarray(apply(layer, x2) - apply(layer, x))[0]  # [seq, channels]
+    k_fwd, k_bwd = (np.asarray(k, np.float64) for k in effective_kernels(layer))
+    # the perturbation reaches every earlier position, through the backward kernel: distance d, tap d-1
+    np.testing.assert_allclose(diff[:t], k_bwd[:, :t][:, ::-1].T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(diff[t:], k_fwd[:, :16 - t].T + np.eye(16 - t, 1), rtol=1e-4, atol=1e-6)
+    # the nearest future neighbour has an initial weight like the nearest past one (not a far tail)
+    assert np.abs(diff[t - 1]).mean() > 0.3 * np.abs(diff[t + 1]).mean()
+    assert np.abs(k_bwd - k_fwd).max() > 1e-3  # two independent kernels
+    # no backward kernel, no future: the layer is causal
+    layer.kernel_bwd[...] = jnp.zeros((4, 16))
+    assert np.abs(np.asarray(apply(layer, x2) - apply(layer, x))[0, :t]).max() < 1e-6
+
+
+def test_bidirectional_long_conv_ignores_trailing_zeros():
+    layer = LongConv(4, 24, causal=False, rngs=nnx.Rngs(0))
+    x = rng.normal(size=(2, 10, 4)).astype(np.float32)
+    y = np.asarray(apply(layer, x))
+    for length in (11, 16, 24):
+        padded = np.pad(x, ((0, 0), (0, length - 10), (0, 0)))
+        np.testing.assert_allclose(np.asarray(apply(layer, padded))[:, :10], y, rtol=1e-5, atol=1e-6)
+
+
+def test_effective_kernels_regularise_each_kernel():
+    causal = LongConv(3, 16, squash_lambda=0.002, smooth_width=3, rngs=nnx.Rngs(0))
+    (k,) = effective_kernels(causal, 10)
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(effective_kernel(causal, 10)))
+    bidir = LongConv(3, 16, causal=False, squash_lambda=0.002, smooth_width=3, rngs=nnx.Rngs(0))
+    kernels = effective_kernels(bidir, 10)
+    assert len(kernels) == 2
+    for eff, param in zip(kernels, (bidir.kernel, bidir.kernel_bwd)):
+        expected = np.asarray(squash(smooth(param[...], 3), 0.002))[:, :10]
+        assert eff.shape == (3, 10)
+        np.testing.assert_allclose(np.asarray(eff), expected, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="effective_kernels"):
+        bidir.effective_kernel()
 
 
 def test_conv_kernel_variable_type_and_init():
@@ -97,6 +163,10 @@ def test_conv_kernel_variable_type_and_init():
     kernels = jax.tree.leaves(nnx.state(layer, ConvKernel))
     assert len(kernels) == 1 and kernels[0].shape == (16, 256) and kernels[0].dtype == jnp.float32
     assert len(jax.tree.leaves(nnx.state(layer, nnx.Param))) == 2  # kernel + skip
+    bidir = LongConv(16, 256, causal=False, rngs=nnx.Rngs(0))
+    assert isinstance(bidir.kernel_bwd, ConvKernel)
+    assert [k.shape for k in jax.tree.leaves(nnx.state(bidir, ConvKernel))] == [(16, 256)] * 2
+    assert len(jax.tree.leaves(nnx.state(bidir, nnx.Param))) == 3  # kernel + kernel_bwd + skip
     k = np.asarray(init_long_conv_kernel(jax.random.key(0), 16, 256))
     assert 0.005 < np.std(k[:, :16]) < 0.05  # small
     # decaying along the taps, faster for later channels
@@ -107,13 +177,25 @@ def test_conv_kernel_variable_type_and_init():
 def test_short_conv_causal_and_centred():
     x = rng.normal(size=(2, 7, 3)).astype(np.float32)
     w = rng.normal(size=(3, 3)).astype(np.float32)
-    bias = np.array([0.1, -0.2, 0.3], np.float32)
     xp = np.pad(x, ((0, 0), (2, 2), (0, 0)))
-    causal = sum(w[j] * xp[:, j:j + 7] for j in range(3)) + bias             # taps t-2, t-1, t
-    centred = sum(w[j] * xp[:, j + 1:j + 8] for j in range(3)) + bias        # taps t-1, t, t+1
+    causal = sum(w[j] * xp[:, j:j + 7] for j in range(3))             # taps t-2, t-1, t
+    centred = sum(w[j] * xp[:, j + 1:j + 8] for j in range(3))        # taps t-1, t, t+1
     f = jax.jit(short_conv, static_argnames="causal")
-    np.testing.assert_allclose(np.asarray(f(x, w, bias, causal=True)), causal, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(f(x, w, bias, causal=False)), centred, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(f(x, w, causal=True)), causal, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(f(x, w, causal=False)), centred, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gated_conv_has_no_bias_zero_rows_stay_zero(causal):
+    """Zero input gives exactly zero output (no bias anywhere, as H3's shift SSM has none), so the
+    zeroed padding rows of the residual stream add nothing inside the layer."""
+    layer = GatedConv(8, 16, causal=causal, rngs=nnx.Rngs(0))
+    assert [p.shape for p in jax.tree.leaves(nnx.state(layer.short_conv, nnx.Param))] == [(3, 24)]
+    assert np.array_equal(np.asarray(apply(layer, jnp.zeros((1, 16, 8)))), np.zeros((1, 16, 8)))
+    # real rows then zeros: the first 10 outputs do not depend on how many zero rows follow (>= 1)
+    x = rng.normal(size=(1, 10, 8)).astype(np.float32)
+    outs = [np.asarray(apply(layer, np.pad(x, ((0, 0), (0, n), (0, 0)))))[:, :10] for n in (1, 6)]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
 def test_gated_conv_formula():
@@ -148,22 +230,26 @@ def test_conv_mixers_causal_or_not(layer_cls):
     x2 = x.copy()
     x2[:, 6] += 1.0
     causal = layer_cls(8, 12, causal=True, rngs=nnx.Rngs(0))
-    diff = np.abs(np.asarray(apply(causal, x2) - apply(causal, x))).max(-1)[0]
-    # FFT convolution leaves round-off (~1e-8) where the exact answer is 0
-    assert np.all(diff[:6] < 1e-6) and diff[6] > 1e-3
+    y = np.asarray(apply(causal, x))
+    diff = np.abs(np.asarray(apply(causal, x2)) - y).max(-1)[0]
+    # FFT convolution leaves round-off (~1e-7 relative to the outputs) where the exact answer is 0
+    assert np.all(diff[:6] < 1e-6 * max(np.abs(y).max(), 1.0)) and diff[6] > 1e-3
     bidir = layer_cls(8, 12, causal=False, rngs=nnx.Rngs(0))
     diff = np.abs(np.asarray(apply(bidir, x2) - apply(bidir, x))).max(-1)[0]
-    assert np.all(diff[:6] > 1e-3)  # earlier positions see position 6 (circular / centred)
+    assert np.all(diff[:6] > 1e-3)  # earlier positions see position 6 (backward kernel / centred)
 
 
-def test_regularised_kernel_is_differentiable():
-    """Gradients flow through smooth, squash and kernel dropout to the raw kernel (finite, non-zero)."""
-    layer = LongConv(4, 32, squash_lambda=1e-3, smooth_width=3, kernel_dropout=0.1, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("causal", [True, False])
+def test_regularised_kernel_is_differentiable(causal):
+    """Gradients flow through smooth, squash and kernel dropout to the raw kernels (finite, non-zero)."""
+    layer = LongConv(4, 32, causal=causal, squash_lambda=1e-3, smooth_width=3, kernel_dropout=0.1,
+                     rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 32, 4)), jnp.float32)
 
     def loss(model):
         return jnp.sum(model(x) ** 2)
 
     grads = nnx.jit(nnx.grad(loss))(layer)  # under jit, as the trainer differentiates
-    kernel_grad = np.asarray(grads.kernel[...])
-    assert np.all(np.isfinite(kernel_grad)) and np.abs(kernel_grad).max() > 0
+    for name in ("kernel",) if causal else ("kernel", "kernel_bwd"):
+        kernel_grad = np.asarray(getattr(grads, name)[...])
+        assert np.all(np.isfinite(kernel_grad)) and np.abs(kernel_grad).max() > 0, name

@@ -94,7 +94,7 @@ def test_conv_kernels_are_found_by_type():
     assert not jax.tree.leaves(nnx.state(lm(tiny("attention")), ConvKernel))
     classifier = build_model(tiny("long_conv"), KERNELS, kind="classification", vocab_size=VOCAB, num_classes=2,
                              seq_len=SEQ, rngs=nnx.Rngs(0))
-    assert len(jax.tree.leaves(nnx.state(classifier, ConvKernel))) == 2
+    assert len(jax.tree.leaves(nnx.state(classifier, ConvKernel))) == 4  # bidirectional: 2 kernels a layer
 
 
 def test_build_model():
@@ -150,3 +150,20 @@ def test_tiny_lm_overfits_one_batch(mixer):
 
     losses = [float(step(model, optimizer, batch)) for _ in range(30)]
     assert losses[0] > 2.0 and losses[-1] < 0.2 * losses[0], losses
+
+
+@pytest.mark.parametrize("mixer", ["attention", "long_conv", "gated_conv"])
+def test_classifier_logits_do_not_depend_on_the_padding_length(mixer):
+    """The same 10 real tokens padded to 16 and to 24 positions give the same logits: the convolutions
+    are linear (zero-padded), not circular, so trailing zeros add nothing, however many there are."""
+    model = SequenceClassifier(tiny(mixer), KERNELS, vocab_size=VOCAB, num_classes=3, seq_len=24,
+                               rngs=nnx.Rngs(0))
+    real = np.random.default_rng(3).integers(1, VOCAB, size=(2, 10))
+    logits = []
+    for length in (16, 24):
+        padded = np.zeros((2, length), np.int32)
+        padded[:, :10] = real
+        mask = jnp.asarray(np.arange(length)[None] < 10, jnp.float32).repeat(2, 0)
+        logits.append(np.asarray(apply(model, jnp.asarray(padded), mask=mask)))
+    assert np.abs(logits[0]).max() > 1e-3
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)

@@ -11,8 +11,17 @@ equivalently the order-2 Hyena operator (Poli et al. 2023), y = x0 ⊙ (h * (x1 
 explicit kernel h instead of an implicit (MLP-generated) one.
 
 Causal layers pad the short convolution on the left and use a causal long convolution;
-bidirectional ones (causal=False) centre the short convolution ('same' padding) and use a circular
-long convolution.
+bidirectional ones (causal=False) centre the short convolution ('same' padding) and use the
+two-kernel bidirectional `LongConv` (a forward kernel over the past, a backward kernel over the
+future, both linear: no wrap-around).
+
+No part has a bias (W_in, W_out, the short convolution, as H3's shift SSM; the long convolution's
+skip D is multiplicative), so zero input rows give zero q, k, v and add nothing to the other
+positions. The one reach across a boundary is the short convolution's: a bidirectional layer's
+centred window carries the last real rows width//2 positions into trailing zero padding (a causal
+one (width − 1) positions past its end), and those positions' k ⊙ v then enter the long
+convolution. That depends only on the real rows, not on the padded ones nor on how many padding
+positions follow, as long as the padding is at least that long.
 """
 
 from __future__ import annotations
@@ -24,16 +33,15 @@ from flax import nnx
 from longseq.layers.long_conv import LongConv
 
 
-def short_conv(x: jax.Array, weight: jax.Array, bias: jax.Array, *, causal: bool) -> jax.Array:
-    """Depthwise convolution with a short kernel, zero-padded to the input length.
+def short_conv(x: jax.Array, weight: jax.Array, *, causal: bool) -> jax.Array:
+    """Depthwise convolution with a short kernel, zero-padded to the input length; no bias.
 
-    Causal: y[t] = b + Σ_j w[j] · x[t − (width−1) + j]  (taps t−width+1 .. t).
-    Centred: y[t] = b + Σ_j w[j] · x[t − width//2 + j]  (taps t−width//2 .. t+(width−1)//2).
+    Causal: y[t] = Σ_j w[j] · x[t − (width−1) + j]  (taps t−width+1 .. t).
+    Centred: y[t] = Σ_j w[j] · x[t − width//2 + j]  (taps t−width//2 .. t+(width−1)//2).
 
     Args:
       x: [batch, seq, channels].
       weight: [width, channels].
-      bias: [channels].
 
     Returns:
       [batch, seq, channels] in x's dtype.
@@ -42,12 +50,14 @@ def short_conv(x: jax.Array, weight: jax.Array, bias: jax.Array, *, causal: bool
     left = width - 1 if causal else width // 2
     padded = jnp.pad(x, ((0, 0), (left, width - 1 - left), (0, 0)))
     seq = x.shape[1]
-    y = sum(padded[:, j:j + seq] * weight[j] for j in range(width))
-    return y + bias
+    return sum(padded[:, j:j + seq] * weight[j] for j in range(width))
 
 
 class ShortConv(nnx.Module):
-    """Depthwise short convolution with bias (see `short_conv`); weight [width, channels]."""
+    """Depthwise short convolution without bias (see `short_conv`), the role of H3's shift SSM.
+
+    Parameter: `weight` Param [width, channels]. Zero input gives zero output.
+    """
 
     def __init__(self, channels: int, width: int, *, causal: bool, dtype: jnp.dtype = jnp.float32,
                  rngs: nnx.Rngs):
@@ -62,16 +72,18 @@ class ShortConv(nnx.Module):
         self.causal = causal
         self.dtype = dtype
         self.weight = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (width, channels)))
-        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, seq, channels] -> [batch, seq, channels] in the compute dtype."""
-        return short_conv(x.astype(self.dtype), self.weight[...].astype(self.dtype),
-                          self.bias[...].astype(self.dtype), causal=self.causal)
+        return short_conv(x.astype(self.dtype), self.weight[...].astype(self.dtype), causal=self.causal)
 
 
 class GatedConv(nnx.Module):
-    """y = W_out (q ⊙ LongConv(k ⊙ v)) with q, k, v from a projection and a short convolution."""
+    """y = W_out (q ⊙ LongConv(k ⊙ v)) with q, k, v from a projection and a short convolution.
+
+    Parameters: `in_proj`, `short_conv`, `long_conv` (a `LongConv`: one kernel, or two when
+    bidirectional), `out_proj`; none has a bias.
+    """
 
     def __init__(self, d_model: int, seq_len: int, *, causal: bool, short_conv_width: int = 3,
                  squash_lambda: float = 0.0, smooth_width: int = 1, kernel_dropout: float = 0.0,

@@ -2,21 +2,38 @@
 Modeling"): every channel owns an explicit kernel as long as the sequence, kept smooth and sparse
 by two regularisers applied in the forward pass instead of by a parameterisation (as S4 does).
 
-Effective kernel, from the learned parameter `kernel` [channels, seq_len]:
+Effective kernel, from a learned parameter `kernel` [channels, seq_len]:
 
     k = smooth(kernel, smooth_width)          average pool along the taps ('same' length; off at 1)
     k = squash(k, squash_lambda)              soft-threshold sign(k)·max(|k| − λ, 0) (off at 0)
     k = dropout(k, kernel_dropout)            on the kernel weights, training only
 
 (the order of the paper's reference code: smoothing first, so the squash leaves exact zeros in the
-kernel that is actually applied). Then
+kernel that is actually applied); then its first min(seq, seq_len) taps are used.
 
-    y = long_conv(x, k[:, :seq]) + D ⊙ x      (D: learned per-channel skip, `longseq.ops.long_conv`)
+Causal layers (causal=True) own one kernel `kernel` (k) and apply a linear causal convolution:
 
-Causal layers use a linear causal convolution; bidirectional ones (causal=False) a circular
-convolution over the sequence, i.e. the kernel covers all lags in both directions.
+    y[t] = Σ_{s=0}^{t} k[t − s] · x[s] + D ⊙ x[t]
 
-The kernel is a `ConvKernel` variable (a subclass of `nnx.Param`), so an optimizer can give the
+Bidirectional layers (causal=False) own two kernels with the same initialisation and the same
+regularisers (each regularised on its own, with its own dropout mask): `kernel` (k_fwd, the past and
+the present, lags 0..L−1) and `kernel_bwd` (k_bwd, the future, distances 1..L−1), as the paper's
+code does for bidirectional models:
+
+    y[t] = Σ_{s=0}^{t} k_fwd[t − s] · x[s]  +  Σ_{s=t+1}^{L−1} k_bwd[s − t − 1] · x[s]  +  D ⊙ x[t]
+
+so the neighbour at distance d ≥ 1 to the right uses k_bwd[d − 1] (tap 0 of the backward kernel
+is the nearest future neighbour; the present is counted once, by k_fwd[0]). Computed with the
+linear causal op only, with R the time reversal and S the one-step delay ((S z)[t] = z[t − 1],
+(S z)[0] = 0):
+
+    y = long_conv(x, k_fwd) + R S long_conv(R x, k_bwd) + D ⊙ x
+
+(both convolutions in one op call over 2·channels). Neither part wraps around: zeros appended to
+a sequence contribute nothing to the earlier positions, however many there are. Everything is per
+channel; D is the learned per-channel skip and long_conv is `longseq.ops.long_conv(causal=True)`.
+
+The kernels are `ConvKernel` variables (a subclass of `nnx.Param`), so an optimizer can give the
 kernels their own learning rate and weight decay: `nnx.state(model, ConvKernel)` selects them, and
 `nnx.Param` still selects every parameter including them.
 """
@@ -87,9 +104,12 @@ def smooth(k: jax.Array, width: int) -> jax.Array:
 
 
 class LongConv(nnx.Module):
-    """Depthwise long convolution with the paper's regularisers and a skip term: y = k * x + D ⊙ x.
+    """Depthwise long convolution with the paper's regularisers and a skip term (see the module
+    docstring for the causal and the bidirectional formula).
 
-    Parameters: `kernel` ConvKernel [channels, seq_len], `skip` (D) Param [channels] initialised to 1.
+    Parameters: `kernel` ConvKernel [channels, seq_len] (causal: the kernel; bidirectional: the
+    forward kernel, lags 0..), `kernel_bwd` ConvKernel [channels, seq_len] (bidirectional only: the
+    backward kernel, future distances 1..), `skip` (D) Param [channels] initialised to 1.
     """
 
     def __init__(self, channels: int, seq_len: int, *, causal: bool = True, squash_lambda: float = 0.0,
@@ -100,9 +120,11 @@ class LongConv(nnx.Module):
           channels: channels convolved independently.
           seq_len: the kernel length = the longest sequence the kernel covers fully. Shorter inputs
             use the first `seq` taps; longer ones the whole kernel (zero beyond it).
-          causal: linear causal convolution (True) or circular over the sequence (False).
-          squash_lambda, smooth_width, kernel_dropout: the regularisers (LongConvConfig).
-          dtype: compute dtype; the kernel is regularised in float32, then cast.
+          causal: one kernel, linear causal convolution (True); or a forward and a backward kernel,
+            linear convolutions over the past and the future (False).
+          squash_lambda, smooth_width, kernel_dropout: the regularisers (LongConvConfig), applied
+            to each kernel.
+          dtype: compute dtype; the kernels are regularised in float32, then cast.
           impl: `KernelsConfig.long_conv`, forwarded to the op.
           rngs: `params` stream; and a `dropout` stream if kernel_dropout > 0.
         """
@@ -114,37 +136,63 @@ class LongConv(nnx.Module):
         self.dtype = dtype
         self.impl = impl
         self.kernel = ConvKernel(init_long_conv_kernel(rngs.params(), channels, seq_len))
+        if not causal:
+            self.kernel_bwd = ConvKernel(init_long_conv_kernel(rngs.params(), channels, seq_len))
         self.skip = nnx.Param(jnp.ones((channels,), jnp.float32))
         self.kernel_dropout = nnx.Dropout(kernel_dropout, rngs=rngs if kernel_dropout > 0 else None)
 
-    def effective_kernel(self, seq: int | None = None) -> jax.Array:
-        """The kernel the convolution applies: smoothed, squashed, dropped out (in training mode).
-
-        Args:
-          seq: keep the first min(seq, seq_len) taps (None = all).
-
-        Returns:
-          [channels, min(seq, seq_len)] float32.
-        """
-        k = self.kernel[...].astype(jnp.float32)
+    def _regularised(self, kernel: ConvKernel, seq: int | None) -> jax.Array:
+        k = kernel[...].astype(jnp.float32)
         k = squash(smooth(k, self.smooth_width), self.squash_lambda)
         if seq is not None:
             k = k[:, :seq]
         return self.kernel_dropout(k)
 
+    def effective_kernels(self, seq: int | None = None) -> tuple[jax.Array, ...]:
+        """The kernels the convolution applies: smoothed, squashed, dropped out (in training mode).
+
+        Args:
+          seq: keep the first min(seq, seq_len) taps (None = all).
+
+        Returns:
+          (k,) for a causal layer, (k_fwd, k_bwd) for a bidirectional one; each
+          [channels, min(seq, seq_len)] float32, each with its own dropout mask.
+        """
+        kernels = (self.kernel,) if self.causal else (self.kernel, self.kernel_bwd)
+        return tuple(self._regularised(kernel, seq) for kernel in kernels)
+
+    def effective_kernel(self, seq: int | None = None) -> jax.Array:
+        """The one kernel a causal layer applies, as `effective_kernels(seq)[0]`: [channels, taps].
+
+        A bidirectional layer has two kernels: use `effective_kernels`.
+        """
+        if not self.causal:
+            raise ValueError("effective_kernel: a bidirectional LongConv (causal=False) has two kernels; "
+                             "use effective_kernels()")
+        return self.effective_kernels(seq)[0]
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, seq, channels] -> [batch, seq, channels] in the compute dtype."""
         x = x.astype(self.dtype)
-        k = self.effective_kernel(x.shape[1]).astype(self.dtype)
-        y = long_conv_op(x, k, causal=self.causal, impl=self.impl)
+        kernels = [k.astype(self.dtype) for k in self.effective_kernels(x.shape[1])]
+        if self.causal:
+            y = long_conv_op(x, kernels[0], causal=True, impl=self.impl)
+        else:
+            # One causal convolution over 2·channels: x with k_fwd, and R x (time reversed) with k_bwd.
+            both = long_conv_op(jnp.concatenate([x, x[:, ::-1]], axis=-1), jnp.concatenate(kernels, axis=0),
+                                causal=True, impl=self.impl)
+            past, reversed_future = jnp.split(both, 2, axis=-1)
+            delayed = jnp.pad(reversed_future, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # S: one step later
+            y = past + delayed[:, ::-1]  # R S long_conv(R x, k_bwd): distance d uses k_bwd[d − 1]
         return y + self.skip[...].astype(self.dtype) * x
 
 
 class LongConvMixer(nnx.Module):
     """The paper's simplest sequence mixer: LongConv over the d_model channels → GELU → linear.
 
-    As in the S4-style blocks the paper builds on: y = W_out gelu(k * x + D ⊙ x). The residual
-    connection and the pre-norm belong to the enclosing `Block`.
+    As in the S4-style blocks the paper builds on: y = W_out gelu(LongConv(x)), LongConv(x) = k * x + D ⊙ x
+    (bidirectional: the two-kernel form of the module docstring). The residual connection and the
+    pre-norm belong to the enclosing `Block`.
     """
 
     def __init__(self, d_model: int, seq_len: int, *, causal: bool, squash_lambda: float = 0.0,

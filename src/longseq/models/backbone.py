@@ -47,8 +47,13 @@ class Backbone(nnx.Module):
           tokens: [batch, seq] int.
           segment_ids: (q_ids, kv_ids) [batch, seq] each, passed to the attention mixers.
           mask: optional [batch, seq], 1 = real token, 0 = padding. Padded positions of the
-            residual stream are zeroed after the embedding and after every block, so nothing at a
-            padded position (its token included) reaches the real positions through any mixer.
+            residual stream are zeroed after the embedding and after every block, so the tokens at
+            padded positions never reach the real positions: attention keeps them apart through
+            `segment_ids` (pass the mask), and the convolution mixers are linear (zero-padded, no
+            wrap-around) and have no biases, so zero rows add nothing. With the padding at the end,
+            the outputs at real positions also do not depend on how many padding positions there
+            are (at least `short_conv_width // 2` for bidirectional gated_conv, whose centred short
+            convolution reaches that far past the last real token; see `GatedConv`).
 
         Returns:
           [batch, seq, d_model] normalised hidden states in the compute dtype.

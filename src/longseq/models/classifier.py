@@ -29,8 +29,11 @@ class SequenceClassifier(nnx.Module):
     """tokens → Backbone(bidirectional, padding masked) → masked mean → linear → class logits.
 
     Padding is inert: padded positions are zeroed in the residual stream before and after every
-    block, and attention layers only attend within the same mask value (segment ids = mask), so
-    the logits do not depend on the tokens at padded positions.
+    block, attention layers only attend within the same mask value (segment ids = mask), and the
+    bidirectional convolutions are linear in both directions (no wrap-around) and bias-free, so
+    the logits do not depend on the tokens at padded positions, nor, for padding at the end, on
+    the number of padding positions (see `Backbone.__call__` for the one proviso, gated_conv's
+    short convolution).
     """
 
     def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, vocab_size: int, num_classes: int,
