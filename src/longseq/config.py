@@ -71,7 +71,7 @@ class LongConvConfig(_Checked):
     squash_lambda: float = param(0.0, "squash regulariser: soft-threshold kernel weights by this λ (0 = off)", min=0)
     smooth_width: int = param(1, "smooth regulariser: average-pool width over the kernel (1 = off)", min=1)
     kernel_dropout: float = param(0.0, "dropout on the kernel weights during training", min=0, lt=1)
-    short_conv_width: int = param(3, "gated_conv only: width of the short causal depthwise convolution", min=1)
+    short_conv_width: int = param(3, "gated_conv only: width of the short depthwise convolution (causal in LMs, centred in classifiers)", min=1)
 
 
 @dataclass(frozen=True)
