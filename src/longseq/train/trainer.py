@@ -256,8 +256,10 @@ def train(config: Config) -> dict[str, Any]:
             write_row(step_done)
 
     def write_row(step_done: int) -> None:
-        """One train row: the means over the steps since the last row."""
+        """One train row: the means over the steps since the last row (none if there are no such steps)."""
         nonlocal interval_sums, timer_start, timed_steps
+        if interval_sums is None:
+            return
         row = {**means(interval_sums), "grad_norm": last_grad_norm}
         if timed_steps:
             row["tokens_per_sec"] = tokens_per_step * timed_steps / (time.perf_counter() - timer_start)
@@ -293,15 +295,13 @@ def train(config: Config) -> dict[str, Any]:
                 if at_end or step % config.train.eval_every == 0:
                     final_eval = evaluate(step)
                 if at_end or step % config.train.checkpoint_every == 0:
-                    if interval_sums is not None:  # rows end at checkpoints too: a resumed run continues them
-                        write_row(step)
+                    write_row(step)  # rows end at checkpoints too: a resumed run continues them
                     checkpointer.save(step, state)
                     last_good = step
             if pending is not None:
                 record(*pending)
             if stop.requested:
-                if interval_sums is not None:  # the steps since the last row, so none goes unlogged
-                    write_row(step)
+                write_row(step)  # the steps since the last row, so none goes unlogged
                 checkpointer.save(step, state)
                 raise TrainingInterrupted(f"interrupted at step {step}: checkpoint saved in "
                                           f"{run_dir / 'checkpoints'}; rerun the same command to resume")
