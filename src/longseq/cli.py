@@ -4,6 +4,7 @@
     longseq eval RUN_DIR                          evaluate a run's newest checkpoint
     longseq config show CONFIG [key=value ...]   print the resolved config as YAML
     longseq config keys                           list every config key with its default and meaning
+    longseq bench attention [options]             time attention against the anchors (cuDNN, XLA, Pallas mha)
 
 Config problems are reported before anything compiles, as `config error: <dotted.key>: <what is wrong>`,
 with exit status 2.
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -26,6 +29,129 @@ def resolve(config_path: str, overrides: list[str]) -> Config:
     if config.train.name is None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, name=Path(config_path).stem))
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# `longseq bench attention`: argument types (plain parsing; the bench module, which imports jax,
+# checks names against what the installed longseq offers)
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    """"a,b" -> ("a", "b"); empty items are an error."""
+    items = tuple(item.strip() for item in text.split(","))
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return items
+
+
+def _shape_argument(text: str) -> tuple[int, int, int, int]:
+    """"B,N,H,D" -> (batch, seq_len, heads, head_dim)."""
+    try:
+        shape = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"expected B,N,H,D (four positive integers), got {text!r}")
+    return shape
+
+
+def _flash_argument(text: str) -> tuple[str, dict[str, int]]:
+    """"NAME:key=val,key=val" -> (NAME, {key: int(val)}); "NAME:" alone is the default config."""
+    name, colon, settings = text.partition(":")
+    if not name or not colon:
+        raise argparse.ArgumentTypeError(f"expected NAME:key=value,key=value, got {text!r}")
+    overrides = {}
+    for item in filter(None, settings.split(",")):
+        key, equals, value = item.partition("=")
+        try:
+            overrides[key.strip()] = int(value)
+        except ValueError:
+            equals = ""
+        if not equals or not key.strip():
+            raise argparse.ArgumentTypeError(f"{name}: expected key=integer, got {item!r} in {text!r}")
+    return name, overrides
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
+
+
+# The bench's argument names (BenchArgumentError.argument) as the flags that set them.
+_BENCH_FLAGS = {"shapes": "--shape", "dtype": "--dtype", "impls": "--impls", "flash_variants": "--flash",
+                "causal": "--causal", "passes": "--passes", "iters": "--iters", "warmup": "--warmup"}
+
+
+def _add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="benchmarks against the anchors (/work/shared/anchors)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    attention = bench_commands.add_parser(
+        "attention", help="time attention implementations: fwd and fwd+bwd, causal and not",
+        description="Time longseq.ops.attention and the anchors (cuDNN, XLA and Pallas mha called directly "
+                    "from JAX) in one process. Writes attention.json, attention.md and attention.png to --out "
+                    "and prints the markdown table.")
+    attention.add_argument("--shapes", choices=("anchors", "small"), default=None,
+                           help="preset shapes: anchors = the anchors table (bf16, head_dim 128; the default "
+                                "without --shape), small = a CPU smoke run (float32)")
+    attention.add_argument("--shape", action="append", type=_shape_argument, default=[], metavar="B,N,H,D",
+                           help="a custom shape (repeatable; added to --shapes if both are given)")
+    attention.add_argument("--impls", type=_comma_list, default=None, metavar="A,B",
+                           help="implementations: names of longseq.ops.ATTENTION_IMPLS (pallas, reference, ...) and "
+                                "anchor_cudnn, anchor_xla, anchor_jax_pallas_mha (default on GPU: pallas and the "
+                                "three anchors; elsewhere: reference, anchor_xla)")
+    attention.add_argument("--flash", action="append", type=_flash_argument, default=[],
+                           metavar="NAME:KEY=VAL,...",
+                           help="also measure our Pallas kernel with these FlashAttentionConfig overrides, as "
+                                "impl pallas[NAME] (repeatable), e.g. big:block_q=128,block_k=128")
+    attention.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    attention.add_argument("--passes", type=_comma_list, default=("fwd", "fwd+bwd"), metavar="fwd,fwd+bwd")
+    attention.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                           help="of q, k, v (default: the preset's; bfloat16 for custom shapes)")
+    attention.add_argument("--iters", type=_positive_int, default=10, help="timed calls per row (median)")
+    attention.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed calls first")
+    attention.add_argument("--out", default=None, metavar="DIR",
+                           help="output folder (default runs/bench/attention-<timestamp>)")
+
+
+def _bench_attention(args: argparse.Namespace, argv: list[str]) -> int:
+    from longseq.bench.attention import (PRESET_DTYPES, SHAPE_PRESETS, BenchArgumentError, format_table,
+                                         run_attention_bench)
+
+    def argument_error(flag: str, message: str) -> int:
+        print(f"longseq bench attention: error: argument {flag}: {message}", file=sys.stderr)
+        return 2
+
+    preset = args.shapes or (None if args.shape else "anchors")
+    shapes = [*(SHAPE_PRESETS[preset] if preset else ()), *args.shape]
+    dtype = args.dtype or (PRESET_DTYPES[preset] if preset else "bfloat16")
+    flash_variants = {}
+    for name, overrides in args.flash:
+        if name in flash_variants:
+            return argument_error("--flash", f"variant {name!r} given twice")
+        flash_variants[name] = overrides
+    causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out) if args.out else Path("runs") / "bench" / f"attention-{stamp}"
+    try:
+        rows = run_attention_bench(shapes, args.impls, causal=causal, passes=args.passes, dtype=dtype,
+                                   iters=args.iters, warmup=args.warmup, flash_variants=flash_variants,
+                                   out_dir=out_dir, command=shlex.join(["longseq", *argv]))
+    except BenchArgumentError as error:
+        return argument_error(_BENCH_FLAGS.get(error.argument, error.argument), error.message)
+    print()
+    print(format_table(rows), end="")
+    print(f"\nwrote {out_dir}/attention.json, attention.md, attention.png")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,10 +172,12 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
     config_commands.add_parser("keys", help="list every config key with its default and meaning")
+    _add_bench_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     try:
         if args.command == "config" and args.config_command == "show":
@@ -73,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluate_run(args.run_dir)
             print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}))
+        elif args.command == "bench" and args.bench_command == "attention":
+            return _bench_attention(args, argv)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
