@@ -89,6 +89,9 @@ class ModelConfig(_Checked):
     mlp_hidden: int | None = param(None, "SwiGLU hidden width (None = 8/3·d_model rounded up to 64)", min=1)
     dropout: float = param(0.0, "dropout on residual branches", min=0, lt=1)
     rope_theta: float = param(10000.0, "rotary position embedding base", gt=0)
+    attention_window: int | None = param(
+        None, "sliding-window attention: a query sees keys fewer than this many positions away (None = all)",
+        min=1)
     tie_embeddings: bool = param(True, "LM head shares the input embedding matrix")
     compute_dtype: Literal["float32", "bfloat16"] = param(
         "float32", "dtype of activations and matmuls (parameters stay float32)")
@@ -260,11 +263,42 @@ class MeshConfig(_Checked):
 
 
 @dataclass(frozen=True)
+class FlashAttentionConfig(_Checked):
+    """Tiles and pipelining of the Pallas flash-attention kernel (impl=pallas); defaults tuned on H100.
+
+    Every block is a power of two >= 16, given for bf16 with head_dim 128; the kernel divides them
+    for wider rows (float32, head_dim 256) and shortens them for short sequences.
+    """
+
+    block_q: int = param(128, "forward: queries per program", min=16)
+    block_k: int = param(128, "forward: keys per inner-loop step", min=16)
+    block_q_dkv: int = param(64, "backward dK/dV: queries per inner-loop step", min=16)
+    block_k_dkv: int = param(128, "backward dK/dV: keys per program", min=16)
+    block_q_dq: int = param(128, "backward dQ: queries per program", min=16)
+    block_k_dq: int = param(64, "backward dQ: keys per inner-loop step", min=16)
+    num_warps: int = param(8, "forward: warps per program (GPU)", min=1)
+    num_stages: int = param(3, "forward: software-pipelining depth of the key loop (GPU)", min=1)
+    num_warps_bwd: int = param(8, "backward: warps per program (GPU)", min=1)
+    num_stages_bwd: int = param(3, "backward: software-pipelining depth (GPU)", min=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("block") and value & (value - 1):
+                raise ConfigError(f"{f.name}: must be a power of two, got {value}")
+            if f.name.startswith("num_warps") and value & (value - 1):
+                raise ConfigError(f"{f.name}: must be a power of two, got {value}")
+
+
+@dataclass(frozen=True)
 class KernelsConfig(_Checked):
     """Which implementation runs each op (`auto` = the fastest correct one for the platform)."""
 
-    attention: Literal["auto", "reference"] = param("auto", "implementation of longseq.ops.attention")
+    attention: Literal["auto", "pallas", "reference", "xla", "cudnn"] = param(
+        "auto", "implementation of longseq.ops.attention")
     long_conv: Literal["auto", "fft"] = param("auto", "implementation of longseq.ops.long_conv")
+    flash_attention: FlashAttentionConfig = param(FlashAttentionConfig(), "tiling of the Pallas attention kernel")
 
 
 @dataclass(frozen=True)

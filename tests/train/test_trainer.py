@@ -245,3 +245,17 @@ def test_data_parallel_over_four_devices_matches_one_device(empty_config):
     one, four = train_losses(tmp_path / "dp1"), train_losses(tmp_path / "dp4")
     assert sorted(one) == sorted(four) == list(range(1, 9))
     np.testing.assert_allclose([four[s] for s in range(1, 9)], [one[s] for s in range(1, 9)], rtol=2e-5)
+
+
+def test_pallas_attention_trains_like_the_reference(tmp_path):
+    """The Transformer LM with the Pallas kernel (interpret mode on CPU) follows the reference's loss
+    curve: same initialisation and batches, so float32 runs agree to rounding."""
+    curves = {}
+    for impl in ("reference", "pallas"):
+        result = train(tiny(tmp_path, "model.mixer=attention", "model.num_kv_heads=1", "train.steps=12",
+                            "train.log_every=3", "train.eval_every=12", "train.checkpoint_every=12",
+                            "optim.lr=3e-3", f"kernels.attention={impl}", f"train.name={impl}"))
+        curves[impl] = train_losses(result["run_dir"])
+    assert curves["pallas"].keys() == curves["reference"].keys() == {3, 6, 9, 12}
+    np.testing.assert_allclose(list(curves["pallas"].values()), list(curves["reference"].values()), rtol=1e-4)
+    assert curves["pallas"][12] < curves["pallas"][3]

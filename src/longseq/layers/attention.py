@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from longseq.config import FlashAttentionConfig
 from longseq.ops import attention as attention_op
 from longseq.layers.rotary import apply_rotary
 
@@ -22,8 +23,9 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None, *,
-                 causal: bool, rope_theta: float = 10000.0, dtype: jnp.dtype = jnp.float32,
-                 impl: str = "auto", rngs: nnx.Rngs):
+                 causal: bool, rope_theta: float = 10000.0, window: int | None = None,
+                 dtype: jnp.dtype = jnp.float32, impl: str = "auto",
+                 flash: FlashAttentionConfig | None = None, rngs: nnx.Rngs):
         """
         Args:
           d_model: input and output width; head_dim = d_model // num_heads (must be even).
@@ -31,8 +33,10 @@ class Attention(nnx.Module):
           num_kv_heads: key/value heads, dividing num_heads (None = num_heads).
           causal: position i attends to positions <= i only (decoder) or to all (encoder).
           rope_theta: rotary base.
+          window: sliding-window attention width (None = every position), see `ops.attention`.
           dtype: compute dtype of the projections and of the op inputs.
           impl: `KernelsConfig.attention`, forwarded to the op.
+          flash: tiling of the Pallas kernel (`KernelsConfig.flash_attention`), forwarded to the op.
           rngs: needs a `params` stream (or a default one).
         """
         num_kv_heads = num_kv_heads or num_heads
@@ -44,7 +48,9 @@ class Attention(nnx.Module):
         self.head_dim = d_model // num_heads
         self.causal = causal
         self.rope_theta = rope_theta
+        self.window = window
         self.impl = impl
+        self.flash = flash
         linear = lambda d_in, d_out: nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, rngs=rngs)
         self.q_proj = linear(d_model, num_heads * self.head_dim)
         self.kv_proj = linear(d_model, 2 * num_kv_heads * self.head_dim)
@@ -71,5 +77,6 @@ class Attention(nnx.Module):
         v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, positions, theta=self.rope_theta)
         k = apply_rotary(k, positions, theta=self.rope_theta)
-        out, _ = attention_op(q, k, v, causal=self.causal, segment_ids=segment_ids, impl=self.impl)
+        out, _ = attention_op(q, k, v, causal=self.causal, segment_ids=segment_ids, window=self.window,
+                              impl=self.impl, flash=self.flash)
         return self.out_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))

@@ -35,7 +35,8 @@ def make_mixer(name: str, config: ModelConfig, kernels: KernelsConfig, *, seq_le
                         kernel_dropout=conv.kernel_dropout)
     if name == "attention":
         return Attention(config.d_model, config.num_heads, config.num_kv_heads, causal=causal,
-                         rope_theta=config.rope_theta, dtype=dtype, impl=kernels.attention, rngs=rngs)
+                         rope_theta=config.rope_theta, window=config.attention_window, dtype=dtype,
+                         impl=kernels.attention, flash=kernels.flash_attention, rngs=rngs)
     if name == "long_conv":
         return LongConvMixer(config.d_model, seq_len, causal=causal, dtype=dtype, impl=kernels.long_conv,
                              rngs=rngs, **regularisers)

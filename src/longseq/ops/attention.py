@@ -20,7 +20,10 @@ Grouped-query attention: with group = heads // kv_heads, query head h reads kv h
 Visibility. Key j is visible to query i when both hold:
   - causal=False, or kv_offset + j <= q_offset + i (positions are global, so a shard of queries
     can attend to a shard of keys held elsewhere; offsets may be traced int32 scalars);
-  - segment_ids is None, or q_ids[b, i] == kv_ids[b, j] (packed sequences).
+  - segment_ids is None, or q_ids[b, i] == kv_ids[b, j] (packed sequences);
+  - window is None, or the key is near: (q_offset + i) − (kv_offset + j) < window when causal
+    (the query and the window − 1 keys before it), |(q_offset + i) − (kv_offset + j)| < window
+    when not (sliding-window attention).
 
 A query with NO visible key gets out = 0 and lse = -inf, and its gradient is exactly 0 (never NaN).
 This is what makes partial results over blocks of keys composable: the lse is the log of the
@@ -29,12 +32,24 @@ cannot see contributes exp(-inf) = 0.
 
 Scores and softmax are computed in float32 (float64 for float64 inputs) whatever the input dtype.
 
-The file reads: validation → reference implementation → merge_partials → public `attention`,
-which dispatches on `impl` (Pallas kernels will be added behind the same function).
+Implementations (`impl=`), all computing the function above:
+  - "reference": dense jnp below, O(q_len · kv_len) memory; the ground truth for the others.
+  - "pallas": the flash-attention Pallas kernels of `attention_pallas.py` (Triton on GPU;
+    interpret mode elsewhere, which is slow and meant for tests). Every feature, any platform.
+  - "xla", "cudnn": `jax.nn.dot_product_attention` with that implementation, for comparison and
+    for plain (non-distributed) layers. Their lse is NOT differentiable (JAX returns it with a
+    stopped gradient), rows with no visible key are not zeroed, and "cudnn" (GPU only) takes
+    neither segment ids nor a causal shift (q_offset must equal kv_offset).
+  - "auto": "pallas" on GPUs, "reference" elsewhere; the choice is logged once per platform.
+
+The file reads: validation → reference implementation → merge_partials → the jax.nn wrappers →
+public `attention`, which dispatches on `impl`.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -42,7 +57,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("auto", "reference")
+from longseq.config import FlashAttentionConfig
+
+ATTENTION_IMPLS = ("auto", "pallas", "reference", "xla", "cudnn")
+
+logger = logging.getLogger("longseq")
 
 Array = jax.Array
 
@@ -95,17 +114,22 @@ def _check_attention_args(q, k, v, segment_ids, q_offset, kv_offset) -> None:
 
 
 def visibility_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None,
-                    q_offset=0, kv_offset=0) -> Array | None:
+                    q_offset=0, kv_offset=0, window: int | None = None) -> Array | None:
     """Which keys each query sees: bool [batch or 1, q_len, kv_len], or None when all are visible.
 
     Built with jnp ops only, so q_offset / kv_offset may be traced scalars (e.g. derived from
     `jax.lax.axis_index` inside shard_map).
     """
     mask = None
-    if causal:
+    if causal or window is not None:
         q_pos = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)
         kv_pos = jnp.asarray(kv_offset, jnp.int32) + jnp.arange(kv_len, dtype=jnp.int32)
-        mask = (kv_pos[None, :] <= q_pos[:, None])[None]
+        distance = (q_pos[:, None] - kv_pos[None, :])[None]  # query position − key position
+        if causal:
+            mask = distance >= 0
+        if window is not None:
+            near = (distance < window) if causal else (jnp.abs(distance) < window)
+            mask = near if mask is None else mask & near
     if segment_ids is not None:
         q_ids, kv_ids = segment_ids
         same = jnp.asarray(q_ids)[:, :, None] == jnp.asarray(kv_ids)[:, None, :]
@@ -113,7 +137,7 @@ def visibility_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None,
     return mask
 
 
-def _attention_reference(q, k, v, *, causal, segment_ids, scale, q_offset, kv_offset):
+def _attention_reference(q, k, v, *, causal, segment_ids, scale, q_offset, kv_offset, window):
     """Dense masked softmax, O(q_len · kv_len) memory. Arguments already validated."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -128,7 +152,7 @@ def _attention_reference(q, k, v, *, causal, segment_ids, scale, q_offset, kv_of
     s = s * jnp.asarray(scale, acc)
 
     mask = visibility_mask(q_len, kv_len, causal=causal, segment_ids=segment_ids,
-                           q_offset=q_offset, kv_offset=kv_offset)
+                           q_offset=q_offset, kv_offset=kv_offset, window=window)
     if mask is not None:
         # -inf (not a large negative number) so hidden keys get weight exactly 0 even when a
         # row has no visible key at all; where's gradient sends nothing to the hidden scores.
@@ -205,19 +229,54 @@ def merge_partials(outs: Sequence[Array] | Array, lses: Sequence[Array] | Array)
 # ----------------------------------------------------------------------------------------------
 # Public entry point
 
-_IMPLEMENTATIONS = {"reference": _attention_reference}
+# ----------------------------------------------------------------------------------------------
+# jax.nn.dot_product_attention (xla, cudnn)
+
+
+def _attention_jax_nn(q, k, v, *, causal, segment_ids, scale, q_offset, kv_offset, window,
+                      implementation):
+    kwargs = dict(scale=scale, implementation=implementation, return_residual=True)
+    if implementation == "cudnn":
+        if segment_ids is not None:
+            raise ValueError("segment_ids: impl='cudnn' does not take segment ids; use 'pallas'")
+        if causal and not (isinstance(q_offset, int) and isinstance(kv_offset, int)
+                           and q_offset == kv_offset):
+            raise ValueError("q_offset: impl='cudnn' needs q_offset == kv_offset (Python ints) when "
+                             f"causal, got {q_offset!r} and {kv_offset!r}; use 'pallas'")
+        kwargs["is_causal"] = causal
+        if window is not None:
+            kwargs["local_window_size"] = (window - 1, 0 if causal else window - 1)
+    else:
+        mask = visibility_mask(q.shape[1], k.shape[1], causal=causal, segment_ids=segment_ids,
+                               q_offset=q_offset, kv_offset=kv_offset, window=window)
+        if mask is not None:
+            kwargs["mask"] = mask[:, None]  # [batch or 1, 1, q_len, kv_len]
+    out, lse = jax.nn.dot_product_attention(q, k, v, **kwargs)
+    return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # [batch, q_len, heads] → [batch, heads, q_len]
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+
+
+@functools.cache
+def _auto_impl(platform: str) -> str:
+    impl = "pallas" if platform == "gpu" else "reference"
+    logger.info("attention impl='auto' uses %r on platform %r", impl, platform)
+    return impl
 
 
 def _resolve_impl(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
         expected = ", ".join(repr(name) for name in ATTENTION_IMPLS)
         raise ValueError(f"impl: expected one of {expected}, got {impl!r}")
-    return "reference" if impl == "auto" else impl
+    return _auto_impl(jax.default_backend()) if impl == "auto" else impl
 
 
 def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids=None,
-              scale: float | None = None, q_offset=0, kv_offset=0,
-              impl: str = "auto") -> tuple[Array, Array]:
+              scale: float | None = None, q_offset=0, kv_offset=0, window: int | None = None,
+              impl: str = "auto", flash: FlashAttentionConfig | None = None,
+              interpret: bool | None = None) -> tuple[Array, Array]:
     """Masked scaled dot-product attention returning (out, lse).
 
     Args:
@@ -230,8 +289,11 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids
         query sees only keys with the same id. Combines with causal.
       scale: multiplies q·k; default 1 / sqrt(head_dim).
       q_offset, kv_offset: global positions of q[:, 0] and k[:, 0] (Python ints or traced int32
-        scalars); only used when causal.
-      impl: one of ATTENTION_IMPLS; "auto" picks the best available ("reference" today).
+        scalars); used by causal and window.
+      window: None, or a positive int: sliding-window attention (see the module docstring).
+      impl: one of ATTENTION_IMPLS (see the module docstring).
+      flash: tiling of the Pallas kernel (impl="pallas"); default FlashAttentionConfig().
+      interpret: run the Pallas kernel in interpret mode; default: unless on a GPU.
 
     Returns:
       out: [batch, q_len, heads, head_dim] in q's dtype.
@@ -240,8 +302,21 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     _check_attention_args(q, k, v, segment_ids, q_offset, kv_offset)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window: expected None or a positive int, got {window!r}")
     name = _resolve_impl(impl)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _IMPLEMENTATIONS[name](q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
-                                  q_offset=q_offset, kv_offset=kv_offset)
+    common = dict(causal=causal, segment_ids=segment_ids, scale=scale, q_offset=q_offset,
+                  kv_offset=kv_offset, window=window)
+    if name == "reference":
+        return _attention_reference(q, k, v, **common)
+    if name in ("xla", "cudnn"):
+        return _attention_jax_nn(q, k, v, implementation=name, **common)
+    from longseq.ops.attention_pallas import flash_attention
+
+    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"q: impl='pallas' takes float32, bfloat16 or float16, got {q.dtype}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return flash_attention(q, k, v, flash=flash or FlashAttentionConfig(), interpret=interpret, **common)
