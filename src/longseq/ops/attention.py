@@ -34,13 +34,15 @@ Scores and softmax are computed in float32 (float64 for float64 inputs) whatever
 
 Implementations (`impl=`), all computing the function above:
   - "reference": dense jnp below, O(q_len · kv_len) memory; the ground truth for the others.
-  - "pallas": the flash-attention Pallas kernels of `attention_pallas.py` (Triton on GPU;
-    interpret mode elsewhere, which is slow and meant for tests). Every feature, any platform.
+  - "pallas": the flash-attention Pallas kernels of `attention_pallas.py` (Triton on GPU; on TPU
+    the Mosaic-tiled kernels of `attention_pallas_tpu.py`, which lower for TPU but have never run
+    on one; interpret mode elsewhere, slow and meant for tests). Every feature, any platform.
   - "xla", "cudnn": `jax.nn.dot_product_attention` with that implementation, for comparison and
     for plain (non-distributed) layers. Their lse is NOT differentiable (JAX returns it with a
     stopped gradient), rows with no visible key are not zeroed, and "cudnn" (GPU only) takes
     neither segment ids nor a causal shift (q_offset must equal kv_offset).
-  - "auto": "pallas" on GPUs, "reference" elsewhere; the choice is logged once per platform.
+  - "auto": "pallas" on GPUs (float32, bfloat16, float16), "reference" elsewhere (and for float64);
+    the choice is logged once per platform and dtype.
 
 The file reads: validation → reference implementation → merge_partials → the jax.nn wrappers →
 public `attention`, which dispatches on `impl`.
@@ -259,18 +261,21 @@ def _attention_jax_nn(q, k, v, *, causal, segment_ids, scale, q_offset, kv_offse
 # Public entry point
 
 
+_PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
 @functools.cache
-def _auto_impl(platform: str) -> str:
-    impl = "pallas" if platform == "gpu" else "reference"
-    logger.info("attention impl='auto' uses %r on platform %r", impl, platform)
+def _auto_impl(platform: str, dtype: str) -> str:
+    impl = "pallas" if platform == "gpu" and dtype in ("float32", "bfloat16", "float16") else "reference"
+    logger.info("attention impl='auto' uses %r for %s on platform %r", impl, dtype, platform)
     return impl
 
 
-def _resolve_impl(impl: str) -> str:
+def _resolve_impl(impl: str, dtype) -> str:
     if impl not in ATTENTION_IMPLS:
         expected = ", ".join(repr(name) for name in ATTENTION_IMPLS)
         raise ValueError(f"impl: expected one of {expected}, got {impl!r}")
-    return _auto_impl(jax.default_backend()) if impl == "auto" else impl
+    return _auto_impl(jax.default_backend(), jnp.dtype(dtype).name) if impl == "auto" else impl
 
 
 def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids=None,
@@ -293,7 +298,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids
       window: None, or a positive int: sliding-window attention (see the module docstring).
       impl: one of ATTENTION_IMPLS (see the module docstring).
       flash: tiling of the Pallas kernel (impl="pallas"); default FlashAttentionConfig().
-      interpret: run the Pallas kernel in interpret mode; default: unless on a GPU.
+      interpret: run the Pallas kernels in interpret mode; default: unless on a GPU or TPU.
 
     Returns:
       out: [batch, q_len, heads, head_dim] in q's dtype.
@@ -304,7 +309,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids
     _check_attention_args(q, k, v, segment_ids, q_offset, kv_offset)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window: expected None or a positive int, got {window!r}")
-    name = _resolve_impl(impl)
+    name = _resolve_impl(impl, q.dtype)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     common = dict(causal=causal, segment_ids=segment_ids, scale=scale, q_offset=q_offset,
@@ -315,8 +320,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids
         return _attention_jax_nn(q, k, v, implementation=name, **common)
     from longseq.ops.attention_pallas import flash_attention
 
-    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    if q.dtype not in _PALLAS_DTYPES:
         raise ValueError(f"q: impl='pallas' takes float32, bfloat16 or float16, got {q.dtype}")
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = jax.default_backend() not in ("gpu", "tpu")
     return flash_attention(q, k, v, flash=flash or FlashAttentionConfig(), interpret=interpret, **common)

@@ -513,12 +513,20 @@ _flash_padded.defvjp(_flash_padded_fwd, _flash_padded_bwd)
 
 def flash_attention(q: Array, k: Array, v: Array, *, causal: bool, segment_ids, scale: float,
                     q_offset, kv_offset, window: int | None, flash: FlashAttentionConfig,
-                    interpret: bool) -> tuple[Array, Array]:
+                    interpret: bool, backend: str | None = None) -> tuple[Array, Array]:
     """The Pallas implementation of `longseq.ops.attention` (arguments already validated there).
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim].
     Returns out [batch, q_len, heads, head_dim] (q's dtype) and lse [batch, heads, q_len] float32.
+    backend: "tpu" runs the Mosaic TPU kernels of `attention_pallas_tpu`, anything else these;
+    default: jax.default_backend() at trace time.
     """
+    if (backend or jax.default_backend()) == "tpu":
+        from longseq.ops.attention_pallas_tpu import flash_attention_tpu
+
+        return flash_attention_tpu(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
+                                   q_offset=q_offset, kv_offset=kv_offset, window=window, flash=flash,
+                                   interpret=interpret)
     plan = make_plan(q.shape, k.shape, q.dtype, causal=causal, window=window,
                      segmented=segment_ids is not None, scale=scale, flash=flash, interpret=interpret)
     head_dim = q.shape[-1]
