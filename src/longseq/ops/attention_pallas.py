@@ -491,24 +491,42 @@ def _backward(plan: _Plan, shift, q, k, v, q_ids, kv_ids, out, lse, dout, dlse):
 # custom_vjp on padded arrays, and the public wrapper that pads and unpads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash_padded(plan, shift, q, k, v, q_ids, kv_ids):
-    return _forward(plan, shift, q, k, v, q_ids, kv_ids)
+def differentiable(forward, backward):
+    """The custom_vjp over padded arrays shared by the GPU and TPU kernels:
+
+        forward(plan, shift, q, k, v, q_ids, kv_ids) -> (out, lse)
+        backward(plan, shift, q, k, v, q_ids, kv_ids, out, lse, dout, dlse) -> (dq, dk, dv)
+
+    shift and the segment ids are integers: they get no cotangent.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def attend(plan, shift, q, k, v, q_ids, kv_ids):
+        return forward(plan, shift, q, k, v, q_ids, kv_ids)
+
+    def attend_fwd(plan, shift, q, k, v, q_ids, kv_ids):
+        out, lse = forward(plan, shift, q, k, v, q_ids, kv_ids)
+        return (out, lse), (shift, q, k, v, q_ids, kv_ids, out, lse)
+
+    def attend_bwd(plan, residuals, cotangents):
+        dq, dk, dv = backward(plan, *residuals, *cotangents)
+        return None, dq, dk, dv, None, None
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend
 
 
-def _flash_padded_fwd(plan, shift, q, k, v, q_ids, kv_ids):
-    out, lse = _forward(plan, shift, q, k, v, q_ids, kv_ids)
-    return (out, lse), (shift, q, k, v, q_ids, kv_ids, out, lse)
+def padded_segments_and_shift(plan: _Plan, segment_ids, q_offset, kv_offset):
+    """(q_ids [B, q_pad] | None, kv_ids [B, kv_pad] | None, shift int32[1] = q_offset − kv_offset)."""
+    q_ids = kv_ids = None
+    if segment_ids is not None:
+        q_ids = jnp.pad(jnp.asarray(segment_ids[0], jnp.int32), ((0, 0), (0, plan.q_pad - plan.q_len)))
+        kv_ids = jnp.pad(jnp.asarray(segment_ids[1], jnp.int32), ((0, 0), (0, plan.kv_pad - plan.kv_len)))
+    shift = jnp.reshape(jnp.asarray(q_offset, jnp.int32) - jnp.asarray(kv_offset, jnp.int32), (1,))
+    return q_ids, kv_ids, shift
 
 
-def _flash_padded_bwd(plan, residuals, cotangents):
-    shift, q, k, v, q_ids, kv_ids, out, lse = residuals
-    dout, dlse = cotangents
-    dq, dk, dv = _backward(plan, shift, q, k, v, q_ids, kv_ids, out, lse, dout, dlse)
-    return None, dq, dk, dv, None, None
-
-
-_flash_padded.defvjp(_flash_padded_fwd, _flash_padded_bwd)
+_flash_padded = differentiable(_forward, _backward)
 
 
 def flash_attention(q: Array, k: Array, v: Array, *, causal: bool, segment_ids, scale: float,
@@ -535,10 +553,6 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool, segment_ids, 
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, plan.head_dim_pad - head_dim)))
 
     q_p, k_p, v_p = pad(q, plan.q_pad), pad(k, plan.kv_pad), pad(v, plan.kv_pad)
-    q_ids = kv_ids = None
-    if segment_ids is not None:
-        q_ids = jnp.pad(jnp.asarray(segment_ids[0], jnp.int32), ((0, 0), (0, plan.q_pad - plan.q_len)))
-        kv_ids = jnp.pad(jnp.asarray(segment_ids[1], jnp.int32), ((0, 0), (0, plan.kv_pad - plan.kv_len)))
-    shift = jnp.reshape(jnp.asarray(q_offset, jnp.int32) - jnp.asarray(kv_offset, jnp.int32), (1,))
+    q_ids, kv_ids, shift = padded_segments_and_shift(plan, segment_ids, q_offset, kv_offset)
     out, lse = _flash_padded(plan, shift, q_p, k_p, v_p, q_ids, kv_ids)
     return out[:, :plan.q_len, :, :head_dim], lse[:, :, :plan.q_len]

@@ -42,7 +42,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from longseq.config import FlashAttentionConfig
 from longseq.ops.attention_pallas import (_dot, _kv_block_ranges, _Plan, _positions, _q_block_ranges,
-                                          _round_up, _visible)
+                                          _round_up, _visible, differentiable, padded_segments_and_shift)
 
 Array = jax.Array
 LANES = 128  # the minor dimension of a TPU vector register
@@ -397,24 +397,7 @@ def _backward(plan: _Plan, shift, q, k, v, q_ids, kv_ids, out, lse, dout, dlse):
 # custom_vjp on the padded [B, H, seq, D] layout, and the public wrapper
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash_tpu(plan, shift, q, k, v, q_ids, kv_ids):
-    return _forward(plan, shift, q, k, v, q_ids, kv_ids)
-
-
-def _flash_tpu_fwd(plan, shift, q, k, v, q_ids, kv_ids):
-    out, lse = _forward(plan, shift, q, k, v, q_ids, kv_ids)
-    return (out, lse), (shift, q, k, v, q_ids, kv_ids, out, lse)
-
-
-def _flash_tpu_bwd(plan, residuals, cotangents):
-    shift, q, k, v, q_ids, kv_ids, out, lse = residuals
-    dout, dlse = cotangents
-    dq, dk, dv = _backward(plan, shift, q, k, v, q_ids, kv_ids, out, lse, dout, dlse)
-    return None, dq, dk, dv, None, None
-
-
-_flash_tpu.defvjp(_flash_tpu_fwd, _flash_tpu_bwd)
+_flash_tpu = differentiable(_forward, _backward)
 
 
 def flash_attention_tpu(q: Array, k: Array, v: Array, *, causal: bool, segment_ids, scale: float,
@@ -434,10 +417,6 @@ def flash_attention_tpu(q: Array, k: Array, v: Array, *, causal: bool, segment_i
         return jnp.swapaxes(x, 1, 2)
 
     q_t, k_t, v_t = to_tiles(q, plan.q_pad), to_tiles(k, plan.kv_pad), to_tiles(v, plan.kv_pad)
-    q_ids = kv_ids = None
-    if segment_ids is not None:
-        q_ids = jnp.pad(jnp.asarray(segment_ids[0], jnp.int32), ((0, 0), (0, plan.q_pad - plan.q_len)))
-        kv_ids = jnp.pad(jnp.asarray(segment_ids[1], jnp.int32), ((0, 0), (0, plan.kv_pad - plan.kv_len)))
-    shift = jnp.reshape(jnp.asarray(q_offset, jnp.int32) - jnp.asarray(kv_offset, jnp.int32), (1,))
+    q_ids, kv_ids, shift = padded_segments_and_shift(plan, segment_ids, q_offset, kv_offset)
     out, lse = _flash_tpu(plan, shift, q_t, k_t, v_t, q_ids, kv_ids)
     return jnp.swapaxes(out, 1, 2)[:, :plan.q_len, :, :head_dim], lse[:, :, :plan.q_len]
