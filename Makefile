@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/longseq train configs/demo.yaml $(ARGS)
 
+# The second run repeats tests/parallel on 8 simulated CPU devices (the flag must be set before jax starts).
 test: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} XLA_FLAGS="$${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" \
+		$(BIN)/python -m pytest -q tests/parallel $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

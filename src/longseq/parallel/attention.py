@@ -1,0 +1,203 @@
+"""Exact self-attention over a sequence sharded across devices, with `shard_map` on a named mesh.
+
+The global arrays are [batch, seq, heads, head_dim]. The sequence is split into P = Pq · Pkv equal
+chunks over the mesh axes (seq_q, seq_kv), row-major: the device at (i, j) holds chunk c = i·Pkv + j,
+tokens [c·n, (c+1)·n) with n = seq / P. Every other mesh axis (e.g. `data`) shards the batch. Inside,
+every block of attention is `longseq.ops.attention` (the Pallas kernel on GPUs) with global offsets,
+and partial results over key blocks merge exactly through their log-sum-exp.
+
+Strategies (bytes each device receives per call, d = heads · head_dim, kv heads counted alike):
+
+  allgather_kv   all-gather K and V over all P devices, attend the local queries to everything.
+                 ≈ 2·N·d: the simple baseline.
+  ring           pass K/V chunks around the P devices with `ppermute`, one chunk per step, merging
+                 each step's partial result. ≈ 2·N·d, but only one chunk in flight (memory O(N/P)).
+  ulysses        all-to-all from sequence-sharded to head-sharded, full-sequence attention on
+                 heads / P heads, all-to-all back. ≈ 4·N·d / P; needs heads divisible by P.
+  attention2d    ATTENTION2D (Elango 2025): device (i, j) gathers query block i (its row of the grid,
+                 over seq_kv) and key/value block j (its column, over seq_q), attends one to the
+                 other, and the row merges its partials exactly: a max and a sum of the row's lse
+                 (tiny), then a reduce-scatter of the weighted outputs. ≈ N·d·(2/Pq + 1/Pkv)·(…) —
+                 O(N·d/√P) on a square grid.
+
+Key/value block j of attention2d is the chunks {i'·Pkv + j}: not contiguous, so it attends as Pq
+sub-blocks with their own offsets, merged through lse. Gradients come from autodiff through the
+collectives (all-gather ↔ reduce-scatter, ppermute ↔ the reverse ppermute).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from longseq.config import FlashAttentionConfig
+from longseq.ops import attention as attention_op
+from longseq.ops import merge_partials
+
+STRATEGIES = ("attention2d", "ring", "ulysses", "allgather_kv")
+
+Array = jax.Array
+
+
+def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str, str]) -> None:
+    """Raise a ValueError naming the argument that does not fit the mesh or the strategy."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
+    for axis in seq_axes:
+        if axis not in mesh.axis_names:
+            raise ValueError(f"mesh: has no axis {axis!r} (axes {mesh.axis_names}); name the sequence axes "
+                             "with seq_q_axis= / seq_kv_axis=, or give them size 1")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"{name}: expected [batch, seq, heads, head_dim], got shape {jnp.shape(x)}")
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"k: self-attention needs the sequence length of q ({q.shape[1]}), got {k.shape[1]}")
+    seq_devices = math.prod(mesh.shape[a] for a in seq_axes)
+    if q.shape[1] % seq_devices:
+        raise ValueError(f"q: seq={q.shape[1]} is not divisible by the {seq_devices} devices of mesh axes "
+                         f"{seq_axes}")
+    batch_devices = mesh.size // seq_devices
+    if q.shape[0] % batch_devices:
+        raise ValueError(f"q: batch={q.shape[0]} is not divisible by the {batch_devices} devices of the "
+                         "other mesh axes")
+    if strategy == "ulysses" and q.shape[2] % seq_devices:
+        raise ValueError(f"q: strategy 'ulysses' needs heads divisible by the {seq_devices} sequence devices, "
+                         f"got heads={q.shape[2]}")
+    if segment_ids is not None:
+        if not isinstance(segment_ids, (tuple, list)) or len(segment_ids) != 2:
+            raise ValueError("segment_ids: expected None or a pair (q_ids, kv_ids) of [batch, seq] ints")
+
+
+def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal: bool = False,
+              segment_ids=None, seq_q_axis: str = "seq_q", seq_kv_axis: str = "seq_kv",
+              impl: str = "auto", flash: FlashAttentionConfig | None = None) -> Array:
+    """Sequence-parallel self-attention on global arrays; differentiable.
+
+    Args:
+      q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (GQA: kv_heads | heads).
+      mesh: a mesh with axes seq_q_axis and seq_kv_axis (either may have size 1); its other axes
+        shard the batch.
+      strategy: one of STRATEGIES (see the module docstring).
+      causal, segment_ids: as in `longseq.ops.attention` (segment_ids: a pair of [batch, seq] ints).
+      seq_q_axis, seq_kv_axis: the mesh axes of the sequence grid (config defaults `seq_q`, `seq_kv`).
+      impl, flash: the per-block attention implementation and its tiling, as in `ops.attention`.
+
+    Returns:
+      out: [batch, seq, heads, head_dim], sharded like q.
+    """
+    seq_axes = (seq_q_axis, seq_kv_axis)
+    _check(q, k, v, segment_ids, mesh, strategy, seq_axes)
+    batch_axes = tuple(a for a in mesh.axis_names if a not in seq_axes) or None
+    tokens = PartitionSpec(batch_axes, seq_axes, None, None)
+    ids = PartitionSpec(batch_axes, seq_axes)
+    local = dict(causal=causal, impl=impl, flash=flash, seq_len=q.shape[1],
+                 grid=(mesh.shape[seq_q_axis], mesh.shape[seq_kv_axis]), axes=seq_axes)
+    body = functools.partial(_STRATEGY_BODIES[strategy], **local)
+    # check_vma=False: a pallas_call's outputs would have to declare how they vary over the mesh,
+    # through an argument whose name differs between jax versions. Without the check, autodiff
+    # transposes psum to psum, which is right here: every cotangent reaching a psum varies over its
+    # axis (the tests compare every strategy's gradients with single-device attention).
+    shard = functools.partial(jax.shard_map, mesh=mesh, out_specs=tokens, check_vma=False)
+    if segment_ids is None:
+        fn = shard(lambda q, k, v: body(q, k, v, None), in_specs=(tokens, tokens, tokens))
+        return fn(q, k, v)
+    fn = shard(lambda q, k, v, q_ids, kv_ids: body(q, k, v, (q_ids, kv_ids)),
+               in_specs=(tokens, tokens, tokens, ids, ids))
+    return fn(q, k, v, *segment_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-device bodies. Local shapes: q [b, n, heads, d], k, v [b, n, kv_heads, d], ids [b, n];
+# n = seq / P. `axes` = (seq_q, seq_kv); a tuple of axes in a collective means their product,
+# row-major, so the flat index of device (i, j) is its chunk number i·Pkv + j.
+
+
+def _gather(x, axis_name, dim: int = 1):
+    return lax.all_gather(x, axis_name, axis=dim, tiled=True)
+
+
+def _allgather_kv(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes):
+    n = q.shape[1]
+    chunk = lax.axis_index(axes)
+    ids = None if segment_ids is None else (segment_ids[0], _gather(segment_ids[1], axes))
+    out, _ = attention_op(q, _gather(k, axes), _gather(v, axes), causal=causal, segment_ids=ids,
+                          q_offset=chunk * n, kv_offset=0, impl=impl, flash=flash)
+    return out
+
+
+def _ring(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes):
+    n, devices = q.shape[1], grid[0] * grid[1]
+    chunk = lax.axis_index(axes)
+    to_next = [(r, (r + 1) % devices) for r in range(devices)]
+    q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
+    out = lse = None
+    for step in range(devices):  # at step s this device holds the K/V chunk of device chunk − s
+        source = (chunk - step) % devices
+        ids = None if segment_ids is None else (q_ids, kv_ids)
+        part = attention_op(q, k, v, causal=causal, segment_ids=ids, q_offset=chunk * n,
+                            kv_offset=source * n, impl=impl, flash=flash)
+        out, lse = part if out is None else merge_partials([out, part[0]], [lse, part[1]])
+        if step + 1 < devices:
+            k, v = lax.ppermute(k, axes, to_next), lax.ppermute(v, axes, to_next)
+            if segment_ids is not None:
+                kv_ids = lax.ppermute(kv_ids, axes, to_next)
+    return out
+
+
+def _ulysses(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes):
+    devices = grid[0] * grid[1]
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads % devices:  # each device needs whole kv heads for its query heads: repeat them
+        k = jnp.repeat(k, heads // kv_heads, axis=2)
+        v = jnp.repeat(v, heads // kv_heads, axis=2)
+
+    def to_heads(x):  # [b, n, h, d] → [b, seq, h / P, d]
+        return lax.all_to_all(x, axes, split_axis=2, concat_axis=1, tiled=True)
+
+    ids = None if segment_ids is None else tuple(_gather(x, axes) for x in segment_ids)
+    out, _ = attention_op(to_heads(q), to_heads(k), to_heads(v), causal=causal, segment_ids=ids,
+                          impl=impl, flash=flash)
+    return lax.all_to_all(out, axes, split_axis=1, concat_axis=2, tiled=True)
+
+
+def _attention2d(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes):
+    (rows, cols), (row_axis, col_axis) = grid, axes  # Pq × Pkv; row i = seq_q index, column j = seq_kv
+    n = q.shape[1]
+    i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
+    q_block = _gather(q, col_axis)  # chunks i·Pkv … i·Pkv + Pkv − 1: tokens from i·Pkv·n, contiguous
+    k_block, v_block = _gather(k, row_axis), _gather(v, row_axis)  # chunks i'·Pkv + j, i' = 0 … Pq − 1
+    if segment_ids is not None:
+        q_ids, kv_ids = _gather(segment_ids[0], col_axis), _gather(segment_ids[1], row_axis)
+    outs, lses = [], []
+    for sub in range(rows):  # key sub-block i' is chunk i'·Pkv + j
+        rows_of_sub = slice(sub * n, (sub + 1) * n)
+        ids = None if segment_ids is None else (q_ids, kv_ids[:, rows_of_sub])
+        out, lse = attention_op(q_block, k_block[:, rows_of_sub], v_block[:, rows_of_sub], causal=causal,
+                                segment_ids=ids, q_offset=i * cols * n, kv_offset=(sub * cols + j) * n,
+                                impl=impl, flash=flash)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = merge_partials(outs, lses) if rows > 1 else (outs[0], lses[0])
+
+    # Merge the row's partials exactly: weights exp(lse_j − lse_row) with lse_row = log Σ_j exp(lse_j).
+    top = lax.pmax(lax.stop_gradient(lse), col_axis)  # only a shift for range: no gradient
+    top = jnp.where(jnp.isfinite(top), top, 0.0)  # rows no device can see: weight 0, not NaN
+    weight = jnp.exp(lse - top)
+    total = lax.psum(weight, col_axis)
+    weight = weight / jnp.where(total > 0, total, 1.0)  # [b, heads, Pkv·n]
+    weighted = out.astype(jnp.float32) * jnp.swapaxes(weight, 1, 2)[..., None]
+    # Sum over the row and keep this device's chunk (rows j·n … j·n + n of the query block).
+    return lax.psum_scatter(weighted, col_axis, scatter_dimension=1, tiled=True).astype(q.dtype)
+
+
+_STRATEGY_BODIES = {
+    "allgather_kv": _allgather_kv,
+    "ring": _ring,
+    "ulysses": _ulysses,
+    "attention2d": _attention2d,
+}

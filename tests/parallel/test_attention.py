@@ -1,0 +1,112 @@
+"""Sequence-parallel attention (longseq.parallel.attention) against single-device reference attention.
+
+Runs on whatever devices exist: `make test` runs this folder a second time with 8 simulated CPU
+devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), where every grid below fits; grids
+larger than the machine are skipped (so a plain `pytest` on one CPU runs the 1-device cases, and
+2 GPUs run the 2-device ones).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from longseq import parallel
+from longseq.config import FlashAttentionConfig
+from longseq.ops import attention
+
+# (data, seq_q, seq_kv)
+GRIDS_2D = [(1, 1, 8), (1, 2, 4), (1, 4, 2), (1, 8, 1), (2, 2, 2), (1, 1, 2), (1, 2, 1), (1, 1, 1)]
+GRIDS_FLAT = [(1, 2, 4), (2, 2, 2), (1, 1, 2), (1, 1, 1)]
+CASES = [(strategy, grid) for grid in GRIDS_2D for strategy in ["attention2d"]] + \
+        [(strategy, grid) for grid in GRIDS_FLAT for strategy in ["ring", "ulysses", "allgather_kv"]]
+
+
+def make_mesh(grid) -> Mesh:
+    if np.prod(grid) > jax.device_count():
+        pytest.skip(f"needs {np.prod(grid)} devices, {jax.device_count()} available (make test simulates 8)")
+    return Mesh(np.array(jax.devices()[:np.prod(grid)]).reshape(grid), ("data", "seq_q", "seq_kv"))
+
+
+def random_inputs(seed, batch=2, seq=64, heads=8, kv_heads=2, head_dim=16):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    ids = jnp.asarray(np.sort(rng.integers(0, 3, (batch, seq))), jnp.int32)
+    return (q, k, v), weights, (ids, ids)
+
+
+def outputs_and_grads(fn, qkv, weights):
+    out = jax.jit(fn)(*qkv)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * weights), argnums=(0, 1, 2)))(*qkv)
+    return out, grads
+
+
+def assert_matches_reference(qkv, weights, *, mesh, strategy, causal, segment_ids, impl="reference",
+                             flash=None, atol=2e-5):
+    def sharded(q, k, v):
+        return parallel.attention(q, k, v, mesh=mesh, strategy=strategy, causal=causal,
+                                  segment_ids=segment_ids, impl=impl, flash=flash)
+
+    def single(q, k, v):
+        return attention(q, k, v, causal=causal, segment_ids=segment_ids, impl="reference")[0]
+
+    out, grads = outputs_and_grads(sharded, qkv, weights)
+    out_ref, grads_ref = outputs_and_grads(single, qkv, weights)
+    np.testing.assert_allclose(out, out_ref, atol=atol, rtol=atol)
+    for grad, grad_ref, name in zip(grads, grads_ref, "qkv"):
+        np.testing.assert_allclose(grad, grad_ref, atol=2 * atol, rtol=2 * atol, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("strategy,grid", CASES, ids=[f"{s}-{'x'.join(map(str, g))}" for s, g in CASES])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_strategy_matches_single_device_attention(strategy, grid, causal):
+    """GQA 8:2, float32, forward and gradients of q, k, v."""
+    mesh = make_mesh(grid)
+    qkv, weights, _ = random_inputs(sum(grid) + causal)
+    assert_matches_reference(qkv, weights, mesh=mesh, strategy=strategy, causal=causal, segment_ids=None)
+
+
+@pytest.mark.parametrize("strategy", parallel.STRATEGIES)
+def test_segment_ids_shard_with_the_tokens(strategy):
+    mesh = make_mesh((1, 2, 4))
+    qkv, weights, segment_ids = random_inputs(3)
+    assert_matches_reference(qkv, weights, mesh=mesh, strategy=strategy, causal=True, segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize("grid", [(1, 2, 2), (1, 1, 2)], ids=["2x2", "1x2"])
+@pytest.mark.parametrize("strategy", ["attention2d", "ring"])
+def test_with_the_pallas_kernel_per_block(strategy, grid):
+    """Each block through the flash kernel (interpret mode on CPU), global offsets included."""
+    mesh = make_mesh(grid)
+    qkv, weights, _ = random_inputs(4, seq=64)
+    tiles = FlashAttentionConfig(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16, block_q_dq=16,
+                                 block_k_dq=16)
+    assert_matches_reference(qkv, weights, mesh=mesh, strategy=strategy, causal=True, segment_ids=None,
+                             impl="pallas", flash=tiles)
+
+
+def test_bad_arguments_are_named():
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "seq_q", "seq_kv"))
+    q = jnp.ones((2, 8, 4, 16))
+    with pytest.raises(ValueError, match="strategy: expected one of 'attention2d', 'ring', 'ulysses', 'allgather_kv'"):
+        parallel.attention(q, q, q, mesh=mesh, strategy="star")
+    with pytest.raises(ValueError, match="mesh: has no axis 'seq'"):
+        parallel.attention(q, q, q, mesh=mesh, strategy="ring", seq_q_axis="seq")
+    with pytest.raises(ValueError, match="k: self-attention needs the sequence length of q"):
+        parallel.attention(q, q[:, :4], q[:, :4], mesh=mesh, strategy="ring")
+
+
+def test_sequence_and_heads_must_divide_over_the_devices():
+    mesh = make_mesh((1, 2, 2))
+    q = jnp.ones((2, 6, 4, 16))
+    with pytest.raises(ValueError, match=r"q: seq=6 is not divisible by the 4 devices of mesh axes \('seq_q', 'seq_kv'\)"):
+        parallel.attention(q, q, q, mesh=mesh, strategy="attention2d")
+    q = jnp.ones((2, 8, 6, 16))
+    with pytest.raises(ValueError, match="q: strategy 'ulysses' needs heads divisible by the 4 sequence devices"):
+        parallel.attention(q, q, q, mesh=mesh, strategy="ulysses")
