@@ -5,6 +5,7 @@
     longseq config show CONFIG [key=value ...]   print the resolved config as YAML
     longseq config keys                           list every config key with its default and meaning
     longseq bench attention [options]             time attention against the anchors (cuDNN, XLA, Pallas mha)
+    longseq bench parallel [options]              time sequence-parallel attention on all visible devices
 
 Config problems are reported before anything compiles, as `config error: <dotted.key>: <what is wrong>`,
 with exit status 2.
@@ -118,6 +119,7 @@ def _add_bench_parser(commands) -> None:
     attention.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed calls first")
     attention.add_argument("--out", default=None, metavar="DIR",
                            help="output folder (default runs/bench/attention-<timestamp>)")
+    _add_bench_parallel_parser(bench_commands)
 
 
 def _bench_attention(args: argparse.Namespace, argv: list[str]) -> int:
@@ -148,6 +150,73 @@ def _bench_attention(args: argparse.Namespace, argv: list[str]) -> int:
     print()
     print(format_table(rows), end="")
     print(f"\nwrote {out_dir}/attention.json, attention.md, attention.png")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# `longseq bench parallel`
+
+# The parallel bench's argument names (BenchArgumentError.argument) as the flags that set them.
+_BENCH_PARALLEL_FLAGS = {"seq_lens": "--seq", "batch": "--batch", "heads": "--heads", "head_dim": "--head-dim",
+                         "dtype": "--dtype", "impls": "--impls", "causal": "--causal", "passes": "--passes",
+                         "block_impl": "--block-impl", "iters": "--iters", "warmup": "--warmup"}
+
+
+def _add_bench_parallel_parser(bench_commands) -> None:
+    parallel = bench_commands.add_parser(
+        "parallel", help="time sequence-parallel attention (every strategy) on all visible devices",
+        description="Time longseq.parallel.attention (attention2d, ring, ulysses, allgather_kv) on all visible "
+                    "devices against one device doing the whole problem and the all-gather K/V + cuDNN anchor, "
+                    "in one process. Writes parallel.json, parallel.md and parallel.png to --out and prints the "
+                    "markdown table.")
+    parallel.add_argument("--shapes", choices=("default", "small"), default="default",
+                          help="preset: default = B=1, H=16, D=128, bf16, N in 65536, 131072, 262144; small = a "
+                               "CPU smoke run (N=256, H=8, D=32, float32)")
+    parallel.add_argument("--seq", nargs="+", type=_positive_int, default=None, metavar="N",
+                          help="sequence lengths (replace the preset's; each divisible by the device count)")
+    parallel.add_argument("--batch", type=_positive_int, default=None, help="batch (default: the preset's)")
+    parallel.add_argument("--heads", type=_positive_int, default=None, help="heads (default: the preset's)")
+    parallel.add_argument("--head-dim", type=_positive_int, default=None, help="head_dim (default: the preset's)")
+    parallel.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                          help="of q, k, v (default: the preset's)")
+    parallel.add_argument("--impls", nargs="+", type=_comma_list, default=None, metavar="IMPL",
+                          help="implementations (space- or comma-separated): sp_STRATEGY (its default grids: "
+                               "every Pq x Pkv = P for attention2d, 1xP for the others), sp_STRATEGY[PqxPkv], "
+                               "single_device_IMPL (IMPL of longseq.ops.ATTENTION_IMPLS), anchor_allgather_cudnn. "
+                               "Default: every strategy, single_device_<block impl>, and the anchor on GPU")
+    parallel.add_argument("--block-impl", default=None, metavar="IMPL",
+                          help="longseq.ops implementation of every block (default: pallas on GPU, reference "
+                               "elsewhere)")
+    parallel.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parallel.add_argument("--passes", type=_comma_list, default=("fwd+bwd",), metavar="fwd,fwd+bwd",
+                          help="default fwd+bwd")
+    parallel.add_argument("--iters", type=_positive_int, default=5, help="timed calls per row (median)")
+    parallel.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed calls first")
+    parallel.add_argument("--out", default=None, metavar="DIR",
+                          help="output folder (default runs/bench/parallel-<timestamp>)")
+
+
+def _bench_parallel(args: argparse.Namespace, argv: list[str]) -> int:
+    from longseq.bench.parallel import SHAPE_PRESETS, BenchArgumentError, format_table, run_parallel_bench
+
+    preset = SHAPE_PRESETS[args.shapes]
+    impls = None if args.impls is None else [name for names in args.impls for name in names]
+    causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out) if args.out else Path("runs") / "bench" / f"parallel-{stamp}"
+    try:
+        rows = run_parallel_bench(
+            args.seq or preset.seq_lens, impls, batch=args.batch or preset.batch, heads=args.heads or preset.heads,
+            head_dim=args.head_dim or preset.head_dim, dtype=args.dtype or preset.dtype, causal=causal,
+            passes=args.passes, block_impl=args.block_impl, iters=args.iters, warmup=args.warmup,
+            out_dir=out_dir, command=shlex.join(["longseq", *argv]))
+    except BenchArgumentError as error:
+        flag = _BENCH_PARALLEL_FLAGS.get(error.argument, error.argument)
+        print(f"longseq bench parallel: error: argument {flag}: {error.message}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(rows), end="")
+    print(f"\nwrote {out_dir}/parallel.json, parallel.md, parallel.png")
     return 0
 
 
@@ -203,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}))
         elif args.command == "bench" and args.bench_command == "attention":
             return _bench_attention(args, argv)
+        elif args.command == "bench" and args.bench_command == "parallel":
+            return _bench_parallel(args, argv)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
