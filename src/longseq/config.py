@@ -89,6 +89,9 @@ class ModelConfig(_Checked):
     mlp_hidden: int | None = param(None, "SwiGLU hidden width (None = 8/3·d_model rounded up to 64)", min=1)
     dropout: float = param(0.0, "dropout on residual branches", min=0, lt=1)
     rope_theta: float = param(10000.0, "rotary position embedding base", gt=0)
+    attention_parallel: Literal["attention2d", "ring", "ulysses", "allgather_kv", "none"] = param(
+        "attention2d", "sequence-parallel attention strategy when mesh.seq_q × mesh.seq_kv > 1 "
+        "(none = let XLA partition it)")
     attention_window: int | None = param(
         None, "sliding-window attention: a query sees keys fewer than this many positions away (None = all)",
         min=1)
@@ -252,14 +255,21 @@ class TrainConfig(_Checked):
 
 @dataclass(frozen=True)
 class MeshConfig(_Checked):
-    """Device mesh. The spine uses data parallelism only; sequence axes come with sequence parallelism."""
+    """Device mesh: data × seq_q × seq_kv. The batch splits over `data`; the sequence over the
+    seq_q × seq_kv grid (row-major), where `model.attention_parallel` runs attention."""
 
-    data: int = param(-1, "devices along the data-parallel axis (-1 = all devices)", min=-1)
+    data: int = param(-1, "devices along the data-parallel axis (-1 = all devices left by the sequence axes)", min=-1)
+    seq_q: int = param(1, "sequence-parallel devices along the query axis of the attention grid", min=1)
+    seq_kv: int = param(1, "sequence-parallel devices along the key/value axis of the attention grid", min=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.data == 0:
             raise ConfigError("data: must be a positive device count or -1 (all devices), got 0")
+
+    @property
+    def seq_devices(self) -> int:
+        return self.seq_q * self.seq_kv
 
 
 @dataclass(frozen=True)
@@ -314,6 +324,13 @@ class Config(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.data.seq_len % self.mesh.seq_devices:
+            raise ConfigError(f"data.seq_len: {self.data.seq_len} is not divisible by the "
+                              f"mesh.seq_q × mesh.seq_kv = {self.mesh.seq_devices} sequence devices")
+        if ("attention" in self.model.layer_mixers() and self.mesh.seq_devices > 1
+                and self.model.attention_parallel == "ulysses" and self.model.num_heads % self.mesh.seq_devices):
+            raise ConfigError(f"model.attention_parallel: ulysses needs num_heads={self.model.num_heads} "
+                              f"divisible by the {self.mesh.seq_devices} sequence devices")
         if self.mesh.data > 0 and self.data.batch_size % self.mesh.data:
             raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by "
                               f"mesh.data={self.mesh.data}")

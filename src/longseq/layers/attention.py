@@ -8,6 +8,7 @@ from flax import nnx
 
 from longseq.config import FlashAttentionConfig
 from longseq.ops import attention as attention_op
+from longseq.parallel import SequenceParallel
 from longseq.layers.rotary import apply_rotary
 
 
@@ -25,7 +26,8 @@ class Attention(nnx.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None, *,
                  causal: bool, rope_theta: float = 10000.0, window: int | None = None,
                  dtype: jnp.dtype = jnp.float32, impl: str = "auto",
-                 flash: FlashAttentionConfig | None = None, rngs: nnx.Rngs):
+                 flash: FlashAttentionConfig | None = None,
+                 sequence_parallel: SequenceParallel | None = None, rngs: nnx.Rngs):
         """
         Args:
           d_model: input and output width; head_dim = d_model // num_heads (must be even).
@@ -37,6 +39,8 @@ class Attention(nnx.Module):
           dtype: compute dtype of the projections and of the op inputs.
           impl: `KernelsConfig.attention`, forwarded to the op.
           flash: tiling of the Pallas kernel (`KernelsConfig.flash_attention`), forwarded to the op.
+          sequence_parallel: run the op sequence-parallel (`longseq.parallel`) on this plan's mesh;
+            None = the single-device op. No window with it.
           rngs: needs a `params` stream (or a default one).
         """
         num_kv_heads = num_kv_heads or num_heads
@@ -51,6 +55,10 @@ class Attention(nnx.Module):
         self.window = window
         self.impl = impl
         self.flash = flash
+        if sequence_parallel is not None and window is not None:
+            raise ValueError("window: sliding-window attention is not sequence-parallel yet; "
+                             "use mesh.seq_q = mesh.seq_kv = 1")
+        self.sequence_parallel = sequence_parallel
         linear = lambda d_in, d_out: nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, rngs=rngs)
         self.q_proj = linear(d_model, num_heads * self.head_dim)
         self.kv_proj = linear(d_model, 2 * num_kv_heads * self.head_dim)
@@ -77,6 +85,10 @@ class Attention(nnx.Module):
         v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, positions, theta=self.rope_theta)
         k = apply_rotary(k, positions, theta=self.rope_theta)
-        out, _ = attention_op(q, k, v, causal=self.causal, segment_ids=segment_ids, window=self.window,
-                              impl=self.impl, flash=self.flash)
+        if self.sequence_parallel is not None:
+            out = self.sequence_parallel.attention(q, k, v, causal=self.causal, segment_ids=segment_ids,
+                                                   impl=self.impl, flash=self.flash)
+        else:
+            out, _ = attention_op(q, k, v, causal=self.causal, segment_ids=segment_ids, window=self.window,
+                                  impl=self.impl, flash=self.flash)
         return self.out_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))

@@ -12,6 +12,7 @@ from longseq.layers.gated_conv import GatedConv
 from longseq.layers.long_conv import LongConvMixer
 from longseq.layers.mlp import SwiGLU
 from longseq.layers.norm import RMSNorm
+from longseq.parallel import SequenceParallel
 
 MIXERS = ("attention", "long_conv", "gated_conv")
 
@@ -24,7 +25,7 @@ def compute_dtype(config: ModelConfig) -> jnp.dtype:
 
 
 def make_mixer(name: str, config: ModelConfig, kernels: KernelsConfig, *, seq_len: int, causal: bool,
-               rngs: nnx.Rngs) -> nnx.Module:
+               rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None) -> nnx.Module:
     """The sequence mixer called `name` (one of MIXERS), built from the config.
 
     Every mixer maps [batch, seq, d_model] -> [batch, seq, d_model] in the compute dtype.
@@ -36,7 +37,8 @@ def make_mixer(name: str, config: ModelConfig, kernels: KernelsConfig, *, seq_le
     if name == "attention":
         return Attention(config.d_model, config.num_heads, config.num_kv_heads, causal=causal,
                          rope_theta=config.rope_theta, window=config.attention_window, dtype=dtype,
-                         impl=kernels.attention, flash=kernels.flash_attention, rngs=rngs)
+                         impl=kernels.attention, flash=kernels.flash_attention,
+                         sequence_parallel=sequence_parallel, rngs=rngs)
     if name == "long_conv":
         return LongConvMixer(config.d_model, seq_len, causal=causal, dtype=dtype, impl=kernels.long_conv,
                              rngs=rngs, **regularisers)
@@ -57,7 +59,7 @@ class Block(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, mixer: str, seq_len: int,
-                 causal: bool, rngs: nnx.Rngs):
+                 causal: bool, rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None):
         """
         Args:
           config: the model section (d_model, heads, mlp_hidden, dropout, dtype, long_conv options).
@@ -66,11 +68,13 @@ class Block(nnx.Module):
           seq_len: the longest sequence (the long-convolution kernel length).
           causal: causal (decoder) or bidirectional (encoder) mixing.
           rngs: `params` stream; and `dropout` if config.dropout or kernel_dropout > 0.
+          sequence_parallel: run attention sequence-parallel on this mesh plan (None = one device's op).
         """
         dtype = compute_dtype(config)
         self.mixer_name = mixer
         self.mixer_norm = RMSNorm(config.d_model, dtype=dtype)
-        self.mixer = make_mixer(mixer, config, kernels, seq_len=seq_len, causal=causal, rngs=rngs)
+        self.mixer = make_mixer(mixer, config, kernels, seq_len=seq_len, causal=causal, rngs=rngs,
+                                sequence_parallel=sequence_parallel)
         self.mlp_norm = RMSNorm(config.d_model, dtype=dtype)
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)

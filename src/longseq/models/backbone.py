@@ -8,6 +8,7 @@ from flax import nnx
 
 from longseq.config import KernelsConfig, ModelConfig
 from longseq.layers import Block, RMSNorm, compute_dtype
+from longseq.parallel import SequenceParallel
 
 
 class Backbone(nnx.Module):
@@ -21,7 +22,7 @@ class Backbone(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, vocab_size: int, seq_len: int,
-                 causal: bool, rngs: nnx.Rngs):
+                 causal: bool, rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None):
         """
         Args:
           config: the model section.
@@ -30,12 +31,14 @@ class Backbone(nnx.Module):
           seq_len: the longest sequence (the long-convolution kernel length).
           causal: decoder (True) or bidirectional encoder (False) mixing in every block.
           rngs: `params` stream; and `dropout` if any dropout rate is > 0.
+          sequence_parallel: run attention sequence-parallel on this mesh plan (None = one device's op).
         """
         self.dtype = compute_dtype(config)
         self.embed = nnx.Embed(vocab_size, config.d_model,
                                embedding_init=nnx.initializers.normal(stddev=0.02), rngs=rngs)
         self.blocks = nnx.List([
-            Block(config, kernels, mixer=mixer, seq_len=seq_len, causal=causal, rngs=rngs)
+            Block(config, kernels, mixer=mixer, seq_len=seq_len, causal=causal, rngs=rngs,
+                  sequence_parallel=sequence_parallel)
             for mixer in config.layer_mixers()
         ])
         self.final_norm = RMSNorm(config.d_model, dtype=self.dtype)

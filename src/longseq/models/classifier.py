@@ -8,6 +8,7 @@ from flax import nnx
 
 from longseq.config import KernelsConfig, ModelConfig
 from longseq.models.backbone import Backbone
+from longseq.parallel import SequenceParallel
 
 
 def masked_mean(h: jax.Array, mask: jax.Array) -> jax.Array:
@@ -37,7 +38,7 @@ class SequenceClassifier(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, vocab_size: int, num_classes: int,
-                 seq_len: int, rngs: nnx.Rngs):
+                 seq_len: int, rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None):
         """
         Args:
           config: the model section.
@@ -46,9 +47,10 @@ class SequenceClassifier(nnx.Module):
           num_classes: outputs of the head.
           seq_len: the longest sequence (the long-convolution kernel length).
           rngs: `params` stream; and `dropout` if any dropout rate is > 0.
+          sequence_parallel: run attention sequence-parallel on this mesh plan (None = one device's op).
         """
         self.backbone = Backbone(config, kernels, vocab_size=vocab_size, seq_len=seq_len, causal=False,
-                                 rngs=rngs)
+                                 rngs=rngs, sequence_parallel=sequence_parallel)
         self.head = nnx.Linear(config.d_model, num_classes, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, *, mask: jax.Array) -> jax.Array:

@@ -8,6 +8,7 @@ from flax import nnx
 
 from longseq.config import KernelsConfig, ModelConfig
 from longseq.models.backbone import Backbone
+from longseq.parallel import SequenceParallel
 
 
 class DecoderLM(nnx.Module):
@@ -19,7 +20,7 @@ class DecoderLM(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, vocab_size: int, seq_len: int,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None):
         """
         Args:
           config: the model section.
@@ -27,10 +28,11 @@ class DecoderLM(nnx.Module):
           vocab_size: size of the token vocabulary (input and output).
           seq_len: the longest sequence (the long-convolution kernel length).
           rngs: `params` stream; and `dropout` if any dropout rate is > 0.
+          sequence_parallel: run attention sequence-parallel on this mesh plan (None = one device's op).
         """
         self.tie_embeddings = config.tie_embeddings
         self.backbone = Backbone(config, kernels, vocab_size=vocab_size, seq_len=seq_len, causal=True,
-                                 rngs=rngs)
+                                 rngs=rngs, sequence_parallel=sequence_parallel)
         if not config.tie_embeddings:
             self.lm_head = nnx.Linear(config.d_model, vocab_size, use_bias=False, dtype=self.backbone.dtype,
                                       preferred_element_type=jnp.float32, rngs=rngs)

@@ -27,6 +27,7 @@ collectives (all-gather ↔ reduce-scatter, ppermute ↔ the reverse ppermute).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -42,6 +43,21 @@ from longseq.ops import merge_partials
 STRATEGIES = ("attention2d", "ring", "ulysses", "allgather_kv")
 
 Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallel:
+    """How attention layers run over a sequence-sharded mesh: `mesh` and `strategy` (STRATEGIES)."""
+
+    mesh: Mesh
+    strategy: str
+    seq_q_axis: str = "seq_q"
+    seq_kv_axis: str = "seq_kv"
+
+    def attention(self, q: Array, k: Array, v: Array, **kwargs) -> Array:
+        """`attention` below on this plan's mesh; kwargs: causal, segment_ids, impl, flash."""
+        return attention(q, k, v, mesh=self.mesh, strategy=self.strategy, seq_q_axis=self.seq_q_axis,
+                         seq_kv_axis=self.seq_kv_axis, **kwargs)
 
 
 def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str, str]) -> None:

@@ -38,6 +38,7 @@ from longseq import data as data_lib
 from longseq.config import Config, ConfigError, from_dict, to_dict, to_yaml
 from longseq.layers import ConvKernel
 from longseq.models import build_model
+from longseq.parallel import SequenceParallel
 from longseq.train.checkpoint import Checkpointer
 from longseq.train.losses import classification_sums, lm_sums, means
 from longseq.train.metrics import MetricsWriter, plot_metrics
@@ -62,16 +63,28 @@ def run_directory(config: Config) -> Path:
 
 
 def make_mesh(config: Config) -> jax.sharding.Mesh:
-    """A 1-D data-parallel mesh over `mesh.data` devices (-1 = all), checked against the batch size."""
+    """The (data, seq_q, seq_kv) mesh of `config.mesh` (data=-1: the devices the sequence axes leave),
+    checked against the machine and the batch size."""
     available = jax.device_count()
-    size = available if config.mesh.data == -1 else config.mesh.data
-    if size > available:
-        raise ConfigError(f"mesh.data: asks for {size} devices, but only {available} are available "
+    seq = config.mesh.seq_devices
+    data = max(available // seq, 1) if config.mesh.data == -1 else config.mesh.data
+    if data * seq > available:
+        key = "mesh.data" if config.mesh.seq_devices == 1 else "mesh"
+        raise ConfigError(f"{key}: asks for {data * seq} devices, but only {available} are available "
                           f"({jax.devices()[0].platform})")
-    if config.data.batch_size % size:
+    if config.data.batch_size % data:
         raise ConfigError(f"data.batch_size: {config.data.batch_size} is not divisible by the "
-                          f"{size} devices of mesh.data")
-    return jax.sharding.Mesh(np.array(jax.devices()[:size]), ("data",))
+                          f"{data} devices of mesh.data")
+    devices = np.array(jax.devices()[:data * seq]).reshape(data, config.mesh.seq_q, config.mesh.seq_kv)
+    return jax.sharding.Mesh(devices, ("data", "seq_q", "seq_kv"))
+
+
+def batch_shardings(mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray]) -> dict[str, NamedSharding]:
+    """Each batch array split over `data` along axis 0 and, for [batch, seq] arrays, over the
+    sequence grid along axis 1."""
+    return {name: NamedSharding(mesh, PartitionSpec("data", ("seq_q", "seq_kv")) if x.ndim == 2
+                                else PartitionSpec("data"))
+            for name, x in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,11 +93,15 @@ def make_mesh(config: Config) -> jax.sharding.Mesh:
 class Steps:
     """The model's structure plus the pure, jit-compiled train and eval steps over the state pytree."""
 
-    def __init__(self, config: Config, task: Any):
+    def __init__(self, config: Config, task: Any, mesh: jax.sharding.Mesh | None = None):
         self.kind = task.kind
+        sequence_parallel = None
+        if mesh is not None and config.mesh.seq_devices > 1 and config.model.attention_parallel != "none":
+            sequence_parallel = SequenceParallel(mesh, config.model.attention_parallel)
         model = build_model(config.model, config.kernels, kind=task.kind, vocab_size=task.vocab_size,
                             num_classes=task.num_classes, seq_len=config.data.seq_len,
-                            rngs=nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1))
+                            rngs=nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1),
+                            sequence_parallel=sequence_parallel)
         self.graphdef, kernels, others, rest = nnx.split(model, ConvKernel, nnx.Param, ...)
         params = {"kernel": kernels, "other": others}
         self.num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -160,9 +177,9 @@ def _flatten_dict(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Numpy batch -> device arrays, split along the batch axis over the data-parallel devices."""
-    return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, sharding)
+def _put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Numpy batch -> device arrays, split over the mesh (see `batch_shardings`)."""
+    return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, batch_shardings(mesh, batch))
 
 
 class _StopRequest:
@@ -208,9 +225,8 @@ def train(config: Config) -> dict[str, Any]:
     mesh = make_mesh(config)
     changes = _prepare_run_directory(config, run_dir)
 
-    steps = Steps(config, task)
+    steps = Steps(config, task, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     state = jax.device_put(steps.initial_state, replicated)
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
@@ -220,10 +236,11 @@ def train(config: Config) -> dict[str, Any]:
         print(f"resumed {run_dir} from step {start}" + "".join(f"\n  changed: {c}" for c in changes))
     else:
         print(f"new run {run_dir}: {steps.num_params:,} parameters, task {task.name} "
-              f"(chance accuracy {task.chance_accuracy:.3f}), {mesh.size} device(s)")
+              f"(chance accuracy {task.chance_accuracy:.3f}), {mesh.size} device(s) "
+              f"(data × seq_q × seq_kv = {' × '.join(map(str, mesh.devices.shape))})")
 
     def put(batch):
-        return _put_batch(batch, batch_sharding)
+        return _put_batch(batch, mesh)
 
     eval_batches = [put(b) for b in eval_numpy]
     train_batches = data_lib.batches(task, "train", config.data.batch_size, start=start)
@@ -334,11 +351,10 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{run_dir}: has no checkpoint to evaluate yet")
     task = data_lib.make_task(config.data)
     mesh = make_mesh(config)
-    steps = Steps(config, task)
+    steps = Steps(config, task, mesh)
     state = checkpointer.restore(step, jax.device_put(steps.initial_state, NamedSharding(mesh, PartitionSpec())))
     checkpointer.close()
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    eval_batches = [_put_batch(b, batch_sharding) for b in data_lib.eval_set(task, config.data)]
+    eval_batches = [_put_batch(b, mesh) for b in data_lib.eval_set(task, config.data)]
     return {"run_dir": run_dir, "step": step, "chance_accuracy": task.chance_accuracy,
             **steps.evaluate(state, eval_batches)}
 

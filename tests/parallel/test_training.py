@@ -1,0 +1,53 @@
+"""Training with the sequence sharded over the mesh equals training on one device.
+
+Same initialisation and batches; every loss logged over a few steps must agree to float32 rounding.
+Needs 8 devices: `make test` runs this folder with 8 simulated CPU devices.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from longseq.config import ConfigError, load_config
+from longseq.train import train
+from longseq.train.metrics import read_metrics
+
+TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+        "data.seq_len=32", "data.mqar.num_kv_pairs=4", "data.mqar.vocab_size=32", "data.batch_size=8",
+        "data.eval_batches=1", "optim.warmup_steps=2", "optim.lr=3e-3", "train.progress=false",
+        "train.steps=6", "train.log_every=2", "train.eval_every=6", "train.checkpoint_every=6"]
+
+
+def losses(tmp_path, name, *overrides):
+    config = load_config(None, [*TINY, f"train.run_dir={tmp_path}", f"train.name={name}", *overrides])
+    run_dir = train(config)["run_dir"]
+    return [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if row["split"] == "train"]
+
+
+@pytest.mark.parametrize("mixer", ["attention", "hybrid"])
+@pytest.mark.parametrize("strategy,mesh", [
+    ("attention2d", ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"]),
+    ("ring", ["mesh.data=2", "mesh.seq_kv=4"]),
+    ("ulysses", ["mesh.data=1", "mesh.seq_q=4"]),
+    ("none", ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"]),
+])
+def test_sequence_sharded_training_matches_one_device(tmp_path, mixer, strategy, mesh):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (make test simulates them)")
+    model = [f"model.mixer={mixer}", f"model.attention_parallel={strategy}"]
+    one = losses(tmp_path, "one", *model, "mesh.data=1")
+    sharded = losses(tmp_path, "sharded", *model, *mesh)
+    assert len(one) == len(sharded) == 3
+    np.testing.assert_allclose(sharded, one, rtol=1e-4)
+
+
+def test_mesh_must_fit_the_sequence_and_the_machine(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.seq_len: 30 is not divisible by the mesh\.seq_q × mesh\.seq_kv = 4"):
+        load_config(None, [*TINY, "data.seq_len=30", "mesh.seq_q=2", "mesh.seq_kv=2"])
+    with pytest.raises(ConfigError, match=r"model\.attention_parallel: ulysses needs num_heads=4 divisible by the 8"):
+        load_config(None, [*TINY, "model.mixer=attention", "model.attention_parallel=ulysses", "mesh.seq_kv=8"])
+    with pytest.raises(ConfigError, match=r"mesh: asks for \d+ devices, but only \d+ are available"):
+        train(load_config(None, [*TINY, f"train.run_dir={tmp_path}", "mesh.data=1",
+                                 f"mesh.seq_q={2 * jax.device_count()}"]))
