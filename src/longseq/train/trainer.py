@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from longseq import data as data_lib
 from longseq.config import Config, ConfigError, from_dict, to_dict, to_yaml
+from longseq.distributed import initialize_from_environment, is_primary
 from longseq.layers import ConvKernel
 from longseq.models import build_model
 from longseq.parallel import SequenceParallel
@@ -162,8 +163,9 @@ def _prepare_run_directory(config: Config, run_dir: Path) -> list[str]:
                     f"{key}: this run directory ({run_dir}) has checkpoints made with {saved.get(key)!r}, "
                     f"now {value!r}. Use another train.name, or delete the directory to start over")
             changes.append(f"{key}: {saved.get(key)!r} -> {value!r}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved_path.write_text(to_yaml(config))
+    if is_primary():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved_path.write_text(to_yaml(config))
     return changes
 
 
@@ -178,8 +180,21 @@ def _flatten_dict(tree: dict, prefix: str = "") -> dict:
 
 
 def _put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Numpy batch -> device arrays, split over the mesh (see `batch_shardings`)."""
-    return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, batch_shardings(mesh, batch))
+    """Numpy batch -> global device arrays split over the mesh (see `batch_shardings`). Every process
+    holds the whole numpy batch and hands each of its own devices that device's shard."""
+    shardings = batch_shardings(mesh, batch)
+    return {name: jax.make_array_from_callback(x.shape, shardings[name], lambda index, x=x: x[index])
+            for name, x in batch.items()}
+
+
+class _NoWriter:
+    """Stands in for MetricsWriter on processes other than 0 (they write no files)."""
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _StopRequest:
@@ -205,7 +220,7 @@ class _StopRequest:
 
 
 def _progress_bar(config: Config, start: int):
-    if not config.train.progress:
+    if not config.train.progress or not is_primary():
         return None
     from tqdm.auto import tqdm
 
@@ -217,7 +232,12 @@ def _progress_bar(config: Config, start: int):
 # the whole run
 
 def train(config: Config) -> dict[str, Any]:
-    """Train (or resume) the run described by `config`. Returns the final eval metrics and paths."""
+    """Train (or resume) the run described by `config`. Returns the final eval metrics and paths.
+
+    Multi-process runs (several hosts, or one process per GPU) start `jax.distributed` from the
+    environment first: see `longseq.distributed`.
+    """
+    initialize_from_environment()
     run_dir = run_directory(config)
     # Everything that can fail on the config fails here, before the run directory is written.
     task = data_lib.make_task(config.data)
@@ -245,7 +265,7 @@ def train(config: Config) -> dict[str, Any]:
     eval_batches = [put(b) for b in eval_numpy]
     train_batches = data_lib.batches(task, "train", config.data.batch_size, start=start)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    writer = MetricsWriter(run_dir, resume_step=start)
+    writer = MetricsWriter(run_dir, resume_step=start) if is_primary() else _NoWriter()
     bar = _progress_bar(config, start)
     step, last_good = start, (start or None)
     interval_sums, timer_start, timed_steps, last_grad_norm = None, None, 0, float("nan")
@@ -327,7 +347,7 @@ def train(config: Config) -> dict[str, Any]:
             bar.close()
         writer.close()
         checkpointer.close()
-        if (run_dir / "metrics.jsonl").exists():
+        if is_primary() and (run_dir / "metrics.jsonl").exists():
             plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png", title=run_dir.name)
 
     if final_eval is None:  # resumed a run that had already finished
@@ -340,6 +360,7 @@ def train(config: Config) -> dict[str, Any]:
 
 def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     """Evaluate the newest checkpoint of a run directory on its task's eval set."""
+    initialize_from_environment()
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
