@@ -6,6 +6,7 @@
     longseq config keys                           list every config key with its default and meaning
     longseq bench attention [options]             time attention against the anchors (cuDNN, XLA, Pallas mha)
     longseq bench parallel [options]              time sequence-parallel attention on all visible devices
+    longseq bench comm [options]                  bytes each device sends in sequence-parallel attention (HLO)
 
 Config problems are reported before anything compiles, as `config error: <dotted.key>: <what is wrong>`,
 with exit status 2.
@@ -120,6 +121,7 @@ def _add_bench_parser(commands) -> None:
     attention.add_argument("--out", default=None, metavar="DIR",
                            help="output folder (default runs/bench/attention-<timestamp>)")
     _add_bench_parallel_parser(bench_commands)
+    _add_bench_comm_parser(bench_commands)
 
 
 def _bench_attention(args: argparse.Namespace, argv: list[str]) -> int:
@@ -221,6 +223,66 @@ def _bench_parallel(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# `longseq bench comm`
+
+# The comm bench's argument names (BenchArgumentError.argument) as the flags that set them.
+_BENCH_COMM_FLAGS = {"devices": "--devices", "seq_len": "--seq", "heads": "--heads", "kv_heads": "--kv-heads",
+                     "head_dim": "--head-dim", "batch": "--batch", "dtype": "--dtype", "passes": "--passes",
+                     "strategies": "--strategies"}
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """"4,8,16" -> (4, 8, 16)."""
+    items = tuple(item.strip() for item in text.split(","))
+    if not all(item.isdigit() for item in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return tuple(int(item) for item in items)
+
+
+def _add_bench_comm_parser(bench_commands) -> None:
+    comm = bench_commands.add_parser(
+        "comm", help="bytes each device sends in the collectives of every strategy (compiled HLO, no run)",
+        description="Compile longseq.parallel.attention (attention2d on every grid, ring, ulysses, allgather_kv) "
+                    "for P simulated CPU devices (one subprocess per P), read the collectives from the compiled "
+                    "HLO and count the bytes each device sends, beside the analytic model. Writes comm.json, "
+                    "comm.md and comm.png to --out and prints the markdown table.")
+    comm.add_argument("--devices", type=_int_list, default=(4, 8, 16, 64), metavar="P,P",
+                      help="device counts (default 4,8,16,64)")
+    comm.add_argument("--seq", type=_positive_int, default=8192, metavar="N",
+                      help="sequence length, divisible by every P (default 8192; bytes are linear in N)")
+    comm.add_argument("--heads", type=_positive_int, default=8, help="query heads (default 8)")
+    comm.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads (default: --heads)")
+    comm.add_argument("--head-dim", type=_positive_int, default=64, help="head_dim (default 64)")
+    comm.add_argument("--batch", type=_positive_int, default=1, help="batch (default 1)")
+    comm.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    comm.add_argument("--passes", type=_comma_list, default=("fwd", "fwd+bwd"), metavar="fwd,fwd+bwd")
+    comm.add_argument("--strategies", type=_comma_list, default=None, metavar="A,B",
+                      help="a subset of attention2d,ring,ulysses,allgather_kv (default: all; ring is the "
+                           "reference of the ratios)")
+    comm.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/bench/comm-<timestamp>)")
+
+
+def _bench_comm(args: argparse.Namespace, argv: list[str]) -> int:
+    from longseq.bench.comm import STRATEGIES, BenchArgumentError, format_table, run_comm_bench
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out) if args.out else Path("runs") / "bench" / f"comm-{stamp}"
+    try:
+        rows = run_comm_bench(args.devices, seq_len=args.seq, heads=args.heads, kv_heads=args.kv_heads,
+                              head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, passes=args.passes,
+                              strategies=args.strategies or STRATEGIES, out_dir=out_dir,
+                              command=shlex.join(["longseq", *argv]))
+    except BenchArgumentError as error:
+        flag = _BENCH_COMM_FLAGS.get(error.argument, error.argument)
+        print(f"longseq bench comm: error: argument {flag}: {error.message}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(rows), end="")
+    print(f"\nwrote {out_dir}/comm.json, comm.md, comm.png")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -274,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_attention(args, argv)
         elif args.command == "bench" and args.bench_command == "parallel":
             return _bench_parallel(args, argv)
+        elif args.command == "bench" and args.bench_command == "comm":
+            return _bench_comm(args, argv)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
