@@ -131,32 +131,129 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
 # Per-device bodies. Local shapes: q [b, n, heads, d], k, v [b, n, kv_heads, d], ids [b, n];
 # n = seq / P. `axes` = (seq_q, seq_kv); a tuple of axes in a collective means their product,
 # row-major, so the flat index of device (i, j) is its chunk number i·Pkv + j.
+#
+# Causal load balance (zigzag). With contiguous chunks the device holding the first chunk has almost
+# nothing to attend to and the last one everything. For causal attention (ring, allgather_kv,
+# attention2d) the bodies first swap half-chunks between devices so that device r holds the pieces
+# r and 2P − 1 − r of 2P (one early, one late: equal work), and swap back at the end; this moves
+# n/2 rows per device each way, small beside the strategies' own traffic. A device's rows are then
+# "pieces": runs of consecutive positions, each attended with its own global offset.
 
 
 def _gather(x, axis_name, dim: int = 1):
     return lax.all_gather(x, axis_name, axis=dim, tiled=True)
 
 
-def _allgather_kv(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes):
-    n = q.shape[1]
+def _zigzag_perms(devices: int):
+    """ppermute pairs moving each device's first / second half-chunk to its zigzag owner."""
+    def owner(piece):  # piece s of 2P goes to device s (first slot) or 2P − 1 − s (second slot)
+        return piece if piece < devices else 2 * devices - 1 - piece
+
+    first = [(d, owner(2 * d)) for d in range(devices)]
+    second = [(d, owner(2 * d + 1)) for d in range(devices)]
+    return first, second
+
+
+def _to_zigzag(x, axes, devices: int, *, inverse: bool = False):
+    """Contiguous chunk (pieces 2r, 2r+1) ↔ zigzag pieces (r, 2P − 1 − r), along axis 1.
+
+    The first halves of all devices travel in one ppermute and the second halves in another; an even
+    device receives its first slot from the first ppermute, an odd device from the second.
+    """
+    first, second = _zigzag_perms(devices)
+    half = x.shape[1] // 2
+    even = lax.axis_index(axes) % 2 == 0
+    a, b = x[:, :half], x[:, half:]
+    if not inverse:
+        from_first, from_second = lax.ppermute(a, axes, first), lax.ppermute(b, axes, second)
+        slot0 = jnp.where(even, from_first, from_second)
+        slot1 = jnp.where(even, from_second, from_first)
+        return jnp.concatenate([slot0, slot1], axis=1)
+    to_first = jnp.where(even, a, b)  # what the first ppermute delivered here goes back through it
+    to_second = jnp.where(even, b, a)
+    back_first = lax.ppermute(to_first, axes, [(dst, src) for src, dst in first])
+    back_second = lax.ppermute(to_second, axes, [(dst, src) for src, dst in second])
+    return jnp.concatenate([back_first, back_second], axis=1)
+
+
+def _pieces(chunk, n: int, devices: int, zigzag: bool):
+    """[(first row, rows, global offset)] of a device's local rows (chunk = its flat index)."""
+    if not zigzag:
+        return [(0, n, chunk * n)]
+    half = n // 2
+    return [(0, half, chunk * half), (half, half, (2 * devices - 1 - chunk) * half)]
+
+
+def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, impl, flash):
+    """Attention of each query piece to every key piece, merged through lse, pieces in row order.
+
+    q_pieces / kv_pieces: [(first row, rows, global offset)] covering q's / k's rows in order.
+    Returns out [b, rows of q, heads, d] and lse [b, heads, rows of q].
+    """
+    outs, lses = [], []
+    for q_row, q_rows, q_offset in q_pieces:
+        parts = []
+        for kv_row, kv_rows, kv_offset in kv_pieces:
+            ids = None if q_ids is None else (q_ids[:, q_row:q_row + q_rows], kv_ids[:, kv_row:kv_row + kv_rows])
+            parts.append(attention_op(q[:, q_row:q_row + q_rows], k[:, kv_row:kv_row + kv_rows],
+                                      v[:, kv_row:kv_row + kv_rows], causal=causal, segment_ids=ids,
+                                      q_offset=q_offset, kv_offset=kv_offset, impl=impl, flash=flash))
+        out, lse = parts[0] if len(parts) == 1 else merge_partials([o for o, _ in parts], [l for _, l in parts])
+        outs.append(out)
+        lses.append(lse)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+
+
+def _balanced(body):
+    """Wrap a causal body in the zigzag exchange (in and out); bodies get `zigzag` to know."""
+
+    @functools.wraps(body)
+    def run(q, k, v, segment_ids, *, causal, grid, axes, **kwargs):
+        devices = grid[0] * grid[1]
+        zigzag = causal and devices > 1 and q.shape[1] % 2 == 0
+        if not zigzag:
+            return body(q, k, v, segment_ids, causal=causal, grid=grid, axes=axes, zigzag=False, **kwargs)
+        swap = functools.partial(_to_zigzag, axes=axes, devices=devices)
+        if segment_ids is not None:
+            segment_ids = tuple(swap(x) for x in segment_ids)
+        out = body(swap(q), swap(k), swap(v), segment_ids, causal=causal, grid=grid, axes=axes, zigzag=True,
+                   **kwargs)
+        return swap(out, inverse=True)
+
+    return run
+
+
+@_balanced
+def _allgather_kv(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes, zigzag):
+    n, devices = q.shape[1], grid[0] * grid[1]
     chunk = lax.axis_index(axes)
-    ids = None if segment_ids is None else (segment_ids[0], _gather(segment_ids[1], axes))
-    out, _ = attention_op(q, _gather(k, axes), _gather(v, axes), causal=causal, segment_ids=ids,
-                          q_offset=chunk * n, kv_offset=0, impl=impl, flash=flash)
+    k_all, v_all = _gather(k, axes), _gather(v, axes)
+    kv_ids = None if segment_ids is None else _gather(segment_ids[1], axes)
+    if zigzag:  # device-ordered pieces (0, 2P−1), (1, 2P−2), … → natural order: firsts, then seconds reversed
+        def natural(x):
+            x = x.reshape(x.shape[0], devices, 2, n // 2, *x.shape[2:])
+            return jnp.concatenate([x[:, :, 0], x[:, ::-1, 1]], axis=1).reshape(x.shape[0], -1, *x.shape[4:])
+
+        k_all, v_all = natural(k_all), natural(v_all)
+        kv_ids = None if kv_ids is None else natural(kv_ids)
+    q_ids = None if segment_ids is None else segment_ids[0]
+    out, _ = _attend_pieces(q, k_all, v_all, q_ids, kv_ids, _pieces(chunk, n, devices, zigzag),
+                            [(0, seq_len, 0)], causal=causal, impl=impl, flash=flash)
     return out
 
 
-def _ring(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes):
+@_balanced
+def _ring(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes, zigzag):
     n, devices = q.shape[1], grid[0] * grid[1]
     chunk = lax.axis_index(axes)
     to_next = [(r, (r + 1) % devices) for r in range(devices)]
     q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
+    q_pieces = _pieces(chunk, n, devices, zigzag)
     out = lse = None
-    for step in range(devices):  # at step s this device holds the K/V chunk of device chunk − s
+    for step in range(devices):  # at step s this device holds the K/V of device chunk − s
         source = (chunk - step) % devices
-        ids = None if segment_ids is None else (q_ids, kv_ids)
-        part = attention_op(q, k, v, causal=causal, segment_ids=ids, q_offset=chunk * n,
-                            kv_offset=source * n, impl=impl, flash=flash)
+        part = _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, _pieces(source, n, devices, zigzag),
+                              causal=causal, impl=impl, flash=flash)
         out, lse = part if out is None else merge_partials([out, part[0]], [lse, part[1]])
         if step + 1 < devices:
             k, v = lax.ppermute(k, axes, to_next), lax.ppermute(v, axes, to_next)
@@ -181,24 +278,28 @@ def _ulysses(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes):
     return lax.all_to_all(out, axes, split_axis=1, concat_axis=2, tiled=True)
 
 
-def _attention2d(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes):
+@_balanced
+def _attention2d(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes, zigzag):
     (rows, cols), (row_axis, col_axis) = grid, axes  # Pq × Pkv; row i = seq_q index, column j = seq_kv
-    n = q.shape[1]
+    n, devices = q.shape[1], rows * cols
     i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
-    q_block = _gather(q, col_axis)  # chunks i·Pkv … i·Pkv + Pkv − 1: tokens from i·Pkv·n, contiguous
-    k_block, v_block = _gather(k, row_axis), _gather(v, row_axis)  # chunks i'·Pkv + j, i' = 0 … Pq − 1
+    # Query block i: the row's devices i·Pkv + c, c = 0 … Pkv − 1, in order.
+    q_block = _gather(q, col_axis)
+    q_pieces = [(c * n + row, length, offset) for c in range(cols)
+                for row, length, offset in _pieces(i * cols + c, n, devices, zigzag)]
+    # Key/value block j: the column's devices i'·Pkv + j, i' = 0 … Pq − 1.
+    k_block, v_block = _gather(k, row_axis), _gather(v, row_axis)
+    kv_pieces = [(r * n + row, length, offset) for r in range(rows)
+                 for row, length, offset in _pieces(r * cols + j, n, devices, zigzag)]
+    if not zigzag:  # contiguous chunks: the query block is one run, and so is the kv block when Pkv = 1
+        q_pieces = [(0, cols * n, i * cols * n)]
+        if cols == 1:
+            kv_pieces = [(0, rows * n, 0)]
+    q_ids = kv_ids = None
     if segment_ids is not None:
         q_ids, kv_ids = _gather(segment_ids[0], col_axis), _gather(segment_ids[1], row_axis)
-    outs, lses = [], []
-    for sub in range(rows):  # key sub-block i' is chunk i'·Pkv + j
-        rows_of_sub = slice(sub * n, (sub + 1) * n)
-        ids = None if segment_ids is None else (q_ids, kv_ids[:, rows_of_sub])
-        out, lse = attention_op(q_block, k_block[:, rows_of_sub], v_block[:, rows_of_sub], causal=causal,
-                                segment_ids=ids, q_offset=i * cols * n, kv_offset=(sub * cols + j) * n,
-                                impl=impl, flash=flash)
-        outs.append(out)
-        lses.append(lse)
-    out, lse = merge_partials(outs, lses) if rows > 1 else (outs[0], lses[0])
+    out, lse = _attend_pieces(q_block, k_block, v_block, q_ids, kv_ids, q_pieces, kv_pieces,
+                              causal=causal, impl=impl, flash=flash)
 
     # Merge the row's partials exactly: weights exp(lse_j − lse_row) with lse_row = log Σ_j exp(lse_j).
     top = lax.pmax(lax.stop_gradient(lse), col_axis)  # only a shift for range: no gradient
