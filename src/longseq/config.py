@@ -331,6 +331,11 @@ class Config(_Checked):
                 and self.model.attention_parallel == "ulysses" and self.model.num_heads % self.mesh.seq_devices):
             raise ConfigError(f"model.attention_parallel: ulysses needs num_heads={self.model.num_heads} "
                               f"divisible by the {self.mesh.seq_devices} sequence devices")
+        convolves = {"long_conv", "gated_conv"} & set(self.model.layer_mixers())
+        if convolves and self.model.d_model % self.mesh.seq_devices:
+            raise ConfigError(f"model.d_model: {self.model.d_model} is not divisible by the "
+                              f"{self.mesh.seq_devices} sequence devices; the sequence-parallel long "
+                              "convolution splits channels over them")
         if self.mesh.data > 0 and self.data.batch_size % self.mesh.data:
             raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by "
                               f"mesh.data={self.mesh.data}")

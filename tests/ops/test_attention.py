@@ -468,3 +468,66 @@ def _bad_call(case):
 def test_invalid_inputs_raise(case, match):
     with pytest.raises(ValueError, match=match):
         _bad_call(case)()
+
+
+# ----------------------------------------------------------------------------------------------
+# attention_backward: the backward pass from saved (or merged) statistics
+
+SMALL_TILES = dict(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16, block_q_dq=16, block_k_dq=16)
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("causal,window,packed", [(False, None, False), (True, None, True), (True, 9, False),
+                                                  (False, 7, True)])
+def test_attention_backward_gives_each_key_blocks_share(impl, causal, window, packed):
+    """Split the keys in two blocks (one with no visible key for the first rows when causal) and
+    merge: attention_backward of each block, from the merged out and lse, sums to autodiff of the
+    merged attention. With a block's own statistics it is the vjp of that block."""
+    from longseq.config import FlashAttentionConfig
+    from longseq.ops import attention_backward
+
+    rng = np.random.default_rng(11 + causal)
+    q = jnp.asarray(rng.standard_normal((2, 21, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 29, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 29, 2, 8)), jnp.float32)
+    dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    ids = jnp.asarray(np.sort(rng.integers(0, 3, (2, 50))), jnp.int32) if packed else None
+    split = 13
+    blocks = [dict(kv_offset=0, cols=slice(0, split)), dict(kv_offset=split, cols=slice(split, 29))]
+    flash = FlashAttentionConfig(**SMALL_TILES)
+
+    def block(q, k, v, b):
+        segment_ids = None if ids is None else (ids[:, 29:], ids[:, :29][:, b["cols"]])
+        return dict(causal=causal, window=window, q_offset=8, kv_offset=b["kv_offset"], segment_ids=segment_ids)
+
+    def merged(q, k, v):
+        parts = [attention(q, k[:, b["cols"]], v[:, b["cols"]], impl="reference", **block(q, k, v, b))
+                 for b in blocks]
+        return merge_partials([p[0] for p in parts], [p[1] for p in parts])
+
+    out, lse = merged(q, k, v)
+    _, vjp = jax.vjp(lambda q, k, v: merged(q, k, v)[0], q, k, v)
+    dq_want, dk_want, dv_want = vjp(dout)
+    shares = [attention_backward(q, k[:, b["cols"]], v[:, b["cols"]], out, lse, dout, impl=impl, flash=flash,
+                                 **block(q, k, v, b)) for b in blocks]
+    np.testing.assert_allclose(shares[0][0] + shares[1][0], dq_want, atol=2e-5)
+    np.testing.assert_allclose(jnp.concatenate([s[1] for s in shares], 1), dk_want, atol=2e-5)
+    np.testing.assert_allclose(jnp.concatenate([s[2] for s in shares], 1), dv_want, atol=2e-5)
+
+    own = block(q, k, v, blocks[1])
+    out1, lse1 = attention(q, k[:, split:], v[:, split:], impl="reference", **own)
+    _, vjp1 = jax.vjp(lambda q, k, v: attention(q, k, v, impl="reference", **own)[0], q, k[:, split:], v[:, split:])
+    got = attention_backward(q, k[:, split:], v[:, split:], out1, lse1, dout, impl=impl, flash=flash, **own)
+    for g, w in zip(got, vjp1(dout)):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def test_attention_backward_refuses_what_it_cannot_run():
+    from longseq.ops import attention_backward
+
+    q = jnp.ones((1, 4, 2, 8))
+    lse = jnp.zeros((1, 2, 4))
+    with pytest.raises(ValueError, match="impl: attention_backward runs 'pallas' or 'reference'"):
+        attention_backward(q, q, q, q, lse, q, impl="cudnn")
+    with pytest.raises(ValueError, match=r"lse: expected shape \(1, 2, 4\)"):
+        attention_backward(q, q, q, q, lse[:, :, :3], q)

@@ -47,14 +47,14 @@ def outputs_and_grads(fn, qkv, weights):
     return out, grads
 
 
-def assert_matches_reference(qkv, weights, *, mesh, strategy, causal, segment_ids, impl="reference",
-                             flash=None, atol=2e-5):
+def assert_matches_reference(qkv, weights, *, mesh, strategy, causal, segment_ids, window=None,
+                             impl="reference", flash=None, atol=2e-5):
     def sharded(q, k, v):
         return parallel.attention(q, k, v, mesh=mesh, strategy=strategy, causal=causal,
-                                  segment_ids=segment_ids, impl=impl, flash=flash)
+                                  segment_ids=segment_ids, window=window, impl=impl, flash=flash)
 
     def single(q, k, v):
-        return attention(q, k, v, causal=causal, segment_ids=segment_ids, impl="reference")[0]
+        return attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window, impl="reference")[0]
 
     out, grads = outputs_and_grads(sharded, qkv, weights)
     out_ref, grads_ref = outputs_and_grads(single, qkv, weights)
@@ -77,6 +77,40 @@ def test_segment_ids_shard_with_the_tokens(strategy):
     mesh = make_mesh((1, 2, 4))
     qkv, weights, segment_ids = random_inputs(3)
     assert_matches_reference(qkv, weights, mesh=mesh, strategy=strategy, causal=True, segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize("strategy", parallel.STRATEGIES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sliding_window_crosses_device_boundaries(strategy, causal):
+    """A window of 11 over chunks of 8 (2×4 grid): every device needs keys from its neighbours'."""
+    mesh = make_mesh((1, 2, 4))
+    qkv, weights, _ = random_inputs(5 + causal)
+    assert_matches_reference(qkv, weights, mesh=mesh, strategy=strategy, causal=causal, segment_ids=None,
+                             window=11)
+
+
+def test_ring_keeps_only_its_own_chunk_for_the_backward():
+    """The ring's custom_vjp saves q, k, v, out and lse: autodiff of its loop would also keep every
+    step's K/V and each block's probabilities (more than 10× the inputs here)."""
+    mesh = make_mesh((1, 1, 8))
+    qkv, _, _ = random_inputs(7)
+
+    def ring(q, k, v):
+        return parallel.attention(q, k, v, mesh=mesh, strategy="ring", causal=True, impl="reference")
+
+    _, backward = jax.vjp(ring, *qkv)
+    saved = sum(x.nbytes for x in jax.tree.leaves(backward))
+    q, k, v = qkv
+    assert saved <= 2 * q.nbytes + k.nbytes + v.nbytes + q.nbytes // 8
+
+
+@pytest.mark.parametrize("strategy", ["attention2d", "ring"])
+@pytest.mark.parametrize("impl", ["xla", "cudnn"])
+def test_strategies_that_merge_refuse_blocks_without_lse_gradient(strategy, impl):
+    mesh = make_mesh((1, 1, 1))
+    q = jnp.ones((2, 8, 4, 16))
+    with pytest.raises(ValueError, match=f"impl: strategy '{strategy}' merges blocks through their log-sum-exp"):
+        parallel.attention(q, q, q, mesh=mesh, strategy=strategy, impl=impl)
 
 
 @pytest.mark.parametrize("strategy", ["attention2d", "ring"])

@@ -56,11 +56,21 @@ def test_sequence_sharded_training_matches_one_device(tmp_path, one_device_losse
     np.testing.assert_allclose(sharded, one, rtol=1e-4)
 
 
+def test_sequence_sharded_long_conv_lm_matches_one_device(tmp_path, one_device_losses):
+    """The long-conv LM with its convolutions split over 4 sequence devices (all-to-all scheme)."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (make test simulates them)")
+    sharded = losses(tmp_path, "sharded", "model.mixer=long_conv", "mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2")
+    np.testing.assert_allclose(sharded, one_device_losses("long_conv"), rtol=1e-4)
+
+
 def test_mesh_must_fit_the_sequence_and_the_machine(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.seq_len: 30 is not divisible by the mesh\.seq_q × mesh\.seq_kv = 4"):
         load_config(None, [*TINY, "data.seq_len=30", "mesh.seq_q=2", "mesh.seq_kv=2"])
     with pytest.raises(ConfigError, match=r"model\.attention_parallel: ulysses needs num_heads=4 divisible by the 8"):
         load_config(None, [*TINY, "model.mixer=attention", "model.attention_parallel=ulysses", "mesh.seq_kv=8"])
+    with pytest.raises(ConfigError, match=r"model\.d_model: 36 is not divisible by the 8 sequence devices"):
+        load_config(None, [*TINY, "model.mixer=gated_conv", "model.d_model=36", "mesh.seq_kv=8"])
     with pytest.raises(ConfigError, match=r"mesh: asks for \d+ devices, but only \d+ are available"):
         train(load_config(None, [*TINY, f"train.run_dir={tmp_path}", "mesh.data=1",
                                  f"mesh.seq_q={2 * jax.device_count()}"]))

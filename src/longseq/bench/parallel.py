@@ -20,6 +20,10 @@ Implementations (names as they appear in the rows):
                                jax.nn.dot_product_attention(implementation="cudnn") per shard inside
                                shard_map, as in /work/shared/anchors (sp2_anchor.py). Non-causal only:
                                cuDNN takes no global causal offset.
+    "anchor_ringattention"     ring_attention of the `ringattention` package (0.1.2, the ring attention
+                               a JAX user can pip-install: blockwise attention in plain JAX, 1024-token
+                               chunks, float32 logits), in shard_map over the P devices, with the
+                               settings of sp2_anchor.py. Skipped when the package is not installed.
 
 The per-block implementation (block_impl) is "pallas" on GPUs and "reference" elsewhere. FLOPs are
 the whole problem's, in the anchors' convention (4·B·H·N²·D, /2 causal, ×3.5 fwd+bwd), so P devices
@@ -45,12 +49,14 @@ A row (a dict; JSON in parallel.json under "rows", beside "meta"):
     scaling_efficiency        float | None   tflops / (devices × the single-device baseline's tflops on
                                              the same problem); None on the baseline itself or without it
     ratio_to_allgather_cudnn  float | None   tflops / anchor_allgather_cudnn's tflops on the same problem
+    ratio_to_ringattention    float | None   tflops / anchor_ringattention's tflops on the same problem
     error                     str | None     "skipped: <short reason>" or None
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import itertools
 import json
 import re
@@ -83,6 +89,7 @@ from longseq.bench.attention import (
 from longseq.bench.timing import time_calls
 
 ALLGATHER_CUDNN = "anchor_allgather_cudnn"
+RINGATTENTION = "anchor_ringattention"
 SINGLE_DEVICE_PREFIX = "single_device_"
 MESH_AXES = ("data", "seq_q", "seq_kv")
 SEQ_AXES = ("seq_q", "seq_kv")
@@ -143,7 +150,7 @@ def default_impls(platform: str, block_impl: str) -> tuple[str, ...]:
 
     names = [f"sp_{strategy}" for strategy in STRATEGIES] + [SINGLE_DEVICE_PREFIX + block_impl]
     if platform == "gpu":
-        names.append(ALLGATHER_CUDNN)
+        names += [ALLGATHER_CUDNN, RINGATTENTION]
     return tuple(names)
 
 
@@ -155,7 +162,7 @@ def resolve_impls(impls: Sequence[str], *, devices: int, block_impl: str) -> tup
     if isinstance(impls, str):
         raise BenchArgumentError("impls", f"expected a sequence of names, got the string {impls!r}")
     expected = (f"sp_STRATEGY or sp_STRATEGY[PqxPkv] with STRATEGY in {', '.join(STRATEGIES)}; "
-                f"single_device_IMPL with IMPL in {', '.join(ATTENTION_IMPLS)}; {ALLGATHER_CUDNN}")
+                f"single_device_IMPL with IMPL in {', '.join(ATTENTION_IMPLS)}; {ALLGATHER_CUDNN}; {RINGATTENTION}")
     resolved: list[Implementation] = []
     for name in impls:
         match = _SP_NAME.fullmatch(name) if isinstance(name, str) else None
@@ -173,7 +180,7 @@ def resolve_impls(impls: Sequence[str], *, devices: int, block_impl: str) -> tup
         elif isinstance(name, str) and name.startswith(SINGLE_DEVICE_PREFIX) \
                 and name[len(SINGLE_DEVICE_PREFIX):] in ATTENTION_IMPLS:
             resolved.append(Implementation(name, "single_device", block_impl=name[len(SINGLE_DEVICE_PREFIX):]))
-        elif name == ALLGATHER_CUDNN:
+        elif name in (ALLGATHER_CUDNN, RINGATTENTION):
             resolved.append(Implementation(name, "anchor", grid=(1, devices)))
         else:
             raise BenchArgumentError("impls", f"unknown implementation {name!r}; expected {expected}")
@@ -194,7 +201,10 @@ def _check_positive(argument: str, value: Any) -> int:
 
 def skip_reason(impl: Implementation, shape: AttentionShape, causal: bool, platform: str) -> str | None:
     """Why a row is not even tried, or None."""
-    if impl.kind == "anchor":
+    if impl.name == RINGATTENTION:
+        if importlib.util.find_spec("ringattention") is None:
+            return "the ringattention package is not installed (carry its wheel and einops')"
+    elif impl.kind == "anchor":
         if causal:
             return "cuDNN takes no global causal offset (the anchors measure all-gather+cuDNN non-causal only)"
         if platform != "gpu":
@@ -233,6 +243,8 @@ def attention_function(impl: Implementation, *, causal: bool, mesh: Mesh | None)
         return lambda q, k, v: attention(q, k, v, causal=causal, impl=impl.block_impl)[0]
 
     tokens = PartitionSpec(None, SEQ_AXES, None, None)
+    if impl.name == RINGATTENTION:
+        return _ringattention_package(causal=causal, mesh=mesh, tokens=tokens)
 
     def allgather_cudnn(q, k, v):
         k = jax.lax.all_gather(k, SEQ_AXES, axis=1, tiled=True)
@@ -240,6 +252,26 @@ def attention_function(impl: Implementation, *, causal: bool, mesh: Mesh | None)
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
     return jax.shard_map(allgather_cudnn, mesh=mesh, in_specs=(tokens,) * 3, out_specs=tokens, check_vma=False)
+
+
+def _ringattention_package(*, causal: bool, mesh: Mesh, tokens: PartitionSpec) -> Callable[..., Array]:
+    """The `ringattention` package's ring_attention in shard_map, configured as sp2_anchor.py does.
+
+    Only its pure-JAX module is loaded: the package's __init__ imports TPU-only code.
+    """
+    location = importlib.util.find_spec("ringattention").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("ringattention_jax", Path(location) / "ringattention_jax.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def ring(q, k, v):  # the grid is 1×P: the ring runs over seq_kv
+        chunk = min(1024, q.shape[1])  # 1024 as in the anchors; shorter local sequences (CPU tests) use theirs
+        blockwise = dict(causal_block_size=1 if causal else None, query_chunk_size=chunk, key_chunk_size=chunk,
+                         deterministic=True, dropout_rng=None, attn_pdrop=0.0, dtype=jnp.float32,
+                         policy=jax.checkpoint_policies.nothing_saveable, precision=None, prevent_cse=True)
+        return module.ring_attention(q, k, v, None, None, None, "seq_kv", True, blockwise)
+
+    return jax.shard_map(ring, mesh=mesh, in_specs=(tokens,) * 3, out_specs=tokens, check_vma=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +285,8 @@ def _row(impl: Implementation, shape: AttentionShape, dtype: jnp.dtype, causal: 
             "B": shape.batch, "N": shape.seq_len, "H": shape.heads, "D": shape.head_dim, "dtype": dtype.name,
             "causal": causal, "pass": pass_, "flops": attention_flops(shape, causal=causal, pass_=pass_),
             "ms": None, "ms_min": None, "ms_max": None, "tflops": None,
-            "scaling_efficiency": None, "ratio_to_allgather_cudnn": None, "error": None}
+            "scaling_efficiency": None, "ratio_to_allgather_cudnn": None, "ratio_to_ringattention": None,
+            "error": None}
 
 
 def _progress_line(index: int, total: int, row: dict[str, Any]) -> str:
@@ -265,21 +298,25 @@ def _progress_line(index: int, total: int, row: dict[str, Any]) -> str:
 
 
 def add_ratios(rows: Sequence[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
-    """Copies of the rows with scaling_efficiency (against `baseline`) and ratio_to_allgather_cudnn."""
+    """Copies of the rows with scaling_efficiency (against `baseline`) and the ratios to the anchors."""
     def problem(row):
         return (row["B"], row["N"], row["H"], row["D"], row["dtype"], row["causal"], row["pass"])
 
     def tflops_of(impl):
         return {problem(row): row["tflops"] for row in rows if row["impl"] == impl and row["tflops"]}
 
-    single, allgather = tflops_of(baseline), tflops_of(ALLGATHER_CUDNN)
+    single = tflops_of(baseline)
+    anchors = {"ratio_to_allgather_cudnn": tflops_of(ALLGATHER_CUDNN), "ratio_to_ringattention": tflops_of(RINGATTENTION)}
     out = []
     for row in rows:
-        one, anchor = single.get(problem(row)), allgather.get(problem(row))
+        one = single.get(problem(row))
         measured = row["tflops"] is not None
         efficiency = row["tflops"] / (row["devices"] * one) if one and measured and row["impl"] != baseline else None
-        ratio = row["tflops"] / anchor if anchor and measured and row["impl"] != ALLGATHER_CUDNN else None
-        out.append({**row, "scaling_efficiency": efficiency, "ratio_to_allgather_cudnn": ratio})
+        ratios = {}
+        for column, anchor_tflops in anchors.items():
+            anchor = anchor_tflops.get(problem(row))
+            ratios[column] = row["tflops"] / anchor if anchor and measured and not row["impl"].startswith("anchor_") else None
+        out.append({**row, "scaling_efficiency": efficiency, **ratios})
     return out
 
 
@@ -420,6 +457,8 @@ def _cell(row: dict[str, Any] | None) -> str:
         notes.append(f"{row['scaling_efficiency']:.0%}")
     if row["ratio_to_allgather_cudnn"] is not None:
         notes.append(f"{row['ratio_to_allgather_cudnn']:.2f}× ag")
+    if row.get("ratio_to_ringattention") is not None:
+        notes.append(f"{row['ratio_to_ringattention']:.1f}× rp")
     text = _format_number(row["tflops"])
     return f"{text} ({', '.join(notes)})" if notes else text
 
@@ -442,7 +481,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                   *(_cell(cells.get(impl)) for impl in impls)]
         lines.append("| " + " | ".join(values) + " |")
     legend = ("Whole-problem TFLOP/s (scaling efficiency = TFLOP/s / (devices × single-device TFLOP/s); "
-              "× ag = ratio to anchor_allgather_cudnn)")
+              "× ag = ratio to anchor_allgather_cudnn, × rp = ratio to anchor_ringattention)")
     if any(row["error"] for row in rows):
         legend += "; — = skipped, reasons below"
     lines.insert(0, legend + ".\n")

@@ -55,7 +55,7 @@ class Attention(nnx.Module):
         self.window = window
         self.impl = impl
         self.flash = flash
-        if sequence_parallel is not None and window is not None:
+        if sequence_parallel is not None and sequence_parallel.strategy != "none" and window is not None:
             raise ValueError("window: sliding-window attention is not sequence-parallel yet; "
                              "use mesh.seq_q = mesh.seq_kv = 1")
         self.sequence_parallel = sequence_parallel

@@ -41,10 +41,11 @@ def make_mixer(name: str, config: ModelConfig, kernels: KernelsConfig, *, seq_le
                          sequence_parallel=sequence_parallel, rngs=rngs)
     if name == "long_conv":
         return LongConvMixer(config.d_model, seq_len, causal=causal, dtype=dtype, impl=kernels.long_conv,
-                             rngs=rngs, **regularisers)
+                             sequence_parallel=sequence_parallel, rngs=rngs, **regularisers)
     if name == "gated_conv":
         return GatedConv(config.d_model, seq_len, causal=causal, short_conv_width=conv.short_conv_width,
-                         dtype=dtype, impl=kernels.long_conv, rngs=rngs, **regularisers)
+                         dtype=dtype, impl=kernels.long_conv, sequence_parallel=sequence_parallel, rngs=rngs,
+                         **regularisers)
     raise ValueError(f"mixer: expected one of {', '.join(MIXERS)}, got {name!r}")
 
 
@@ -68,7 +69,7 @@ class Block(nnx.Module):
           seq_len: the longest sequence (the long-convolution kernel length).
           causal: causal (decoder) or bidirectional (encoder) mixing.
           rngs: `params` stream; and `dropout` if config.dropout or kernel_dropout > 0.
-          sequence_parallel: run attention sequence-parallel on this mesh plan (None = one device's op).
+          sequence_parallel: run the mixer sequence-parallel on this mesh plan (None = one device's op).
         """
         dtype = compute_dtype(config)
         self.mixer_name = mixer

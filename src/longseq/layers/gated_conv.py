@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longseq.layers.long_conv import LongConv
+from longseq.parallel import SequenceParallel
 
 
 def short_conv(x: jax.Array, weight: jax.Array, *, causal: bool) -> jax.Array:
@@ -87,7 +88,8 @@ class GatedConv(nnx.Module):
 
     def __init__(self, d_model: int, seq_len: int, *, causal: bool, short_conv_width: int = 3,
                  squash_lambda: float = 0.0, smooth_width: int = 1, kernel_dropout: float = 0.0,
-                 dtype: jnp.dtype = jnp.float32, impl: str = "auto", rngs: nnx.Rngs):
+                 dtype: jnp.dtype = jnp.float32, impl: str = "auto",
+                 sequence_parallel: SequenceParallel | None = None, rngs: nnx.Rngs):
         """
         Args:
           d_model: input and output width, and the channels of the long convolution.
@@ -97,13 +99,15 @@ class GatedConv(nnx.Module):
           squash_lambda, smooth_width, kernel_dropout: the long-convolution regularisers.
           dtype: compute dtype.
           impl: `KernelsConfig.long_conv`.
+          sequence_parallel: run the long convolution sequence-parallel on this plan's mesh
+            (None = one device's op).
           rngs: `params` stream; and `dropout` if kernel_dropout > 0.
         """
         self.in_proj = nnx.Linear(d_model, 3 * d_model, use_bias=False, dtype=dtype, rngs=rngs)
         self.short_conv = ShortConv(3 * d_model, short_conv_width, causal=causal, dtype=dtype, rngs=rngs)
         self.long_conv = LongConv(d_model, seq_len, causal=causal, squash_lambda=squash_lambda,
                                   smooth_width=smooth_width, kernel_dropout=kernel_dropout, dtype=dtype,
-                                  impl=impl, rngs=rngs)
+                                  impl=impl, sequence_parallel=sequence_parallel, rngs=rngs)
         self.out_proj = nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longseq.ops import long_conv as long_conv_op
+from longseq.parallel import SequenceParallel
 
 
 class ConvKernel(nnx.Param):
@@ -114,7 +115,7 @@ class LongConv(nnx.Module):
 
     def __init__(self, channels: int, seq_len: int, *, causal: bool = True, squash_lambda: float = 0.0,
                  smooth_width: int = 1, kernel_dropout: float = 0.0, dtype: jnp.dtype = jnp.float32,
-                 impl: str = "auto", rngs: nnx.Rngs):
+                 impl: str = "auto", sequence_parallel: SequenceParallel | None = None, rngs: nnx.Rngs):
         """
         Args:
           channels: channels convolved independently.
@@ -126,6 +127,8 @@ class LongConv(nnx.Module):
             to each kernel.
           dtype: compute dtype; the kernels are regularised in float32, then cast.
           impl: `KernelsConfig.long_conv`, forwarded to the op.
+          sequence_parallel: run the op sequence-parallel (`longseq.parallel.long_conv`) on this
+            plan's mesh; None = the single-device op.
           rngs: `params` stream; and a `dropout` stream if kernel_dropout > 0.
         """
         self.channels = channels
@@ -135,6 +138,7 @@ class LongConv(nnx.Module):
         self.smooth_width = smooth_width
         self.dtype = dtype
         self.impl = impl
+        self.sequence_parallel = sequence_parallel
         self.kernel = ConvKernel(init_long_conv_kernel(rngs.params(), channels, seq_len))
         if not causal:
             self.kernel_bwd = ConvKernel(init_long_conv_kernel(rngs.params(), channels, seq_len))
@@ -171,16 +175,20 @@ class LongConv(nnx.Module):
                              "use effective_kernels()")
         return self.effective_kernels(seq)[0]
 
+    def _convolve(self, x: jax.Array, k: jax.Array) -> jax.Array:
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel.long_conv(x, k, causal=True, impl=self.impl)
+        return long_conv_op(x, k, causal=True, impl=self.impl)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, seq, channels] -> [batch, seq, channels] in the compute dtype."""
         x = x.astype(self.dtype)
         kernels = [k.astype(self.dtype) for k in self.effective_kernels(x.shape[1])]
         if self.causal:
-            y = long_conv_op(x, kernels[0], causal=True, impl=self.impl)
+            y = self._convolve(x, kernels[0])
         else:
             # One causal convolution over 2·channels: x with k_fwd, and R x (time reversed) with k_bwd.
-            both = long_conv_op(jnp.concatenate([x, x[:, ::-1]], axis=-1), jnp.concatenate(kernels, axis=0),
-                                causal=True, impl=self.impl)
+            both = self._convolve(jnp.concatenate([x, x[:, ::-1]], axis=-1), jnp.concatenate(kernels, axis=0))
             past, reversed_future = jnp.split(both, 2, axis=-1)
             delayed = jnp.pad(reversed_future, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # S: one step later
             y = past + delayed[:, ::-1]  # R S long_conv(R x, k_bwd): distance d uses k_bwd[d − 1]
@@ -197,11 +205,11 @@ class LongConvMixer(nnx.Module):
 
     def __init__(self, d_model: int, seq_len: int, *, causal: bool, squash_lambda: float = 0.0,
                  smooth_width: int = 1, kernel_dropout: float = 0.0, dtype: jnp.dtype = jnp.float32,
-                 impl: str = "auto", rngs: nnx.Rngs):
+                 impl: str = "auto", sequence_parallel: SequenceParallel | None = None, rngs: nnx.Rngs):
         """Arguments as in `LongConv` (channels = d_model); the output projection has no bias."""
         self.conv = LongConv(d_model, seq_len, causal=causal, squash_lambda=squash_lambda,
                              smooth_width=smooth_width, kernel_dropout=kernel_dropout, dtype=dtype,
-                             impl=impl, rngs=rngs)
+                             impl=impl, sequence_parallel=sequence_parallel, rngs=rngs)
         self.out_proj = nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

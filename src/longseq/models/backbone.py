@@ -31,7 +31,7 @@ class Backbone(nnx.Module):
           seq_len: the longest sequence (the long-convolution kernel length).
           causal: decoder (True) or bidirectional encoder (False) mixing in every block.
           rngs: `params` stream; and `dropout` if any dropout rate is > 0.
-          sequence_parallel: run attention sequence-parallel on this mesh plan (None = one device's op).
+          sequence_parallel: run the mixers sequence-parallel on this mesh plan (None = one device's op).
         """
         self.dtype = compute_dtype(config)
         self.embed = nnx.Embed(vocab_size, config.d_model,

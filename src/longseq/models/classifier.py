@@ -47,7 +47,7 @@ class SequenceClassifier(nnx.Module):
           num_classes: outputs of the head.
           seq_len: the longest sequence (the long-convolution kernel length).
           rngs: `params` stream; and `dropout` if any dropout rate is > 0.
-          sequence_parallel: run attention sequence-parallel on this mesh plan (None = one device's op).
+          sequence_parallel: run the mixers sequence-parallel on this mesh plan (None = one device's op).
         """
         self.backbone = Backbone(config, kernels, vocab_size=vocab_size, seq_len=seq_len, causal=False,
                                  rngs=rngs, sequence_parallel=sequence_parallel)

@@ -28,7 +28,7 @@ class DecoderLM(nnx.Module):
           vocab_size: size of the token vocabulary (input and output).
           seq_len: the longest sequence (the long-convolution kernel length).
           rngs: `params` stream; and `dropout` if any dropout rate is > 0.
-          sequence_parallel: run attention sequence-parallel on this mesh plan (None = one device's op).
+          sequence_parallel: run the mixers sequence-parallel on this mesh plan (None = one device's op).
         """
         self.tie_embeddings = config.tie_embeddings
         self.backbone = Backbone(config, kernels, vocab_size=vocab_size, seq_len=seq_len, causal=True,

@@ -178,6 +178,32 @@ def _attention_reference(q, k, v, *, causal, segment_ids, scale, q_offset, kv_of
     return out, lse.reshape(batch, heads, q_len)
 
 
+def _attention_backward_reference(q, k, v, out, lse, dout, *, causal, segment_ids, scale, q_offset,
+                                  kv_offset, window):
+    """The flash-attention backward pass written densely: P from the given lse, delta from out."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    precision = jax.lax.Precision.HIGHEST
+    qg = q.reshape(batch, q_len, kv_heads, group, head_dim).astype(acc)
+    dog = dout.reshape(batch, q_len, kv_heads, group, head_dim).astype(acc)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(acc), precision=precision) * jnp.asarray(scale, acc)
+    lse = lse.astype(acc).reshape(batch, kv_heads, group, q_len)[..., None]
+    mask = visibility_mask(q_len, kv_len, causal=causal, segment_ids=segment_ids, q_offset=q_offset,
+                           kv_offset=kv_offset, window=window)
+    visible = jnp.isfinite(lse) if mask is None else mask[:, None, None] & jnp.isfinite(lse)
+    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)  # [b, kvh, g, q, k]
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(acc), dout.astype(acc))
+    delta = delta.reshape(batch, kv_heads, group, q_len)[..., None]
+    dv = jnp.einsum("bhgqk,bqhgd->bkhd", p, dog, precision=precision)
+    dp = jnp.einsum("bqhgd,bkhd->bhgqk", dog, v.astype(acc), precision=precision)
+    ds = p * (dp - delta) * jnp.asarray(scale, acc)
+    dq = jnp.einsum("bhgqk,bkhd->bqhgd", ds, k.astype(acc), precision=precision)
+    dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qg, precision=precision)
+    return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Merging partial results
 
@@ -325,3 +351,53 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids
     if interpret is None:
         interpret = jax.default_backend() not in ("gpu", "tpu")
     return flash_attention(q, k, v, flash=flash or FlashAttentionConfig(), interpret=interpret, **common)
+
+
+def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, *,
+                       causal: bool = False, segment_ids=None, scale: float | None = None, q_offset=0,
+                       kv_offset=0, window: int | None = None, impl: str = "auto",
+                       flash: FlashAttentionConfig | None = None,
+                       interpret: bool | None = None) -> tuple[Array, Array, Array]:
+    """The flash-attention backward pass from saved statistics: (dq, dk, dv) of one key block.
+
+    With the (out, lse) that `attention` returned for these q, k, v, this is the vjp of `attention`
+    with cotangents (dout, 0). With the out and lse of the rows merged over several disjoint key
+    blocks (as ring attention holds them), it is this block's share of the merged attention's
+    gradient: the probabilities exp(s − lse) are the merged ones, so dk, dv are the block's
+    gradients and dq summed over the blocks is the query gradient. Nothing of size q_len × kv_len is
+    saved between the forward and this call.
+
+    Args:
+      q, k, v, causal, segment_ids, scale, q_offset, kv_offset, window, flash, interpret: as in
+        `attention`.
+      out: [batch, q_len, heads, head_dim] the rows' attention output; lse: [batch, heads, q_len]
+        their log-sum-exp (-inf for rows that see no key: zero gradient).
+      dout: [batch, q_len, heads, head_dim] the cotangent of out.
+      impl: "pallas", "reference" or "auto" (resolved as in `attention`); "xla" and "cudnn" keep
+        their statistics to themselves and are refused.
+
+    Returns:
+      dq [batch, q_len, heads, head_dim], dk and dv [batch, kv_len, kv_heads, head_dim], in the
+      dtypes of q, k, v.
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    _check_attention_args(q, k, v, segment_ids, q_offset, kv_offset)
+    for name, x, shape in (("out", out, q.shape), ("dout", dout, q.shape),
+                           ("lse", lse, (q.shape[0], q.shape[2], q.shape[1]))):
+        if jnp.shape(x) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {jnp.shape(x)}")
+    name = _resolve_impl(impl, q.dtype)
+    if name not in ("pallas", "reference"):
+        raise ValueError(f"impl: attention_backward runs 'pallas' or 'reference' (or 'auto'), got {impl!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    common = dict(causal=causal, segment_ids=segment_ids, scale=scale, q_offset=q_offset,
+                  kv_offset=kv_offset, window=window)
+    if name == "reference":
+        return _attention_backward_reference(q, k, v, out, lse, dout, **common)
+    from longseq.ops.attention_pallas import flash_attention_backward
+
+    if interpret is None:
+        interpret = jax.default_backend() not in ("gpu", "tpu")
+    return flash_attention_backward(q, k, v, out, lse, dout, flash=flash or FlashAttentionConfig(),
+                                    interpret=interpret, **common)

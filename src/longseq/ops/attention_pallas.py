@@ -556,3 +556,35 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool, segment_ids, 
     q_ids, kv_ids, shift = padded_segments_and_shift(plan, segment_ids, q_offset, kv_offset)
     out, lse = _flash_padded(plan, shift, q_p, k_p, v_p, q_ids, kv_ids)
     return out[:, :plan.q_len, :, :head_dim], lse[:, :, :plan.q_len]
+
+
+def flash_attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, *,
+                             causal: bool, segment_ids, scale: float, q_offset, kv_offset,
+                             window: int | None, flash: FlashAttentionConfig, interpret: bool,
+                             backend: str | None = None) -> tuple[Array, Array, Array]:
+    """The backward kernels on given statistics: `longseq.ops.attention_backward` (validated there).
+
+    out, dout: [batch, q_len, heads, head_dim]; lse: [batch, heads, q_len] float32.
+    Returns dq, dk, dv unpadded, in the dtypes of q, k, v.
+    """
+    if (backend or jax.default_backend()) == "tpu":
+        from longseq.ops.attention_pallas_tpu import flash_attention_backward_tpu
+
+        return flash_attention_backward_tpu(q, k, v, out, lse, dout, causal=causal, segment_ids=segment_ids,
+                                            scale=scale, q_offset=q_offset, kv_offset=kv_offset, window=window,
+                                            flash=flash, interpret=interpret)
+    plan = make_plan(q.shape, k.shape, q.dtype, causal=causal, window=window,
+                     segmented=segment_ids is not None, scale=scale, flash=flash, interpret=interpret)
+    head_dim = q.shape[-1]
+
+    def pad(x, length):
+        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, plan.head_dim_pad - head_dim)))
+
+    q_p, k_p, v_p = pad(q, plan.q_pad), pad(k, plan.kv_pad), pad(v, plan.kv_pad)
+    out_p, dout_p = pad(out.astype(q.dtype), plan.q_pad), pad(dout.astype(q.dtype), plan.q_pad)
+    lse_p = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, plan.q_pad - plan.q_len)))
+    q_ids, kv_ids, shift = padded_segments_and_shift(plan, segment_ids, q_offset, kv_offset)
+    dq, dk, dv = _backward(plan, shift, q_p, k_p, v_p, q_ids, kv_ids, out_p, lse_p, dout_p,
+                           jnp.zeros_like(lse_p))
+    return (dq[:, :plan.q_len, :, :head_dim], dk[:, :plan.kv_len, :, :head_dim],
+            dv[:, :plan.kv_len, :, :head_dim])

@@ -21,13 +21,19 @@ Strategies (bytes each device receives per call, d = heads · head_dim, kv heads
                  O(N·d/√P) on a square grid.
 
 Key/value block j of attention2d is the chunks {i'·Pkv + j}: not contiguous, so it attends as Pq
-sub-blocks with their own offsets, merged through lse. Gradients come from autodiff through the
-collectives (all-gather ↔ reduce-scatter, ppermute ↔ the reverse ppermute).
+sub-blocks with their own offsets, merged through lse.
+
+Gradients: attention2d, ulysses and allgather_kv differentiate through their collectives (an
+all-gather's transpose is a reduce-scatter, an all-to-all's the reverse all-to-all), which moves
+the same bytes as the forward and keeps only what the backward needs anyway. ring has a custom_vjp:
+autodiff of its loop would keep every step's K/V (O(seq) memory per device, all-gather's cost);
+instead the backward sends K/V around the ring again, with their gradient accumulators one step
+behind, and computes each block's share with `ops.attention_backward` from the merged out and lse.
+Every ppermute is issued before the step's attention so that the transfer overlaps the compute.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -38,26 +44,11 @@ from jax.sharding import Mesh, PartitionSpec
 
 from longseq.config import FlashAttentionConfig
 from longseq.ops import attention as attention_op
-from longseq.ops import merge_partials
+from longseq.ops import attention_backward, merge_partials
 
 STRATEGIES = ("attention2d", "ring", "ulysses", "allgather_kv")
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class SequenceParallel:
-    """How attention layers run over a sequence-sharded mesh: `mesh` and `strategy` (STRATEGIES)."""
-
-    mesh: Mesh
-    strategy: str
-    seq_q_axis: str = "seq_q"
-    seq_kv_axis: str = "seq_kv"
-
-    def attention(self, q: Array, k: Array, v: Array, **kwargs) -> Array:
-        """`attention` below on this plan's mesh; kwargs: causal, segment_ids, impl, flash."""
-        return attention(q, k, v, mesh=self.mesh, strategy=self.strategy, seq_q_axis=self.seq_q_axis,
-                         seq_kv_axis=self.seq_kv_axis, **kwargs)
 
 
 def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str, str]) -> None:
@@ -90,8 +81,9 @@ def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str,
 
 
 def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal: bool = False,
-              segment_ids=None, seq_q_axis: str = "seq_q", seq_kv_axis: str = "seq_kv",
-              impl: str = "auto", flash: FlashAttentionConfig | None = None) -> Array:
+              segment_ids=None, window: int | None = None, seq_q_axis: str = "seq_q",
+              seq_kv_axis: str = "seq_kv", impl: str = "auto",
+              flash: FlashAttentionConfig | None = None) -> Array:
     """Sequence-parallel self-attention on global arrays; differentiable.
 
     Args:
@@ -99,19 +91,25 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
       mesh: a mesh with axes seq_q_axis and seq_kv_axis (either may have size 1); its other axes
         shard the batch.
       strategy: one of STRATEGIES (see the module docstring).
-      causal, segment_ids: as in `longseq.ops.attention` (segment_ids: a pair of [batch, seq] ints).
+      causal, segment_ids, window: as in `longseq.ops.attention` (segment_ids: a pair of [batch, seq]
+        ints); every block attends with its global offsets, so windows cross device boundaries.
       seq_q_axis, seq_kv_axis: the mesh axes of the sequence grid (config defaults `seq_q`, `seq_kv`).
       impl, flash: the per-block attention implementation and its tiling, as in `ops.attention`.
+        ring and attention2d merge blocks through their lse, so they need "pallas" or "reference"
+        ("auto" resolves to one of them); "xla" / "cudnn" give the lse no gradient.
 
     Returns:
       out: [batch, seq, heads, head_dim], sharded like q.
     """
     seq_axes = (seq_q_axis, seq_kv_axis)
     _check(q, k, v, segment_ids, mesh, strategy, seq_axes)
+    if strategy in ("ring", "attention2d") and impl in ("xla", "cudnn"):
+        raise ValueError(f"impl: strategy {strategy!r} merges blocks through their log-sum-exp, which "
+                         f"impl={impl!r} gives no gradient; use 'pallas', 'reference' or 'auto'")
     batch_axes = tuple(a for a in mesh.axis_names if a not in seq_axes) or None
     tokens = PartitionSpec(batch_axes, seq_axes, None, None)
     ids = PartitionSpec(batch_axes, seq_axes)
-    local = dict(causal=causal, impl=impl, flash=flash, seq_len=q.shape[1],
+    local = dict(causal=causal, window=window, impl=impl, flash=flash, seq_len=q.shape[1],
                  grid=(mesh.shape[seq_q_axis], mesh.shape[seq_kv_axis]), axes=seq_axes)
     body = functools.partial(_STRATEGY_BODIES[strategy], **local)
     # check_vma=False: a pallas_call's outputs would have to declare how they vary over the mesh,
@@ -184,7 +182,7 @@ def _pieces(chunk, n: int, devices: int, zigzag: bool):
     return [(0, half, chunk * half), (half, half, (2 * devices - 1 - chunk) * half)]
 
 
-def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, impl, flash):
+def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, window, impl, flash):
     """Attention of each query piece to every key piece, merged through lse, pieces in row order.
 
     q_pieces / kv_pieces: [(first row, rows, global offset)] covering q's / k's rows in order.
@@ -197,11 +195,36 @@ def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, impl,
             ids = None if q_ids is None else (q_ids[:, q_row:q_row + q_rows], kv_ids[:, kv_row:kv_row + kv_rows])
             parts.append(attention_op(q[:, q_row:q_row + q_rows], k[:, kv_row:kv_row + kv_rows],
                                       v[:, kv_row:kv_row + kv_rows], causal=causal, segment_ids=ids,
-                                      q_offset=q_offset, kv_offset=kv_offset, impl=impl, flash=flash))
+                                      q_offset=q_offset, kv_offset=kv_offset, window=window, impl=impl,
+                                      flash=flash))
         out, lse = parts[0] if len(parts) == 1 else merge_partials([o for o, _ in parts], [l for _, l in parts])
         outs.append(out)
         lses.append(lse)
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+
+
+def _attend_pieces_backward(q, k, v, q_ids, kv_ids, out, lse, dout, q_pieces, kv_pieces, *, causal, window,
+                            impl, flash):
+    """This device's K/V share of the gradient, from the rows' merged out and lse (float32 sums).
+
+    Returns dq [b, rows of q, heads, d] and dk, dv [b, rows of k, kv_heads, d], float32.
+    """
+    dq_rows, dk_parts, dv_parts = [], [[] for _ in kv_pieces], [[] for _ in kv_pieces]
+    for q_row, q_rows, q_offset in q_pieces:
+        rows = slice(q_row, q_row + q_rows)
+        dq = 0.0
+        for index, (kv_row, kv_rows, kv_offset) in enumerate(kv_pieces):
+            cols = slice(kv_row, kv_row + kv_rows)
+            ids = None if q_ids is None else (q_ids[:, rows], kv_ids[:, cols])
+            grads = attention_backward(q[:, rows], k[:, cols], v[:, cols], out[:, rows], lse[:, :, rows],
+                                       dout[:, rows], causal=causal, segment_ids=ids, q_offset=q_offset,
+                                       kv_offset=kv_offset, window=window, impl=impl, flash=flash)
+            dq = dq + grads[0].astype(jnp.float32)
+            dk_parts[index].append(grads[1].astype(jnp.float32))
+            dv_parts[index].append(grads[2].astype(jnp.float32))
+        dq_rows.append(dq)
+    return (jnp.concatenate(dq_rows, axis=1), jnp.concatenate([sum(p) for p in dk_parts], axis=1),
+            jnp.concatenate([sum(p) for p in dv_parts], axis=1))
 
 
 def _balanced(body):
@@ -224,7 +247,7 @@ def _balanced(body):
 
 
 @_balanced
-def _allgather_kv(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes, zigzag):
+def _allgather_kv(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
     n, devices = q.shape[1], grid[0] * grid[1]
     chunk = lax.axis_index(axes)
     k_all, v_all = _gather(k, axes), _gather(v, axes)
@@ -238,31 +261,69 @@ def _allgather_kv(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, a
         kv_ids = None if kv_ids is None else natural(kv_ids)
     q_ids = None if segment_ids is None else segment_ids[0]
     out, _ = _attend_pieces(q, k_all, v_all, q_ids, kv_ids, _pieces(chunk, n, devices, zigzag),
-                            [(0, seq_len, 0)], causal=causal, impl=impl, flash=flash)
+                            [(0, seq_len, 0)], causal=causal, window=window, impl=impl, flash=flash)
     return out
 
 
 @_balanced
-def _ring(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes, zigzag):
+def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
+    """K/V go around the ring; a custom_vjp keeps only this device's q, k, v, out and lse for the
+    backward pass (autodiff of the loop would keep every step's K/V: O(seq) memory, like all-gather),
+    and the backward sends K/V around again with their gradient accumulators."""
     n, devices = q.shape[1], grid[0] * grid[1]
-    chunk = lax.axis_index(axes)
     to_next = [(r, (r + 1) % devices) for r in range(devices)]
+    blocks = dict(causal=causal, window=window, impl=impl, flash=flash)
+
+    def pieces(chunk):
+        return _pieces(chunk, n, devices, zigzag)
+
+    def forward(q, k, v, q_ids, kv_ids):
+        chunk = lax.axis_index(axes)
+        out = lse = None
+        for step in range(devices):  # at step s this device holds the K/V of chunk − s
+            if step + 1 < devices:  # send them on first: the transfer overlaps this step's attention
+                passed_on = lax.ppermute((k, v, kv_ids), axes, to_next)
+            part = _attend_pieces(q, k, v, q_ids, kv_ids, pieces(chunk), pieces((chunk - step) % devices),
+                                  **blocks)
+            out, lse = part if out is None else merge_partials([out, part[0]], [lse, part[1]])
+            if step + 1 < devices:
+                k, v, kv_ids = passed_on
+        return out, lse
+
+    def backward(residuals, dout):
+        q, k, v, q_ids, kv_ids, out, lse = residuals
+        chunk = lax.axis_index(axes)
+        dq = arriving = None
+        for step in range(devices):
+            if step + 1 < devices:
+                passed_on = lax.ppermute((k, v, kv_ids), axes, to_next)
+            dq_s, dk_s, dv_s = _attend_pieces_backward(q, k, v, q_ids, kv_ids, out, lse, dout, pieces(chunk),
+                                                       pieces((chunk - step) % devices), **blocks)
+            dq = dq_s if dq is None else dq + dq_s
+            if arriving is not None:  # what the devices before this one computed for the same K/V
+                dk_s, dv_s = dk_s + arriving[0], dv_s + arriving[1]
+            # After the last step this sends the finished gradient home: the K/V held here last
+            # belong to chunk + 1.
+            arriving = lax.ppermute((dk_s, dv_s), axes, to_next)
+            if step + 1 < devices:
+                k, v, kv_ids = passed_on
+        dk, dv = arriving
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+    @jax.custom_vjp
+    def ring(q, k, v, q_ids, kv_ids):
+        return forward(q, k, v, q_ids, kv_ids)[0]
+
+    def ring_forward(q, k, v, q_ids, kv_ids):
+        out, lse = forward(q, k, v, q_ids, kv_ids)
+        return out, (q, k, v, q_ids, kv_ids, out, lse)
+
+    ring.defvjp(ring_forward, backward)
     q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
-    q_pieces = _pieces(chunk, n, devices, zigzag)
-    out = lse = None
-    for step in range(devices):  # at step s this device holds the K/V of device chunk − s
-        source = (chunk - step) % devices
-        part = _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, _pieces(source, n, devices, zigzag),
-                              causal=causal, impl=impl, flash=flash)
-        out, lse = part if out is None else merge_partials([out, part[0]], [lse, part[1]])
-        if step + 1 < devices:
-            k, v = lax.ppermute(k, axes, to_next), lax.ppermute(v, axes, to_next)
-            if segment_ids is not None:
-                kv_ids = lax.ppermute(kv_ids, axes, to_next)
-    return out
+    return ring(q, k, v, q_ids, kv_ids)
 
 
-def _ulysses(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes):
+def _ulysses(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes):
     devices = grid[0] * grid[1]
     heads, kv_heads = q.shape[2], k.shape[2]
     if kv_heads % devices:  # each device needs whole kv heads for its query heads: repeat them
@@ -274,12 +335,12 @@ def _ulysses(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes):
 
     ids = None if segment_ids is None else tuple(_gather(x, axes) for x in segment_ids)
     out, _ = attention_op(to_heads(q), to_heads(k), to_heads(v), causal=causal, segment_ids=ids,
-                          impl=impl, flash=flash)
+                          window=window, impl=impl, flash=flash)
     return lax.all_to_all(out, axes, split_axis=1, concat_axis=2, tiled=True)
 
 
 @_balanced
-def _attention2d(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, axes, zigzag):
+def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
     (rows, cols), (row_axis, col_axis) = grid, axes  # Pq × Pkv; row i = seq_q index, column j = seq_kv
     n, devices = q.shape[1], rows * cols
     i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
@@ -299,7 +360,7 @@ def _attention2d(q, k, v, segment_ids, *, causal, impl, flash, seq_len, grid, ax
     if segment_ids is not None:
         q_ids, kv_ids = _gather(segment_ids[0], col_axis), _gather(segment_ids[1], row_axis)
     out, lse = _attend_pieces(q_block, k_block, v_block, q_ids, kv_ids, q_pieces, kv_pieces,
-                              causal=causal, impl=impl, flash=flash)
+                              causal=causal, window=window, impl=impl, flash=flash)
 
     # Merge the row's partials exactly: weights exp(lse_j − lse_row) with lse_row = log Σ_j exp(lse_j).
     top = lax.pmax(lax.stop_gradient(lse), col_axis)  # only a shift for range: no gradient

@@ -97,7 +97,7 @@ class Steps:
     def __init__(self, config: Config, task: Any, mesh: jax.sharding.Mesh | None = None):
         self.kind = task.kind
         sequence_parallel = None
-        if mesh is not None and config.mesh.seq_devices > 1 and config.model.attention_parallel != "none":
+        if mesh is not None and config.mesh.seq_devices > 1:
             sequence_parallel = SequenceParallel(mesh, config.model.attention_parallel)
         model = build_model(config.model, config.kernels, kind=task.kind, vocab_size=task.vocab_size,
                             num_classes=task.num_classes, seq_len=config.data.seq_len,
