@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,28 +175,46 @@ def _to_zigzag(x, axes, devices: int, *, inverse: bool = False):
     return jnp.concatenate([back_first, back_second], axis=1)
 
 
-def _pieces(chunk, n: int, devices: int, zigzag: bool):
-    """[(first row, rows, global offset)] of a device's local rows (chunk = its flat index)."""
+class Piece(NamedTuple):
+    """A run of a device's rows: local first row, length, global offset of the first, and for zigzag
+    pieces which half of the sequence it lies in (0: the first, 1: the second; None: not zigzag)."""
+
+    row: int
+    rows: int
+    offset: Any
+    half: int | None = None
+
+
+def _pieces(chunk, n: int, devices: int, zigzag: bool) -> list[Piece]:
+    """The pieces of a device's local rows (chunk = its flat index)."""
     if not zigzag:
-        return [(0, n, chunk * n)]
+        return [Piece(0, n, chunk * n)]
     half = n // 2
-    return [(0, half, chunk * half), (half, half, (2 * devices - 1 - chunk) * half)]
+    return [Piece(0, half, chunk * half, 0), Piece(half, half, (2 * devices - 1 - chunk) * half, 1)]
+
+
+def _hidden(q_piece: Piece, kv_piece: Piece, causal: bool) -> bool:
+    """True when causal masking hides kv_piece from q_piece whatever the devices: every zigzag piece
+    of the first half precedes every piece of the second, so those pairs are not even launched."""
+    return causal and q_piece.half == 0 and kv_piece.half == 1
 
 
 def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, window, impl, flash):
-    """Attention of each query piece to every key piece, merged through lse, pieces in row order.
+    """Attention of each query piece to every key piece it can see, merged through lse.
 
-    q_pieces / kv_pieces: [(first row, rows, global offset)] covering q's / k's rows in order.
+    q_pieces / kv_pieces: Pieces covering q's / k's rows in order.
     Returns out [b, rows of q, heads, d] and lse [b, heads, rows of q].
     """
     outs, lses = [], []
-    for q_row, q_rows, q_offset in q_pieces:
+    for qp in q_pieces:
         parts = []
-        for kv_row, kv_rows, kv_offset in kv_pieces:
-            ids = None if q_ids is None else (q_ids[:, q_row:q_row + q_rows], kv_ids[:, kv_row:kv_row + kv_rows])
-            parts.append(attention_op(q[:, q_row:q_row + q_rows], k[:, kv_row:kv_row + kv_rows],
-                                      v[:, kv_row:kv_row + kv_rows], causal=causal, segment_ids=ids,
-                                      q_offset=q_offset, kv_offset=kv_offset, window=window, impl=impl,
+        for kp in kv_pieces:
+            if _hidden(qp, kp, causal):
+                continue
+            ids = None if q_ids is None else (q_ids[:, qp.row:qp.row + qp.rows], kv_ids[:, kp.row:kp.row + kp.rows])
+            parts.append(attention_op(q[:, qp.row:qp.row + qp.rows], k[:, kp.row:kp.row + kp.rows],
+                                      v[:, kp.row:kp.row + kp.rows], causal=causal, segment_ids=ids,
+                                      q_offset=qp.offset, kv_offset=kp.offset, window=window, impl=impl,
                                       flash=flash))
         out, lse = parts[0] if len(parts) == 1 else merge_partials([o for o, _ in parts], [l for _, l in parts])
         outs.append(out)
@@ -209,22 +228,27 @@ def _attend_pieces_backward(q, k, v, q_ids, kv_ids, out, lse, dout, q_pieces, kv
 
     Returns dq [b, rows of q, heads, d] and dk, dv [b, rows of k, kv_heads, d], float32.
     """
-    dq_rows, dk_parts, dv_parts = [], [[] for _ in kv_pieces], [[] for _ in kv_pieces]
-    for q_row, q_rows, q_offset in q_pieces:
-        rows = slice(q_row, q_row + q_rows)
-        dq = 0.0
-        for index, (kv_row, kv_rows, kv_offset) in enumerate(kv_pieces):
-            cols = slice(kv_row, kv_row + kv_rows)
+    f32 = jnp.float32
+    dq_rows = []
+    dk_parts = [jnp.zeros((k.shape[0], kp.rows, *k.shape[2:]), f32) for kp in kv_pieces]
+    dv_parts = [jnp.zeros((v.shape[0], kp.rows, *v.shape[2:]), f32) for kp in kv_pieces]
+    for qp in q_pieces:
+        rows = slice(qp.row, qp.row + qp.rows)
+        dq = jnp.zeros((q.shape[0], qp.rows, *q.shape[2:]), f32)
+        for index, kp in enumerate(kv_pieces):
+            if _hidden(qp, kp, causal):
+                continue
+            cols = slice(kp.row, kp.row + kp.rows)
             ids = None if q_ids is None else (q_ids[:, rows], kv_ids[:, cols])
             grads = attention_backward(q[:, rows], k[:, cols], v[:, cols], out[:, rows], lse[:, :, rows],
-                                       dout[:, rows], causal=causal, segment_ids=ids, q_offset=q_offset,
-                                       kv_offset=kv_offset, window=window, impl=impl, flash=flash)
-            dq = dq + grads[0].astype(jnp.float32)
-            dk_parts[index].append(grads[1].astype(jnp.float32))
-            dv_parts[index].append(grads[2].astype(jnp.float32))
+                                       dout[:, rows], causal=causal, segment_ids=ids, q_offset=qp.offset,
+                                       kv_offset=kp.offset, window=window, impl=impl, flash=flash)
+            dq = dq + grads[0].astype(f32)
+            dk_parts[index] = dk_parts[index] + grads[1].astype(f32)
+            dv_parts[index] = dv_parts[index] + grads[2].astype(f32)
         dq_rows.append(dq)
-    return (jnp.concatenate(dq_rows, axis=1), jnp.concatenate([sum(p) for p in dk_parts], axis=1),
-            jnp.concatenate([sum(p) for p in dv_parts], axis=1))
+    return (jnp.concatenate(dq_rows, axis=1), jnp.concatenate(dk_parts, axis=1),
+            jnp.concatenate(dv_parts, axis=1))
 
 
 def _balanced(body):
@@ -261,7 +285,7 @@ def _allgather_kv(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len,
         kv_ids = None if kv_ids is None else natural(kv_ids)
     q_ids = None if segment_ids is None else segment_ids[0]
     out, _ = _attend_pieces(q, k_all, v_all, q_ids, kv_ids, _pieces(chunk, n, devices, zigzag),
-                            [(0, seq_len, 0)], causal=causal, window=window, impl=impl, flash=flash)
+                            [Piece(0, seq_len, 0)], causal=causal, window=window, impl=impl, flash=flash)
     return out
 
 
@@ -346,16 +370,14 @@ def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
     i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
     # Query block i: the row's devices i·Pkv + c, c = 0 … Pkv − 1, in order.
     q_block = _gather(q, col_axis)
-    q_pieces = [(c * n + row, length, offset) for c in range(cols)
-                for row, length, offset in _pieces(i * cols + c, n, devices, zigzag)]
+    q_pieces = [p._replace(row=c * n + p.row) for c in range(cols) for p in _pieces(i * cols + c, n, devices, zigzag)]
     # Key/value block j: the column's devices i'·Pkv + j, i' = 0 … Pq − 1.
     k_block, v_block = _gather(k, row_axis), _gather(v, row_axis)
-    kv_pieces = [(r * n + row, length, offset) for r in range(rows)
-                 for row, length, offset in _pieces(r * cols + j, n, devices, zigzag)]
+    kv_pieces = [p._replace(row=r * n + p.row) for r in range(rows) for p in _pieces(r * cols + j, n, devices, zigzag)]
     if not zigzag:  # contiguous chunks: the query block is one run, and so is the kv block when Pkv = 1
-        q_pieces = [(0, cols * n, i * cols * n)]
+        q_pieces = [Piece(0, cols * n, i * cols * n)]
         if cols == 1:
-            kv_pieces = [(0, rows * n, 0)]
+            kv_pieces = [Piece(0, rows * n, 0)]
     q_ids = kv_ids = None
     if segment_ids is not None:
         q_ids, kv_ids = _gather(segment_ids[0], col_axis), _gather(segment_ids[1], row_axis)
