@@ -476,9 +476,9 @@ def test_invalid_inputs_raise(case, match):
 SMALL_TILES = dict(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16, block_q_dq=16, block_k_dq=16)
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas"])
-@pytest.mark.parametrize("causal,window,packed", [(False, None, False), (True, None, True), (True, 9, False),
-                                                  (False, 7, True)])
+@pytest.mark.parametrize("impl,causal,window,packed", [("reference", False, None, False), ("reference", True, 9, True),
+                                                       ("pallas", True, None, True), ("pallas", True, 9, False),
+                                                       ("pallas", False, 7, True)])
 def test_attention_backward_gives_each_key_blocks_share(impl, causal, window, packed):
     """Split the keys in two blocks (one with no visible key for the first rows when causal) and
     merge: attention_backward of each block, from the merged out and lse, sums to autodiff of the

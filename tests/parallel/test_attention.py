@@ -79,8 +79,10 @@ def test_segment_ids_shard_with_the_tokens(strategy):
     assert_matches_reference(qkv, weights, mesh=mesh, strategy=strategy, causal=True, segment_ids=segment_ids)
 
 
-@pytest.mark.parametrize("strategy", parallel.STRATEGIES)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+WINDOW_CASES = [(strategy, True) for strategy in parallel.STRATEGIES] + [("attention2d", False), ("ring", False)]
+
+
+@pytest.mark.parametrize("strategy,causal", WINDOW_CASES, ids=[f"{s}-{'causal' if c else 'full'}" for s, c in WINDOW_CASES])
 def test_sliding_window_crosses_device_boundaries(strategy, causal):
     """A window of 11 over chunks of 8 (2×4 grid): every device needs keys from its neighbours'."""
     mesh = make_mesh((1, 2, 4))
