@@ -529,6 +529,11 @@ def padded_segments_and_shift(plan: _Plan, segment_ids, q_offset, kv_offset):
 _flash_padded = differentiable(_forward, _backward)
 
 
+def _pad_rows(plan: _Plan, x: Array, length: int) -> Array:
+    """[B, N, H, D] → [B, length, H, head_dim_pad], zero-padded."""
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, plan.head_dim_pad - x.shape[-1])))
+
+
 def flash_attention(q: Array, k: Array, v: Array, *, causal: bool, segment_ids, scale: float,
                     q_offset, kv_offset, window: int | None, flash: FlashAttentionConfig,
                     interpret: bool, backend: str | None = None) -> tuple[Array, Array]:
@@ -548,10 +553,7 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool, segment_ids, 
     plan = make_plan(q.shape, k.shape, q.dtype, causal=causal, window=window,
                      segmented=segment_ids is not None, scale=scale, flash=flash, interpret=interpret)
     head_dim = q.shape[-1]
-
-    def pad(x, length):
-        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, plan.head_dim_pad - head_dim)))
-
+    pad = functools.partial(_pad_rows, plan)
     q_p, k_p, v_p = pad(q, plan.q_pad), pad(k, plan.kv_pad), pad(v, plan.kv_pad)
     q_ids, kv_ids, shift = padded_segments_and_shift(plan, segment_ids, q_offset, kv_offset)
     out, lse = _flash_padded(plan, shift, q_p, k_p, v_p, q_ids, kv_ids)
@@ -576,10 +578,7 @@ def flash_attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Arra
     plan = make_plan(q.shape, k.shape, q.dtype, causal=causal, window=window,
                      segmented=segment_ids is not None, scale=scale, flash=flash, interpret=interpret)
     head_dim = q.shape[-1]
-
-    def pad(x, length):
-        return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, plan.head_dim_pad - head_dim)))
-
+    pad = functools.partial(_pad_rows, plan)
     q_p, k_p, v_p = pad(q, plan.q_pad), pad(k, plan.kv_pad), pad(v, plan.kv_pad)
     out_p, dout_p = pad(out.astype(q.dtype), plan.q_pad), pad(dout.astype(q.dtype), plan.q_pad)
     lse_p = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, plan.q_pad - plan.q_len)))

@@ -400,6 +400,17 @@ def _backward(plan: _Plan, shift, q, k, v, q_ids, kv_ids, out, lse, dout, dlse):
 _flash_tpu = differentiable(_forward, _backward)
 
 
+def _to_tiles(plan: _Plan, x: Array, length: int) -> Array:
+    """[B, N, H, D] → [B, H, length, head_dim_pad], zero-padded: the kernels' layout."""
+    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, plan.head_dim_pad - x.shape[-1])))
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _from_tiles(x: Array, length: int, head_dim: int) -> Array:
+    """The kernels' [B, H, N_pad, D_pad] → [B, length, H, head_dim]."""
+    return jnp.swapaxes(x, 1, 2)[:, :length, :, :head_dim]
+
+
 def flash_attention_tpu(q: Array, k: Array, v: Array, *, causal: bool, segment_ids, scale: float,
                         q_offset, kv_offset, window: int | None, flash: FlashAttentionConfig,
                         interpret: bool) -> tuple[Array, Array]:
@@ -411,15 +422,11 @@ def flash_attention_tpu(q: Array, k: Array, v: Array, *, causal: bool, segment_i
     plan = make_tpu_plan(q.shape, k.shape, causal=causal, window=window, segmented=segment_ids is not None,
                          scale=scale, flash=flash, interpret=interpret)
     head_dim = q.shape[-1]
-
-    def to_tiles(x, length):  # [B, N, H, D] → [B, H, N_pad, D_pad]
-        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, plan.head_dim_pad - head_dim)))
-        return jnp.swapaxes(x, 1, 2)
-
+    to_tiles = functools.partial(_to_tiles, plan)
     q_t, k_t, v_t = to_tiles(q, plan.q_pad), to_tiles(k, plan.kv_pad), to_tiles(v, plan.kv_pad)
     q_ids, kv_ids, shift = padded_segments_and_shift(plan, segment_ids, q_offset, kv_offset)
     out, lse = _flash_tpu(plan, shift, q_t, k_t, v_t, q_ids, kv_ids)
-    return jnp.swapaxes(out, 1, 2)[:, :plan.q_len, :, :head_dim], lse[:, :, :plan.q_len]
+    return _from_tiles(out, plan.q_len, head_dim), lse[:, :, :plan.q_len]
 
 
 def flash_attention_backward_tpu(q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, *,
@@ -430,18 +437,12 @@ def flash_attention_backward_tpu(q: Array, k: Array, v: Array, out: Array, lse: 
     plan = make_tpu_plan(q.shape, k.shape, causal=causal, window=window, segmented=segment_ids is not None,
                          scale=scale, flash=flash, interpret=interpret)
     head_dim = q.shape[-1]
-
-    def to_tiles(x, length):  # [B, N, H, D] → [B, H, N_pad, D_pad]
-        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, plan.head_dim_pad - head_dim)))
-        return jnp.swapaxes(x, 1, 2)
-
+    to_tiles = functools.partial(_to_tiles, plan)
     q_t, k_t, v_t = to_tiles(q, plan.q_pad), to_tiles(k, plan.kv_pad), to_tiles(v, plan.kv_pad)
     out_t, dout_t = to_tiles(out.astype(q.dtype), plan.q_pad), to_tiles(dout.astype(q.dtype), plan.q_pad)
     lse_t = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, plan.q_pad - plan.q_len)))
     q_ids, kv_ids, shift = padded_segments_and_shift(plan, segment_ids, q_offset, kv_offset)
     dq, dk, dv = _backward(plan, shift, q_t, k_t, v_t, q_ids, kv_ids, out_t, lse_t, dout_t, jnp.zeros_like(lse_t))
 
-    def from_tiles(x, length):
-        return jnp.swapaxes(x, 1, 2)[:, :length, :, :head_dim]
-
-    return from_tiles(dq, plan.q_len), from_tiles(dk, plan.kv_len), from_tiles(dv, plan.kv_len)
+    return (_from_tiles(dq, plan.q_len, head_dim), _from_tiles(dk, plan.kv_len, head_dim),
+            _from_tiles(dv, plan.kv_len, head_dim))
