@@ -146,3 +146,22 @@ def test_sequence_and_heads_must_divide_over_the_devices():
     q = jnp.ones((2, 8, 6, 16))
     with pytest.raises(ValueError, match="q: strategy 'ulysses' needs heads divisible by the 4 sequence devices"):
         parallel.attention(q, q, q, mesh=mesh, strategy="ulysses")
+
+
+@pytest.mark.parametrize("strategy", ["ring", "none"])
+def test_attention_layer_keeps_its_window_when_sequence_parallel(strategy):
+    """The layer hands its sliding window to the sequence-parallel plan (also with strategy none)."""
+    from flax import nnx
+
+    from longseq.layers.attention import Attention
+
+    mesh = make_mesh((1, 2, 4))
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 32, 16)), jnp.float32)
+
+    def layer(plan):
+        return Attention(16, 4, 2, causal=True, window=5, impl="reference", sequence_parallel=plan,
+                         rngs=nnx.Rngs(0))
+
+    want = layer(None)(x)
+    got = jax.jit(lambda x: layer(parallel.SequenceParallel(mesh, strategy))(x))(x)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)

@@ -40,7 +40,7 @@ class Attention(nnx.Module):
           impl: `KernelsConfig.attention`, forwarded to the op.
           flash: tiling of the Pallas kernel (`KernelsConfig.flash_attention`), forwarded to the op.
           sequence_parallel: run the op sequence-parallel (`longseq.parallel`) on this plan's mesh;
-            None = the single-device op. No window with it.
+            None = the single-device op.
           rngs: needs a `params` stream (or a default one).
         """
         num_kv_heads = num_kv_heads or num_heads
@@ -55,9 +55,6 @@ class Attention(nnx.Module):
         self.window = window
         self.impl = impl
         self.flash = flash
-        if sequence_parallel is not None and sequence_parallel.strategy != "none" and window is not None:
-            raise ValueError("window: sliding-window attention is not sequence-parallel yet; "
-                             "use mesh.seq_q = mesh.seq_kv = 1")
         self.sequence_parallel = sequence_parallel
         linear = lambda d_in, d_out: nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, rngs=rngs)
         self.q_proj = linear(d_model, num_heads * self.head_dim)
@@ -87,7 +84,7 @@ class Attention(nnx.Module):
         k = apply_rotary(k, positions, theta=self.rope_theta)
         if self.sequence_parallel is not None:
             out = self.sequence_parallel.attention(q, k, v, causal=self.causal, segment_ids=segment_ids,
-                                                   impl=self.impl, flash=self.flash)
+                                                   window=self.window, impl=self.impl, flash=self.flash)
         else:
             out, _ = attention_op(q, k, v, causal=self.causal, segment_ids=segment_ids, window=self.window,
                                   impl=self.impl, flash=self.flash)
