@@ -187,7 +187,7 @@ def _add_bench_parallel_parser(bench_commands) -> None:
                                "single_device_IMPL (IMPL of longseq.ops.ATTENTION_IMPLS), anchor_allgather_cudnn. "
                                "Default: every strategy, single_device_<block impl>, and the anchor on GPU")
     parallel.add_argument("--block-impl", default=None, metavar="IMPL",
-                          help="longseq.ops implementation of every block (default: pallas on GPU, reference "
+                          help="longseq.ops implementation of every block (default: cudnn on GPU, reference "
                                "elsewhere)")
     parallel.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parallel.add_argument("--passes", type=_comma_list, default=("fwd+bwd",), metavar="fwd,fwd+bwd",

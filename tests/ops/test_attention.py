@@ -527,7 +527,7 @@ def test_attention_backward_refuses_what_it_cannot_run():
 
     q = jnp.ones((1, 4, 2, 8))
     lse = jnp.zeros((1, 2, 4))
-    with pytest.raises(ValueError, match="impl: attention_backward runs 'pallas' or 'reference'"):
-        attention_backward(q, q, q, q, lse, q, impl="cudnn")
+    with pytest.raises(ValueError, match="impl: attention_backward runs 'pallas', 'cudnn' or 'reference'"):
+        attention_backward(q, q, q, q, lse, q, impl="xla")
     with pytest.raises(ValueError, match=r"lse: expected shape \(1, 2, 4\)"):
         attention_backward(q, q, q, q, lse[:, :, :3], q)

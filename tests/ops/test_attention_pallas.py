@@ -264,8 +264,9 @@ def test_bad_window_and_cudnn_limits_are_named():
     q = jnp.ones((1, 8, 2, 16))
     with pytest.raises(ValueError, match="window: expected None or a positive int, got 0"):
         attention(q, q, q, window=0, impl="pallas")
-    with pytest.raises(ValueError, match="segment_ids: impl='cudnn'"):
+    with pytest.raises(ValueError, match="segment_ids: impl='cudnn' does not take segment ids"):
         ids = jnp.zeros((1, 8), jnp.int32)
-        attention(q, q, q, segment_ids=(ids, ids), impl="cudnn")
-    with pytest.raises(ValueError, match="q_offset: impl='cudnn' needs q_offset == kv_offset"):
+        attention(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), q.astype(jnp.bfloat16),
+                  segment_ids=(ids, ids), impl="cudnn")
+    with pytest.raises(ValueError, match="q: impl='cudnn' takes bfloat16 or float16, got float32"):
         attention(q, q, q, causal=True, q_offset=8, impl="cudnn")

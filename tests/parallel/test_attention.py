@@ -107,12 +107,60 @@ def test_ring_keeps_only_its_own_chunk_for_the_backward():
 
 
 @pytest.mark.parametrize("strategy", ["attention2d", "ring"])
-@pytest.mark.parametrize("impl", ["xla", "cudnn"])
-def test_strategies_that_merge_refuse_blocks_without_lse_gradient(strategy, impl):
+def test_strategies_with_a_backward_from_statistics_refuse_xla_blocks(strategy):
     mesh = make_mesh((1, 1, 1))
     q = jnp.ones((2, 8, 4, 16))
-    with pytest.raises(ValueError, match=f"impl: strategy '{strategy}' merges blocks through their log-sum-exp"):
-        parallel.attention(q, q, q, mesh=mesh, strategy=strategy, impl=impl)
+    with pytest.raises(ValueError, match=f"impl: strategy '{strategy}' runs each block's backward from the merged"):
+        parallel.attention(q, q, q, mesh=mesh, strategy=strategy, impl="xla")
+
+
+def test_attention2d_keeps_only_its_own_chunk_for_the_backward():
+    """attention2d's custom_vjp saves q, k, v, out and the row's lse, and gathers again in the
+    backward: autodiff would keep the gathered query and key blocks and the blocks' partials."""
+    mesh = make_mesh((1, 2, 4))
+    qkv, _, _ = random_inputs(8)
+
+    def attention2d(q, k, v):
+        return parallel.attention(q, k, v, mesh=mesh, strategy="attention2d", causal=True, impl="reference")
+
+    backward = jax.eval_shape(lambda *qkv: jax.vjp(attention2d, *qkv)[1], *qkv)  # shapes only
+    saved = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(backward))
+    q, k, v = qkv
+    row_lse = q.size // q.shape[-1] * 4 * 4  # [batch, heads, Pkv · n] float32 per device, 8 devices
+    assert saved <= 2 * q.nbytes + k.nbytes + v.nbytes + row_lse + 64  # + a few bytes of flags
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="real cuDNN needs GPUs")
+@pytest.mark.parametrize("strategy", parallel.STRATEGIES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_with_real_cudnn_blocks_in_bfloat16(strategy, causal):
+    """impl='auto' on GPUs: cuDNN per block, bfloat16, against the float32 reference."""
+    mesh = make_mesh((1, 2, 2) if jax.device_count() >= 4 else (1, 1, 2))
+    qkv, weights, _ = random_inputs(10, seq=1024, head_dim=64)
+    qkv16 = tuple(x.astype(jnp.bfloat16) for x in qkv)
+
+    def sharded(q, k, v):
+        return parallel.attention(q, k, v, mesh=mesh, strategy=strategy, causal=causal).astype(jnp.float32)
+
+    def single(q, k, v):
+        return attention(q, k, v, causal=causal, impl="reference")[0]
+
+    out, grads = outputs_and_grads(sharded, qkv16, weights)
+    out_ref, grads_ref = outputs_and_grads(single, qkv, weights)
+    for got, want in zip((out, *grads), (out_ref, *grads_ref)):
+        got, want = np.asarray(got, np.float32), np.asarray(want)
+        assert np.max(np.abs(got - want)) < 3e-2 * np.max(np.abs(want))
+
+
+@pytest.mark.parametrize("strategy", ["attention2d", "ring", "allgather_kv"])
+def test_with_cudnn_blocks(strategy, fake_cudnn):
+    """The per-block cuDNN path (block kinds, lax.switch on traced offsets, backward from merged
+    statistics) with cuDNN's two calls replaced by the reference, which exists on CPU: the strategy
+    must still match single-device attention. The GPU run checks the real cuDNN."""
+    mesh = make_mesh((1, 2, 2) if jax.device_count() >= 4 else (1, 1, 2))
+    qkv, weights, _ = random_inputs(9, seq=32)
+    assert_matches_reference(qkv, weights, mesh=mesh, strategy=strategy, causal=True, segment_ids=None,
+                             impl="cudnn")
 
 
 @pytest.mark.parametrize("strategy", ["attention2d", "ring"])

@@ -45,27 +45,31 @@ d = heads·head_dim (q, out), d_kv = kv_heads·head_dim (k, v), s = the itemsize
     allgather_kv  fwd  2·(P−1)·n·d_kv·s  = 2·(P−1)/P·N·d_kv·s      all-gather K, V over P
                   bwd  + the same                                   reduce-scatter dK, dV
     ring          fwd  2·(P−1)·n·d_kv·s                             P−1 ppermutes of the K, V chunks
-                  bwd  + the same                                   P−1 reverse ppermutes of dK, dV
+                  bwd  + 2·(P−1)·n·d_kv·s                           K, V around the ring again
+                       + 2·(P−1)·n·d_kv·f + 2·n·d_kv·s              dK, dV partial sums (float32),
+                                                                    then home in their dtype
     ulysses       fwd  (P−1)/P·n·(2·d + 2·d_kv')·s                   all-to-all q, k, v and out;
                                                                     d_kv' = d when kv_heads % P ≠ 0
                   bwd  + the same                                   the transposed all-to-alls
     attention2d   fwd  (Pkv−1)·n·d·s                                all-gather Q over seq_kv
                        + 2·(Pq−1)·n·d_kv·s                          all-gather K, V over seq_q
-                       + (Pkv−1)·n·d·f                              reduce-scatter of the float32
-                                                                    weighted outputs over seq_kv
+                       + (Pkv−1)·n·d·s                              reduce-scatter of the weighted
+                                                                    outputs over seq_kv
                        + 2 × 2·(Pkv−1)·n·heads·f                    pmax and psum of the [B, heads,
                                                                     Pkv·n] float32 lse weights
-                  bwd  + (Pkv−1)·n·d·s + 2·(Pq−1)·n·d_kv·s          reduce-scatter dQ; dK, dV
-                       + (Pkv−1)·n·d·f                              all-gather of d(weighted), float32
-                       + 2·(Pkv−1)·n·heads·f                        psum of d(weights) (pmax has none)
+                  bwd  + 3·(Pkv−1)·n·d·s + 2·(Pq−1)·n·d_kv·s        all-gather Q, out, dout; K, V again
+                       + (Pkv−1)·n·d·s + 2·(Pq−1)·n·d_kv·s          reduce-scatter dQ; dK, dV
 
-fwd+bwd is forward + backward: autodiff transposes every collective (all-gather ↔ reduce-scatter,
-ppermute ↔ the reverse ppermute, all-to-all ↔ all-to-all, psum ↔ psum) and the forward's collectives
-run once (their results are residuals, not recomputed). So ring ≈ 2·N·d_kv·s per device forward and
-attention2d on a √P × √P grid ≈ (√P−1)/P·N·(d·s + 2·d_kv·s + d·f): for bf16 and d_kv = d, the ratio
-2D/ring is 2.5/(√P+1), close to 2/√P (a little above it at large P, because the output
-reduce-scatter is float32: 2 × the bytes of a bf16 one). Bytes scale linearly in N: the defaults
-(N = 8192) stand for any N. The measured bytes are the truth; the model is a guide.
+fwd+bwd is forward + backward. For allgather_kv and ulysses autodiff transposes every collective
+(all-gather ↔ reduce-scatter, all-to-all ↔ all-to-all) and the forward's collectives run once. ring and
+attention2d have custom_vjps that keep only the device's own chunk: their backward moves K/V (ring) or
+gathers the blocks (attention2d) again. So ring ≈ 2·N·d_kv·s per device forward and attention2d on a
+√P × √P grid ≈ 2·(√P−1)/P·N·(d·s + d_kv·s): for d_kv = d the ratio 2D/ring is 2/(√P+1) forward, below
+2/√P. Bytes scale linearly in N: the defaults (N = 8192) stand for any N. The measured bytes are the
+truth; the model is a guide. The backward's repeated transfers carry an optimization barrier so that XLA
+does not merge them with the forward's (which would keep every step's K/V alive); XLA:CPU lowers the
+barrier away before merging, so there the measured fwd+bwd rows of ring and attention2d fall below
+the model (forward rows match it).
 
 A row (a dict; JSON in comm.json under "rows", beside "meta"):
 
@@ -305,20 +309,25 @@ def analytic_bytes(strategy: str, P: int, Pq: int, Pkv: int, N: int, heads: int,
     n = N / P
     d, d_kv, f = heads * head_dim, kv_heads * head_dim, FLOAT32_BYTES
     backward = pass_ == "fwd+bwd"
-    if strategy in ("allgather_kv", "ring"):
+    if strategy == "allgather_kv":
         forward = 2 * (P - 1) * n * d_kv * itemsize
         total = forward * (2 if backward else 1)
+    elif strategy == "ring":
+        forward = 2 * (P - 1) * n * d_kv * itemsize
+        total = forward
+        if backward:  # K, V around again; dK, dV partial sums in float32, sent home in their dtype
+            total += forward + 2 * (P - 1) * n * d_kv * f + 2 * n * d_kv * itemsize
     elif strategy == "ulysses":
         d_kv = d if kv_heads % P else d_kv
         forward = (P - 1) / P * n * (2 * d + 2 * d_kv) * itemsize
         total = forward * (2 if backward else 1)
     elif strategy == "attention2d":
-        gathers = (Pkv - 1) * n * d * itemsize + 2 * (Pq - 1) * n * d_kv * itemsize
-        weighted = (Pkv - 1) * n * d * f
+        row_block = (Pkv - 1) * n * d * itemsize  # one [n, d] array gathered or scattered over seq_kv
+        column_block = (Pq - 1) * n * d_kv * itemsize  # one [n, d_kv] array over seq_q
         lse_all_reduce = 2 * (Pkv - 1) * n * heads * f
-        total = gathers + weighted + 2 * lse_all_reduce
-        if backward:
-            total += gathers + weighted + lse_all_reduce
+        total = row_block + 2 * column_block + row_block + 2 * lse_all_reduce  # q, k, v in; out out
+        if backward:  # q, out, dout and k, v gathered again; dq, dk, dv reduce-scattered
+            total += 4 * row_block + 4 * column_block
     else:
         raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     return total * batch

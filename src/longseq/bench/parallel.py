@@ -25,7 +25,7 @@ Implementations (names as they appear in the rows):
                                chunks, float32 logits), in shard_map over the P devices, with the
                                settings of sp2_anchor.py. Skipped when the package is not installed.
 
-The per-block implementation (block_impl) is "pallas" on GPUs and "reference" elsewhere. FLOPs are
+The per-block implementation (block_impl) is "cudnn" on GPUs and "reference" elsewhere. FLOPs are
 the whole problem's, in the anchors' convention (4·B·H·N²·D, /2 causal, ×3.5 fwd+bwd), so P devices
 at perfect scaling show P times the single-device TFLOP/s.
 
@@ -141,7 +141,7 @@ def default_grids(strategy: str, devices: int) -> tuple[tuple[int, int], ...]:
 
 
 def default_block_impl(platform: str) -> str:
-    return "pallas" if platform == "gpu" else "reference"
+    return "cudnn" if platform == "gpu" else "reference"
 
 
 def default_impls(platform: str, block_impl: str) -> tuple[str, ...]:
@@ -337,7 +337,7 @@ def run_parallel_bench(seq_lens: Iterable[int] = SHAPE_PRESETS["default"].seq_le
       causal: which causal settings (a bool or a sequence of bools).
       passes: a subset of ("fwd", "fwd+bwd").
       block_impl: the longseq.ops implementation of every block (and of the default single-device
-        baseline); default "pallas" on GPU, "reference" elsewhere.
+        baseline); default "cudnn" on GPU, "reference" elsewhere.
       iters, warmup: timed and untimed calls per row (see longseq.bench.timing.time_calls).
       out_dir: if given, parallel.json, parallel.md and parallel.png are written there.
       seed: of the random inputs.

@@ -37,12 +37,15 @@ Implementations (`impl=`), all computing the function above:
   - "pallas": the flash-attention Pallas kernels of `attention_pallas.py` (Triton on GPU; on TPU
     the Mosaic-tiled kernels of `attention_pallas_tpu.py`, which lower for TPU but have never run
     on one; interpret mode elsewhere, slow and meant for tests). Every feature, any platform.
-  - "xla", "cudnn": `jax.nn.dot_product_attention` with that implementation, for comparison and
-    for plain (non-distributed) layers. Their lse is NOT differentiable (JAX returns it with a
-    stopped gradient), rows with no visible key are not zeroed, and "cudnn" (GPU only) takes
-    neither segment ids nor a causal shift (q_offset must equal kv_offset).
-  - "auto": "pallas" on GPUs (float32, bfloat16, float16), "reference" elsewhere (and for float64);
-    the choice is logged once per platform and dtype.
+  - "cudnn": cuDNN's fused flash kernels (GPU; bfloat16 / float16; head_dim a multiple of 8, at
+    most 128; no segment ids), through `attention_cudnn.py`: float32 lse, any causal offsets (blocks
+    cuDNN cannot mask run the Pallas kernel), and a backward from statistics. Its lse has no
+    gradient: differentiating through it raises.
+  - "xla": `jax.nn.dot_product_attention(implementation="xla")`, for comparison. Its lse is NOT
+    differentiable (JAX returns it with a stopped gradient) and rows with no visible key are not
+    zeroed.
+  - "auto": on GPUs "cudnn" where it applies (see above), else "pallas"; "reference" elsewhere (and
+    for float64). The choice is logged once per platform, dtype and reason.
 
 The file reads: validation → reference implementation → merge_partials → the jax.nn wrappers →
 public `attention`, which dispatches on `impl`.
@@ -60,6 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from longseq.config import FlashAttentionConfig
+from longseq.ops.attention_cudnn import cudnn_attention, cudnn_attention_backward, cudnn_supports
 
 ATTENTION_IMPLS = ("auto", "pallas", "reference", "xla", "cudnn")
 
@@ -255,30 +259,15 @@ def merge_partials(outs: Sequence[Array] | Array, lses: Sequence[Array] | Array)
 
 
 # ----------------------------------------------------------------------------------------------
-# Public entry point
-
-# ----------------------------------------------------------------------------------------------
-# jax.nn.dot_product_attention (xla, cudnn)
+# jax.nn.dot_product_attention (xla)
 
 
-def _attention_jax_nn(q, k, v, *, causal, segment_ids, scale, q_offset, kv_offset, window,
-                      implementation):
-    kwargs = dict(scale=scale, implementation=implementation, return_residual=True)
-    if implementation == "cudnn":
-        if segment_ids is not None:
-            raise ValueError("segment_ids: impl='cudnn' does not take segment ids; use 'pallas'")
-        if causal and not (isinstance(q_offset, int) and isinstance(kv_offset, int)
-                           and q_offset == kv_offset):
-            raise ValueError("q_offset: impl='cudnn' needs q_offset == kv_offset (Python ints) when "
-                             f"causal, got {q_offset!r} and {kv_offset!r}; use 'pallas'")
-        kwargs["is_causal"] = causal
-        if window is not None:
-            kwargs["local_window_size"] = (window - 1, 0 if causal else window - 1)
-    else:
-        mask = visibility_mask(q.shape[1], k.shape[1], causal=causal, segment_ids=segment_ids,
-                               q_offset=q_offset, kv_offset=kv_offset, window=window)
-        if mask is not None:
-            kwargs["mask"] = mask[:, None]  # [batch or 1, 1, q_len, kv_len]
+def _attention_xla(q, k, v, *, causal, segment_ids, scale, q_offset, kv_offset, window):
+    mask = visibility_mask(q.shape[1], k.shape[1], causal=causal, segment_ids=segment_ids,
+                           q_offset=q_offset, kv_offset=kv_offset, window=window)
+    kwargs = dict(scale=scale, implementation="xla", return_residual=True)
+    if mask is not None:
+        kwargs["mask"] = mask[:, None]  # [batch or 1, 1, q_len, kv_len]
     out, lse = jax.nn.dot_product_attention(q, k, v, **kwargs)
     return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # [batch, q_len, heads] → [batch, heads, q_len]
 
@@ -291,17 +280,43 @@ _PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 @functools.cache
-def _auto_impl(platform: str, dtype: str) -> str:
-    impl = "pallas" if platform == "gpu" and dtype in ("float32", "bfloat16", "float16") else "reference"
-    logger.info("attention impl='auto' uses %r for %s on platform %r", impl, dtype, platform)
-    return impl
+def _log_auto_choice(platform: str, dtype: str, impl: str, reason: str | None) -> None:
+    because = f" ({reason})" if reason else ""
+    logger.info("attention impl='auto' uses %r for %s on platform %r%s", impl, dtype, platform, because)
 
 
-def _resolve_impl(impl: str, dtype) -> str:
+def _resolve_impl(impl: str, q, segment_ids) -> str:
+    """impl, with "auto" resolved for this platform, dtype, head_dim and segment ids."""
     if impl not in ATTENTION_IMPLS:
         expected = ", ".join(repr(name) for name in ATTENTION_IMPLS)
         raise ValueError(f"impl: expected one of {expected}, got {impl!r}")
-    return _auto_impl(jax.default_backend(), jnp.dtype(dtype).name) if impl == "auto" else impl
+    if impl != "auto":
+        return impl
+    platform, dtype, reason = jax.default_backend(), jnp.dtype(q.dtype).name, None
+    if platform != "gpu" or dtype not in ("float32", "bfloat16", "float16"):
+        resolved = "reference"
+    else:
+        reason = cudnn_supports(q.dtype, q.shape[-1], segment_ids)
+        resolved = "pallas" if reason else "cudnn"
+    _log_auto_choice(platform, dtype, resolved, reason)
+    return resolved
+
+
+def _pallas_functions(flash, interpret):
+    """The Pallas forward and backward-from-statistics, their tiling and mode bound."""
+    from longseq.ops.attention_pallas import flash_attention, flash_attention_backward
+
+    if interpret is None:
+        interpret = jax.default_backend() not in ("gpu", "tpu")
+    bound = dict(flash=flash or FlashAttentionConfig(), interpret=interpret)
+    return functools.partial(flash_attention, **bound), functools.partial(flash_attention_backward, **bound)
+
+
+def _check_cudnn(q, segment_ids) -> None:
+    reason = cudnn_supports(q.dtype, q.shape[-1], segment_ids)
+    if reason:
+        name = "segment_ids" if segment_ids is not None else "q"
+        raise ValueError(f"{name}: {reason}; use impl='pallas'")
 
 
 def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids=None,
@@ -335,22 +350,24 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids
     _check_attention_args(q, k, v, segment_ids, q_offset, kv_offset)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window: expected None or a positive int, got {window!r}")
-    name = _resolve_impl(impl, q.dtype)
+    name = _resolve_impl(impl, q, segment_ids)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     common = dict(causal=causal, segment_ids=segment_ids, scale=scale, q_offset=q_offset,
                   kv_offset=kv_offset, window=window)
     if name == "reference":
         return _attention_reference(q, k, v, **common)
-    if name in ("xla", "cudnn"):
-        return _attention_jax_nn(q, k, v, implementation=name, **common)
-    from longseq.ops.attention_pallas import flash_attention
-
+    if name == "xla":
+        return _attention_xla(q, k, v, **common)
     if q.dtype not in _PALLAS_DTYPES:
         raise ValueError(f"q: impl='pallas' takes float32, bfloat16 or float16, got {q.dtype}")
-    if interpret is None:
-        interpret = jax.default_backend() not in ("gpu", "tpu")
-    return flash_attention(q, k, v, flash=flash or FlashAttentionConfig(), interpret=interpret, **common)
+    forward, backward = _pallas_functions(flash, interpret)
+    if name == "cudnn":
+        _check_cudnn(q, segment_ids)
+        del common["segment_ids"]
+        return cudnn_attention(q, k, v, partial=functools.partial(forward, segment_ids=None),
+                               partial_backward=functools.partial(backward, segment_ids=None), **common)
+    return forward(q, k, v, **common)
 
 
 def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, *,
@@ -373,8 +390,8 @@ def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dou
       out: [batch, q_len, heads, head_dim] the rows' attention output; lse: [batch, heads, q_len]
         their log-sum-exp (-inf for rows that see no key: zero gradient).
       dout: [batch, q_len, heads, head_dim] the cotangent of out.
-      impl: "pallas", "reference" or "auto" (resolved as in `attention`); "xla" and "cudnn" keep
-        their statistics to themselves and are refused.
+      impl: "pallas", "cudnn", "reference" or "auto" (resolved as in `attention`); "xla" keeps its
+        statistics to itself and is refused.
 
     Returns:
       dq [batch, q_len, heads, head_dim], dk and dv [batch, kv_len, kv_heads, head_dim], in the
@@ -386,18 +403,21 @@ def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dou
                            ("lse", lse, (q.shape[0], q.shape[2], q.shape[1]))):
         if jnp.shape(x) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {jnp.shape(x)}")
-    name = _resolve_impl(impl, q.dtype)
-    if name not in ("pallas", "reference"):
-        raise ValueError(f"impl: attention_backward runs 'pallas' or 'reference' (or 'auto'), got {impl!r}")
+    name = _resolve_impl(impl, q, segment_ids)
+    if name == "xla":
+        raise ValueError("impl: attention_backward runs 'pallas', 'cudnn' or 'reference' (or 'auto'), "
+                         f"got {impl!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     common = dict(causal=causal, segment_ids=segment_ids, scale=scale, q_offset=q_offset,
                   kv_offset=kv_offset, window=window)
     if name == "reference":
         return _attention_backward_reference(q, k, v, out, lse, dout, **common)
-    from longseq.ops.attention_pallas import flash_attention_backward
-
-    if interpret is None:
-        interpret = jax.default_backend() not in ("gpu", "tpu")
-    return flash_attention_backward(q, k, v, out, lse, dout, flash=flash or FlashAttentionConfig(),
-                                    interpret=interpret, **common)
+    _, backward = _pallas_functions(flash, interpret)
+    if name == "cudnn":
+        _check_cudnn(q, segment_ids)
+        del common["segment_ids"]
+        return cudnn_attention_backward(q, k, v, out, lse, dout,
+                                        partial_backward=functools.partial(backward, segment_ids=None),
+                                        **common)
+    return backward(q, k, v, out, lse, dout, **common)

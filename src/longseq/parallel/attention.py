@@ -95,18 +95,19 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
       causal, segment_ids, window: as in `longseq.ops.attention` (segment_ids: a pair of [batch, seq]
         ints); every block attends with its global offsets, so windows cross device boundaries.
       seq_q_axis, seq_kv_axis: the mesh axes of the sequence grid (config defaults `seq_q`, `seq_kv`).
-      impl, flash: the per-block attention implementation and its tiling, as in `ops.attention`.
-        ring and attention2d merge blocks through their lse, so they need "pallas" or "reference"
-        ("auto" resolves to one of them); "xla" / "cudnn" give the lse no gradient.
+      impl, flash: the per-block attention implementation and its tiling, as in `ops.attention`
+        ("auto": cuDNN on GPUs where it applies, else the Pallas kernel). ring and attention2d run
+        each block's backward from the merged statistics (`ops.attention_backward`), which "xla"
+        cannot.
 
     Returns:
       out: [batch, seq, heads, head_dim], sharded like q.
     """
     seq_axes = (seq_q_axis, seq_kv_axis)
     _check(q, k, v, segment_ids, mesh, strategy, seq_axes)
-    if strategy in ("ring", "attention2d") and impl in ("xla", "cudnn"):
-        raise ValueError(f"impl: strategy {strategy!r} merges blocks through their log-sum-exp, which "
-                         f"impl={impl!r} gives no gradient; use 'pallas', 'reference' or 'auto'")
+    if strategy in ("ring", "attention2d") and impl == "xla":
+        raise ValueError(f"impl: strategy {strategy!r} runs each block's backward from the merged "
+                         "log-sum-exp, which impl='xla' cannot; use 'auto', 'cudnn', 'pallas' or 'reference'")
     batch_axes = tuple(a for a in mesh.axis_names if a not in seq_axes) or None
     tokens = PartitionSpec(batch_axes, seq_axes, None, None)
     ids = PartitionSpec(batch_axes, seq_axes)
@@ -199,6 +200,13 @@ def _hidden(q_piece: Piece, kv_piece: Piece, causal: bool) -> bool:
     return causal and q_piece.half == 0 and kv_piece.half == 1
 
 
+def _block_causal(q_piece: Piece, kv_piece: Piece, causal: bool) -> bool:
+    """Whether the block needs a causal mask: not when the key piece lies in the first half and the
+    query piece in the second (every key visible), which the kernels then run unmasked, with no
+    test of the traced offsets."""
+    return causal and not (q_piece.half == 1 and kv_piece.half == 0)
+
+
 def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, window, impl, flash):
     """Attention of each query piece to every key piece it can see, merged through lse.
 
@@ -213,7 +221,8 @@ def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, windo
                 continue
             ids = None if q_ids is None else (q_ids[:, qp.row:qp.row + qp.rows], kv_ids[:, kp.row:kp.row + kp.rows])
             parts.append(attention_op(q[:, qp.row:qp.row + qp.rows], k[:, kp.row:kp.row + kp.rows],
-                                      v[:, kp.row:kp.row + kp.rows], causal=causal, segment_ids=ids,
+                                      v[:, kp.row:kp.row + kp.rows], causal=_block_causal(qp, kp, causal),
+                                      segment_ids=ids,
                                       q_offset=qp.offset, kv_offset=kp.offset, window=window, impl=impl,
                                       flash=flash))
         out, lse = parts[0] if len(parts) == 1 else merge_partials([o for o, _ in parts], [l for _, l in parts])
@@ -241,7 +250,8 @@ def _attend_pieces_backward(q, k, v, q_ids, kv_ids, out, lse, dout, q_pieces, kv
             cols = slice(kp.row, kp.row + kp.rows)
             ids = None if q_ids is None else (q_ids[:, rows], kv_ids[:, cols])
             grads = attention_backward(q[:, rows], k[:, cols], v[:, cols], out[:, rows], lse[:, :, rows],
-                                       dout[:, rows], causal=causal, segment_ids=ids, q_offset=qp.offset,
+                                       dout[:, rows], causal=_block_causal(qp, kp, causal), segment_ids=ids,
+                                       q_offset=qp.offset,
                                        kv_offset=kp.offset, window=window, impl=impl, flash=flash)
             dq = dq + grads[0].astype(f32)
             dk_parts[index] = dk_parts[index] + grads[1].astype(f32)
@@ -315,7 +325,9 @@ def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, a
         return out, lse
 
     def backward(residuals, dout):
-        q, k, v, q_ids, kv_ids, out, lse = residuals
+        # The barrier keeps XLA from merging this pass's transfers with the forward's identical ones,
+        # which would keep every step's K/V alive from the forward to here.
+        q, k, v, q_ids, kv_ids, out, lse = lax.optimization_barrier(residuals)
         chunk = lax.axis_index(axes)
         dq = arriving = None
         for step in range(devices):
@@ -326,9 +338,9 @@ def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, a
             dq = dq_s if dq is None else dq + dq_s
             if arriving is not None:  # what the devices before this one computed for the same K/V
                 dk_s, dv_s = dk_s + arriving[0], dv_s + arriving[1]
-            # After the last step this sends the finished gradient home: the K/V held here last
-            # belong to chunk + 1.
-            arriving = lax.ppermute((dk_s, dv_s), axes, to_next)
+            if step + 1 == devices:  # finished: sent home (the K/V held here last belong to chunk + 1)
+                dk_s, dv_s = dk_s.astype(k.dtype), dv_s.astype(v.dtype)  # in their dtype: half the bytes
+            arriving = lax.ppermute((dk_s, dv_s), axes, to_next)  # partial sums travel in float32
             if step + 1 < devices:
                 k, v, kv_ids = passed_on
         dk, dv = arriving
@@ -365,34 +377,77 @@ def _ulysses(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid
 
 @_balanced
 def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
+    """Device (i, j) attends query block i (gathered over its grid row) to key block j (gathered
+    over its grid column); the row merges its partials exactly through their lse and scatters the
+    output. A custom_vjp keeps only this device's q, k, v, out and the row's lse: the backward
+    gathers again (q, out, dout over the row; k, v over the column), runs each block's backward
+    from the merged statistics, and reduce-scatters dq over the row and dk, dv over the column."""
     (rows, cols), (row_axis, col_axis) = grid, axes  # Pq × Pkv; row i = seq_q index, column j = seq_kv
     n, devices = q.shape[1], rows * cols
-    i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
-    # Query block i: the row's devices i·Pkv + c, c = 0 … Pkv − 1, in order.
-    q_block = _gather(q, col_axis)
-    q_pieces = [p._replace(row=c * n + p.row) for c in range(cols) for p in _pieces(i * cols + c, n, devices, zigzag)]
-    # Key/value block j: the column's devices i'·Pkv + j, i' = 0 … Pq − 1.
-    k_block, v_block = _gather(k, row_axis), _gather(v, row_axis)
-    kv_pieces = [p._replace(row=r * n + p.row) for r in range(rows) for p in _pieces(r * cols + j, n, devices, zigzag)]
-    if not zigzag:  # contiguous chunks: the query block is one run, and so is the kv block when Pkv = 1
-        q_pieces = [Piece(0, cols * n, i * cols * n)]
-        if cols == 1:
-            kv_pieces = [Piece(0, rows * n, 0)]
-    q_ids = kv_ids = None
-    if segment_ids is not None:
-        q_ids, kv_ids = _gather(segment_ids[0], col_axis), _gather(segment_ids[1], row_axis)
-    out, lse = _attend_pieces(q_block, k_block, v_block, q_ids, kv_ids, q_pieces, kv_pieces,
-                              causal=causal, window=window, impl=impl, flash=flash)
+    blocks = dict(causal=causal, window=window, impl=impl, flash=flash)
 
-    # Merge the row's partials exactly: weights exp(lse_j − lse_row) with lse_row = log Σ_j exp(lse_j).
-    top = lax.pmax(lax.stop_gradient(lse), col_axis)  # only a shift for range: no gradient
-    top = jnp.where(jnp.isfinite(top), top, 0.0)  # rows no device can see: weight 0, not NaN
-    weight = jnp.exp(lse - top)
-    total = lax.psum(weight, col_axis)
-    weight = weight / jnp.where(total > 0, total, 1.0)  # [b, heads, Pkv·n]
-    weighted = out.astype(jnp.float32) * jnp.swapaxes(weight, 1, 2)[..., None]
-    # Sum over the row and keep this device's chunk (rows j·n … j·n + n of the query block).
-    return lax.psum_scatter(weighted, col_axis, scatter_dimension=1, tiled=True).astype(q.dtype)
+    def pieces():
+        if not causal and window is None:  # positions do not matter: one block each way
+            return [Piece(0, cols * n, 0)], [Piece(0, rows * n, 0)]
+        i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
+        if not zigzag:  # contiguous chunks: the query block is one run, and so is the kv block when Pkv = 1
+            q_pieces = [Piece(0, cols * n, i * cols * n)]
+            kv_pieces = ([Piece(0, rows * n, 0)] if cols == 1 else
+                         [Piece(r * n, n, (r * cols + j) * n) for r in range(rows)])
+            return q_pieces, kv_pieces
+        # Query block i: the row's devices i·Pkv + c, c = 0 … Pkv − 1, in order; key/value block j:
+        # the column's devices i'·Pkv + j, i' = 0 … Pq − 1.
+        q_pieces = [p._replace(row=c * n + p.row) for c in range(cols)
+                    for p in _pieces(i * cols + c, n, devices, zigzag)]
+        kv_pieces = [p._replace(row=r * n + p.row) for r in range(rows)
+                     for p in _pieces(r * cols + j, n, devices, zigzag)]
+        return q_pieces, kv_pieces
+
+    def gather_ids(q_ids, kv_ids):
+        if q_ids is None:
+            return None, None
+        return _gather(q_ids, col_axis), _gather(kv_ids, row_axis)
+
+    def forward(q, k, v, q_ids, kv_ids):
+        out, lse = _attend_pieces(_gather(q, col_axis), _gather(k, row_axis), _gather(v, row_axis),
+                                  *gather_ids(q_ids, kv_ids), *pieces(), **blocks)
+        # Merge the row's partials exactly: weights exp(lse_j − lse_row), lse_row = log Σ_j exp(lse_j).
+        top = lax.pmax(lse, col_axis)  # only a shift for range
+        top = jnp.where(jnp.isfinite(top), top, 0.0)  # rows no device can see: weight 0, not NaN
+        weight = jnp.exp(lse - top)
+        total = lax.psum(weight, col_axis)
+        row_lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+        weight = weight / jnp.where(total > 0, total, 1.0)  # [b, heads, Pkv·n]
+        weighted = (out.astype(jnp.float32) * jnp.swapaxes(weight, 1, 2)[..., None]).astype(q.dtype)
+        # Sum over the row and keep this device's chunk (rows j·n … j·n + n of the query block); the
+        # terms travel in q's dtype, like the gradients below (bfloat16: half the bytes of float32).
+        out = lax.psum_scatter(weighted, col_axis, scatter_dimension=1, tiled=True)
+        return out, row_lse
+
+    def backward(residuals, dout):
+        # The barrier keeps XLA from merging these gathers with the forward's identical ones, which
+        # would keep the gathered blocks alive from the forward to here.
+        q, k, v, q_ids, kv_ids, out, row_lse = lax.optimization_barrier(residuals)
+        dq, dk, dv = _attend_pieces_backward(
+            _gather(q, col_axis), _gather(k, row_axis), _gather(v, row_axis), *gather_ids(q_ids, kv_ids),
+            _gather(out, col_axis), row_lse, _gather(dout, col_axis), *pieces(), **blocks)
+
+        def scatter(x, axis, like):  # sum the partial gradients, keep this device's chunk
+            return lax.psum_scatter(x.astype(like.dtype), axis, scatter_dimension=1, tiled=True)
+
+        return scatter(dq, col_axis, q), scatter(dk, row_axis, k), scatter(dv, row_axis, v), None, None
+
+    @jax.custom_vjp
+    def attention2d(q, k, v, q_ids, kv_ids):
+        return forward(q, k, v, q_ids, kv_ids)[0]
+
+    def attention2d_forward(q, k, v, q_ids, kv_ids):
+        out, row_lse = forward(q, k, v, q_ids, kv_ids)
+        return out, (q, k, v, q_ids, kv_ids, out, row_lse)
+
+    attention2d.defvjp(attention2d_forward, backward)
+    q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
+    return attention2d(q, k, v, q_ids, kv_ids)
 
 
 _STRATEGY_BODIES = {
