@@ -280,6 +280,26 @@ def _balanced(body):
     return run
 
 
+def _keeping_own_chunk(forward, backward, q, k, v, segment_ids):
+    """forward(q, k, v, q_ids, kv_ids) -> (out, statistics) under a custom_vjp that keeps only the
+    device's own q, k, v, ids, out and statistics; backward(those, dout) -> (dq, dk, dv, None, None)
+    moves or gathers K/V again. The optimization barrier keeps XLA from merging the backward's
+    transfers with the forward's identical ones, which would keep what they brought alive between
+    the passes."""
+
+    @jax.custom_vjp
+    def attend(q, k, v, q_ids, kv_ids):
+        return forward(q, k, v, q_ids, kv_ids)[0]
+
+    def attend_forward(q, k, v, q_ids, kv_ids):
+        out, statistics = forward(q, k, v, q_ids, kv_ids)
+        return out, (q, k, v, q_ids, kv_ids, out, statistics)
+
+    attend.defvjp(attend_forward, lambda residuals, dout: backward(lax.optimization_barrier(residuals), dout))
+    q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
+    return attend(q, k, v, q_ids, kv_ids)
+
+
 @_balanced
 def _allgather_kv(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
     n, devices = q.shape[1], grid[0] * grid[1]
@@ -325,9 +345,7 @@ def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, a
         return out, lse
 
     def backward(residuals, dout):
-        # The barrier keeps XLA from merging this pass's transfers with the forward's identical ones,
-        # which would keep every step's K/V alive from the forward to here.
-        q, k, v, q_ids, kv_ids, out, lse = lax.optimization_barrier(residuals)
+        q, k, v, q_ids, kv_ids, out, lse = residuals
         chunk = lax.axis_index(axes)
         dq = arriving = None
         for step in range(devices):
@@ -346,17 +364,7 @@ def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, a
         dk, dv = arriving
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
-    @jax.custom_vjp
-    def ring(q, k, v, q_ids, kv_ids):
-        return forward(q, k, v, q_ids, kv_ids)[0]
-
-    def ring_forward(q, k, v, q_ids, kv_ids):
-        out, lse = forward(q, k, v, q_ids, kv_ids)
-        return out, (q, k, v, q_ids, kv_ids, out, lse)
-
-    ring.defvjp(ring_forward, backward)
-    q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
-    return ring(q, k, v, q_ids, kv_ids)
+    return _keeping_own_chunk(forward, backward, q, k, v, segment_ids)
 
 
 def _ulysses(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes):
@@ -425,9 +433,7 @@ def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
         return out, row_lse
 
     def backward(residuals, dout):
-        # The barrier keeps XLA from merging these gathers with the forward's identical ones, which
-        # would keep the gathered blocks alive from the forward to here.
-        q, k, v, q_ids, kv_ids, out, row_lse = lax.optimization_barrier(residuals)
+        q, k, v, q_ids, kv_ids, out, row_lse = residuals
         dq, dk, dv = _attend_pieces_backward(
             _gather(q, col_axis), _gather(k, row_axis), _gather(v, row_axis), *gather_ids(q_ids, kv_ids),
             _gather(out, col_axis), row_lse, _gather(dout, col_axis), *pieces(), **blocks)
@@ -437,17 +443,7 @@ def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
 
         return scatter(dq, col_axis, q), scatter(dk, row_axis, k), scatter(dv, row_axis, v), None, None
 
-    @jax.custom_vjp
-    def attention2d(q, k, v, q_ids, kv_ids):
-        return forward(q, k, v, q_ids, kv_ids)[0]
-
-    def attention2d_forward(q, k, v, q_ids, kv_ids):
-        out, row_lse = forward(q, k, v, q_ids, kv_ids)
-        return out, (q, k, v, q_ids, kv_ids, out, row_lse)
-
-    attention2d.defvjp(attention2d_forward, backward)
-    q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
-    return attention2d(q, k, v, q_ids, kv_ids)
+    return _keeping_own_chunk(forward, backward, q, k, v, segment_ids)
 
 
 _STRATEGY_BODIES = {
