@@ -331,6 +331,11 @@ class Config(_Checked):
                 and self.model.attention_parallel == "ulysses" and self.model.num_heads % self.mesh.seq_devices):
             raise ConfigError(f"model.attention_parallel: ulysses needs num_heads={self.model.num_heads} "
                               f"divisible by the {self.mesh.seq_devices} sequence devices")
+        if ("attention" in self.model.layer_mixers() and self.mesh.seq_devices > 1
+                and self.model.attention_parallel in ("ring", "attention2d") and self.kernels.attention == "xla"):
+            raise ConfigError(f"kernels.attention: attention_parallel={self.model.attention_parallel} runs each "
+                              "block's backward from the merged statistics, which 'xla' cannot; use 'auto', "
+                              "'cudnn', 'pallas' or 'reference'")
         convolves = {"long_conv", "gated_conv"} & set(self.model.layer_mixers())
         if convolves and self.model.d_model % self.mesh.seq_devices:
             raise ConfigError(f"model.d_model: {self.model.d_model} is not divisible by the "

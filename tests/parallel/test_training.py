@@ -69,6 +69,9 @@ def test_mesh_must_fit_the_sequence_and_the_machine(tmp_path):
         load_config(None, [*TINY, "data.seq_len=30", "mesh.seq_q=2", "mesh.seq_kv=2"])
     with pytest.raises(ConfigError, match=r"model\.attention_parallel: ulysses needs num_heads=4 divisible by the 8"):
         load_config(None, [*TINY, "model.mixer=attention", "model.attention_parallel=ulysses", "mesh.seq_kv=8"])
+    with pytest.raises(ConfigError, match=r"kernels\.attention: attention_parallel=ring runs each block's backward"):
+        load_config(None, [*TINY, "model.mixer=attention", "model.attention_parallel=ring", "mesh.seq_kv=2",
+                           "kernels.attention=xla"])
     with pytest.raises(ConfigError, match=r"model\.d_model: 36 is not divisible by the 8 sequence devices"):
         load_config(None, [*TINY, "model.mixer=gated_conv", "model.d_model=36", "mesh.seq_kv=8"])
     with pytest.raises(ConfigError, match=r"mesh: asks for \d+ devices, but only \d+ are available"):
