@@ -359,11 +359,12 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids
         return _attention_reference(q, k, v, **common)
     if name == "xla":
         return _attention_xla(q, k, v, **common)
-    if q.dtype not in _PALLAS_DTYPES:
+    if name == "cudnn":
+        _check_cudnn(q, segment_ids)
+    elif q.dtype not in _PALLAS_DTYPES:
         raise ValueError(f"q: impl='pallas' takes float32, bfloat16 or float16, got {q.dtype}")
     forward, backward = _pallas_functions(flash, interpret)
     if name == "cudnn":
-        _check_cudnn(q, segment_ids)
         del common["segment_ids"]
         return cudnn_attention(q, k, v, partial=functools.partial(forward, segment_ids=None),
                                partial_backward=functools.partial(backward, segment_ids=None), **common)

@@ -32,7 +32,6 @@ Pallas kernel has one; `impl="pallas"`). Its out has the exact gradient.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
