@@ -52,7 +52,7 @@ STRATEGIES = ("attention2d", "ring", "ulysses", "allgather_kv")
 Array = jax.Array
 
 
-def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str, str]) -> None:
+def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str, str], head_chunks: int) -> None:
     """Raise a ValueError naming the argument that does not fit the mesh or the strategy."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
@@ -73,9 +73,14 @@ def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str,
     if q.shape[0] % batch_devices:
         raise ValueError(f"q: batch={q.shape[0]} is not divisible by the {batch_devices} devices of the "
                          "other mesh axes")
-    if strategy == "ulysses" and q.shape[2] % seq_devices:
-        raise ValueError(f"q: strategy 'ulysses' needs heads divisible by the {seq_devices} sequence devices, "
-                         f"got heads={q.shape[2]}")
+    if not isinstance(head_chunks, int) or isinstance(head_chunks, bool) or head_chunks < 1:
+        raise ValueError(f"head_chunks: expected a positive integer, got {head_chunks!r}")
+    if q.shape[2] % head_chunks or k.shape[2] % head_chunks:
+        raise ValueError(f"head_chunks: {head_chunks} must divide heads={q.shape[2]} and kv_heads={k.shape[2]}")
+    if strategy == "ulysses" and (q.shape[2] // head_chunks) % seq_devices:
+        times = f" times head_chunks={head_chunks}" if head_chunks > 1 else ""
+        raise ValueError(f"q: strategy 'ulysses' needs heads divisible by the {seq_devices} sequence devices"
+                         f"{times}, got heads={q.shape[2]}")
     if segment_ids is not None:
         if not isinstance(segment_ids, (tuple, list)) or len(segment_ids) != 2:
             raise ValueError("segment_ids: expected None or a pair (q_ids, kv_ids) of [batch, seq] ints")
@@ -84,7 +89,7 @@ def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str,
 def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal: bool = False,
               segment_ids=None, window: int | None = None, seq_q_axis: str = "seq_q",
               seq_kv_axis: str = "seq_kv", impl: str = "auto",
-              flash: FlashAttentionConfig | None = None) -> Array:
+              flash: FlashAttentionConfig | None = None, head_chunks: int = 1) -> Array:
     """Sequence-parallel self-attention on global arrays; differentiable.
 
     Args:
@@ -99,12 +104,16 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
         ("auto": cuDNN on GPUs where it applies, else the Pallas kernel). ring and attention2d run
         each block's backward from the merged statistics (`ops.attention_backward`), which "xla"
         cannot.
+      head_chunks: run the strategy on this many groups of heads, each on its own: heads do not
+        interact, so one group's transfers can overlap another's attention (the transfers that
+        nothing of one group could hide: the zigzag swaps, the ring's last trip, attention2d's
+        gathers and reduce-scatters). Must divide heads and kv_heads.
 
     Returns:
       out: [batch, seq, heads, head_dim], sharded like q.
     """
     seq_axes = (seq_q_axis, seq_kv_axis)
-    _check(q, k, v, segment_ids, mesh, strategy, seq_axes)
+    _check(q, k, v, segment_ids, mesh, strategy, seq_axes, head_chunks)
     if strategy in ("ring", "attention2d") and impl == "xla":
         raise ValueError(f"impl: strategy {strategy!r} runs each block's backward from the merged "
                          "log-sum-exp, which impl='xla' cannot; use 'auto', 'cudnn', 'pallas' or 'reference'")
@@ -113,7 +122,7 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
     ids = PartitionSpec(batch_axes, seq_axes)
     local = dict(causal=causal, window=window, impl=impl, flash=flash, seq_len=q.shape[1],
                  grid=(mesh.shape[seq_q_axis], mesh.shape[seq_kv_axis]), axes=seq_axes)
-    body = functools.partial(_STRATEGY_BODIES[strategy], **local)
+    body = _in_head_chunks(functools.partial(_STRATEGY_BODIES[strategy], **local), head_chunks)
     # check_vma=False: a pallas_call's outputs would have to declare how they vary over the mesh,
     # through an argument whose name differs between jax versions. Without the check, autodiff
     # transposes psum to psum, which is right here: every cotangent reaching a psum varies over its
@@ -138,6 +147,22 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
 # r and 2P − 1 − r of 2P (one early, one late: equal work), and swap back at the end; this moves
 # n/2 rows per device each way, small beside the strategies' own traffic. A device's rows are then
 # "pieces": runs of consecutive positions, each attended with its own global offset.
+
+
+def _in_head_chunks(body, chunks: int):
+    """body(q, k, v, segment_ids) run on `chunks` groups of consecutive heads, outputs concatenated.
+    Query heads [c·h/C, (c+1)·h/C) use kv heads [c·kv/C, (c+1)·kv/C), as GQA groups them. The groups
+    share no data, so XLA's scheduler is free to overlap one group's transfers with another's blocks."""
+    if chunks == 1:
+        return body
+
+    def run(q, k, v, segment_ids):
+        hq, hk = q.shape[2] // chunks, k.shape[2] // chunks
+        outs = [body(q[:, :, c * hq:(c + 1) * hq], k[:, :, c * hk:(c + 1) * hk], v[:, :, c * hk:(c + 1) * hk],
+                     segment_ids) for c in range(chunks)]
+        return jnp.concatenate(outs, axis=2)
+
+    return run
 
 
 def _gather(x, axis_name, dim: int = 1):
@@ -314,6 +339,9 @@ def _allgather_kv(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len,
         k_all, v_all = natural(k_all), natural(v_all)
         kv_ids = None if kv_ids is None else natural(kv_ids)
     q_ids = None if segment_ids is None else segment_ids[0]
+    # One block per query piece, against the whole sequence: autodiff needs no lse gradient. Causal,
+    # its mask cuts the block at a traced offset, which cuDNN cannot mask (impl "cudnn" runs it on the
+    # Pallas kernel); attention2d on a P×1 grid is this schedule with every block on cuDNN.
     out, _ = _attend_pieces(q, k_all, v_all, q_ids, kv_ids, _pieces(chunk, n, devices, zigzag),
                             [Piece(0, seq_len, 0)], causal=causal, window=window, impl=impl, flash=flash)
     return out
