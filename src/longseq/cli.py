@@ -7,6 +7,7 @@
     longseq bench attention [options]             time attention against the anchors (cuDNN, XLA, Pallas mha)
     longseq bench parallel [options]              time sequence-parallel attention on all visible devices
     longseq bench comm [options]                  bytes each device sends in sequence-parallel attention (HLO)
+    longseq bench long_conv [options]             time the long convolution against the anchors' jnp.fft formula
 
 Config problems are reported before anything compiles, as `config error: <dotted.key>: <what is wrong>`,
 with exit status 2.
@@ -122,6 +123,7 @@ def _add_bench_parser(commands) -> None:
                            help="output folder (default runs/bench/attention-<timestamp>)")
     _add_bench_parallel_parser(bench_commands)
     _add_bench_comm_parser(bench_commands)
+    _add_bench_long_conv_parser(bench_commands)
 
 
 def _bench_attention(args: argparse.Namespace, argv: list[str]) -> int:
@@ -283,6 +285,78 @@ def _bench_comm(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# `longseq bench long_conv`
+
+# The long-conv bench's argument names (BenchArgumentError.argument) as the flags that set them.
+_BENCH_LONG_CONV_FLAGS = {"shapes": "--shape", "dtypes": "--dtype", "impls": "--impls", "causal": "--causal",
+                          "passes": "--passes", "iters": "--iters", "warmup": "--warmup"}
+
+
+def _conv_shape_argument(text: str) -> tuple[int, int, int]:
+    """"B,H,N" -> (batch, channels, seq_len)."""
+    try:
+        shape = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"expected B,H,N (three positive integers), got {text!r}")
+    return shape
+
+
+def _add_bench_long_conv_parser(bench_commands) -> None:
+    long_conv = bench_commands.add_parser(
+        "long_conv", help="time the long convolution against jnp.fft: fwd and fwd+bwd, ms and TB/s",
+        description="Time longseq.ops.long_conv (every implementation of LONG_CONV_IMPLS) and the anchors' jnp.fft "
+                    "convolution (irfft(rfft(u, 2N) * rfft(k, 2N))[:N], called directly) in one process, with the "
+                    "effective bandwidth against the copy bandwidth measured in the same run. Writes "
+                    "long_conv.json, long_conv.md and long_conv.png to --out and prints the markdown table.")
+    long_conv.add_argument("--shapes", choices=("anchors", "small"), default=None,
+                           help="preset shapes: anchors = the anchors table (bf16 N = 1K...1M, and two float32 "
+                                "rows; the default without --shape), small = a CPU smoke run (float32)")
+    long_conv.add_argument("--shape", action="append", type=_conv_shape_argument, default=[], metavar="B,H,N",
+                           help="a custom shape: batch, channels, seq_len (repeatable; added to --shapes if both "
+                                "are given; in --dtype, bfloat16 by default)")
+    long_conv.add_argument("--impls", type=_comma_list, default=None, metavar="A,B",
+                           help="implementations: names of longseq.ops.LONG_CONV_IMPLS but auto (fft, ...) and "
+                                "anchor_jnp_fft (default: all of them)")
+    long_conv.add_argument("--dtype", type=_comma_list, default=None, metavar="DTYPE[,DTYPE]",
+                           help="of u and y (k is float32): of the --shape shapes (default bfloat16); given with "
+                                "a preset, it replaces the preset's per-shape dtypes")
+    long_conv.add_argument("--causal", choices=("both", "yes", "no"), default="yes",
+                           help="default yes (the anchor is causal only)")
+    long_conv.add_argument("--passes", type=_comma_list, default=("fwd", "fwd+bwd"), metavar="fwd,fwd+bwd")
+    long_conv.add_argument("--iters", type=_positive_int, default=10, help="timed calls per row (median)")
+    long_conv.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed calls first")
+    long_conv.add_argument("--out", default=None, metavar="DIR",
+                           help="output folder (default runs/bench/long_conv-<timestamp>)")
+
+
+def _bench_long_conv(args: argparse.Namespace, argv: list[str]) -> int:
+    from longseq.bench.long_conv import DTYPES, SHAPE_PRESETS, BenchArgumentError, format_table, run_long_conv_bench
+
+    preset = args.shapes or (None if args.shape else "anchors")
+    shapes = list(SHAPE_PRESETS[preset]) if preset else []
+    if args.dtype:  # the preset's shapes in every --dtype instead of their own
+        shapes = list(dict.fromkeys(tuple(shape[:3]) for shape in shapes))
+    shapes += args.shape
+    causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out) if args.out else Path("runs") / "bench" / f"long_conv-{stamp}"
+    try:
+        rows = run_long_conv_bench(shapes, args.impls, dtypes=args.dtype or DTYPES, causal=causal,
+                                   passes=args.passes, iters=args.iters, warmup=args.warmup, out_dir=out_dir,
+                                   command=shlex.join(["longseq", *argv]))
+    except BenchArgumentError as error:
+        flag = _BENCH_LONG_CONV_FLAGS.get(error.argument, error.argument)
+        print(f"longseq bench long_conv: error: argument {flag}: {error.message}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(rows), end="")
+    print(f"\nwrote {out_dir}/long_conv.json, long_conv.md, long_conv.png")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -338,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_parallel(args, argv)
         elif args.command == "bench" and args.bench_command == "comm":
             return _bench_comm(args, argv)
+        elif args.command == "bench" and args.bench_command == "long_conv":
+            return _bench_long_conv(args, argv)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

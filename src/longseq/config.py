@@ -71,6 +71,9 @@ class LongConvConfig(_Checked):
     squash_lambda: float = param(0.0, "squash regulariser: soft-threshold kernel weights by this λ (0 = off)", min=0)
     smooth_width: int = param(1, "smooth regulariser: average-pool width over the kernel (1 = off)", min=1)
     kernel_dropout: float = param(0.0, "dropout on the kernel weights during training", min=0, lt=1)
+    learned_butterfly: bool = param(
+        False, "learn the Monarch factors of the convolution's DFT, initialised to the exact DFT "
+        "(runs the Monarch matmuls as XLA ops; not with a sequence-sharded mesh)")
     short_conv_width: int = param(3, "gated_conv only: width of the short depthwise convolution (causal in LMs, centred in classifiers)", min=1)
 
 
@@ -313,7 +316,8 @@ class KernelsConfig(_Checked):
 
     attention: Literal["auto", "pallas", "reference", "xla", "cudnn"] = param(
         "auto", "implementation of longseq.ops.attention")
-    long_conv: Literal["auto", "fft"] = param("auto", "implementation of longseq.ops.long_conv")
+    long_conv: Literal["auto", "fft", "monarch", "direct"] = param(
+        "auto", "implementation of longseq.ops.long_conv (monarch: DFT as matmuls, the fused Pallas kernel where it applies)")
     flash_attention: FlashAttentionConfig = param(FlashAttentionConfig(), "tiling of the Pallas attention kernel")
 
 
@@ -346,6 +350,9 @@ class Config(_Checked):
                               "block's backward from the merged statistics, which 'xla' cannot; use 'auto', "
                               "'cudnn', 'pallas' or 'reference'")
         convolves = {"long_conv", "gated_conv"} & set(self.model.layer_mixers())
+        if convolves and self.model.long_conv.learned_butterfly and self.mesh.seq_devices > 1:
+            raise ConfigError("model.long_conv.learned_butterfly: not supported with a sequence-sharded mesh "
+                              f"(mesh.seq_q × mesh.seq_kv = {self.mesh.seq_devices})")
         if convolves and self.model.d_model % self.mesh.seq_devices:
             raise ConfigError(f"model.d_model: {self.model.d_model} is not divisible by the "
                               f"{self.mesh.seq_devices} sequence devices; the sequence-parallel long "

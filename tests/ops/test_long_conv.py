@@ -105,7 +105,7 @@ def test_bfloat16_matches_numpy_loosely():
 def test_impl_fft_equals_auto():
     rng = np.random.default_rng(5001)
     u, k = random_inputs(rng, batch=2, seq=9, channels=2, kernel_len=5)
-    assert LONG_CONV_IMPLS == ("auto", "fft")
+    assert LONG_CONV_IMPLS == ("auto", "fft", "monarch", "direct")
     np.testing.assert_array_equal(np.asarray(long_conv(u, k, impl="auto")),
                                   np.asarray(long_conv(u, k, impl="fft")))
 
@@ -140,5 +140,5 @@ def test_invalid_shapes_raise(fn, u_shape, k_shape, dtype, match):
 
 
 def test_unknown_impl_raises():
-    with pytest.raises(ValueError, match=r"^impl: expected one of 'auto', 'fft', got 'foo'$"):
+    with pytest.raises(ValueError, match=r"^impl: expected one of 'auto', 'fft', 'monarch', 'direct', got 'foo'$"):
         long_conv(jnp.zeros((1, 4, 2)), jnp.zeros((2, 2)), impl="foo")

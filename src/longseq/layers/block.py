@@ -32,8 +32,8 @@ def make_mixer(name: str, config: ModelConfig, kernels: KernelsConfig, *, seq_le
     """
     dtype = compute_dtype(config)
     conv = config.long_conv
-    regularisers = dict(squash_lambda=conv.squash_lambda, smooth_width=conv.smooth_width,
-                        kernel_dropout=conv.kernel_dropout)
+    conv_options = dict(squash_lambda=conv.squash_lambda, smooth_width=conv.smooth_width,
+                        kernel_dropout=conv.kernel_dropout, learned_butterfly=conv.learned_butterfly)
     if name == "attention":
         return Attention(config.d_model, config.num_heads, config.num_kv_heads, causal=causal,
                          rope_theta=config.rope_theta, window=config.attention_window, dtype=dtype,
@@ -41,11 +41,11 @@ def make_mixer(name: str, config: ModelConfig, kernels: KernelsConfig, *, seq_le
                          sequence_parallel=sequence_parallel, rngs=rngs)
     if name == "long_conv":
         return LongConvMixer(config.d_model, seq_len, causal=causal, dtype=dtype, impl=kernels.long_conv,
-                             sequence_parallel=sequence_parallel, rngs=rngs, **regularisers)
+                             sequence_parallel=sequence_parallel, rngs=rngs, **conv_options)
     if name == "gated_conv":
         return GatedConv(config.d_model, seq_len, causal=causal, short_conv_width=conv.short_conv_width,
                          dtype=dtype, impl=kernels.long_conv, sequence_parallel=sequence_parallel, rngs=rngs,
-                         **regularisers)
+                         **conv_options)
     raise ValueError(f"mixer: expected one of {', '.join(MIXERS)}, got {name!r}")
 
 

@@ -88,7 +88,7 @@ class GatedConv(nnx.Module):
 
     def __init__(self, d_model: int, seq_len: int, *, causal: bool, short_conv_width: int = 3,
                  squash_lambda: float = 0.0, smooth_width: int = 1, kernel_dropout: float = 0.0,
-                 dtype: jnp.dtype = jnp.float32, impl: str = "auto",
+                 learned_butterfly: bool = False, dtype: jnp.dtype = jnp.float32, impl: str = "auto",
                  sequence_parallel: SequenceParallel | None = None, rngs: nnx.Rngs):
         """
         Args:
@@ -97,6 +97,7 @@ class GatedConv(nnx.Module):
           causal: causal (decoder) or bidirectional (encoder) mixing.
           short_conv_width: taps of the short depthwise convolution.
           squash_lambda, smooth_width, kernel_dropout: the long-convolution regularisers.
+          learned_butterfly: learn the long convolution's DFT factors (see `LongConv`).
           dtype: compute dtype.
           impl: `KernelsConfig.long_conv`.
           sequence_parallel: run the long convolution sequence-parallel on this plan's mesh
@@ -106,8 +107,9 @@ class GatedConv(nnx.Module):
         self.in_proj = nnx.Linear(d_model, 3 * d_model, use_bias=False, dtype=dtype, rngs=rngs)
         self.short_conv = ShortConv(3 * d_model, short_conv_width, causal=causal, dtype=dtype, rngs=rngs)
         self.long_conv = LongConv(d_model, seq_len, causal=causal, squash_lambda=squash_lambda,
-                                  smooth_width=smooth_width, kernel_dropout=kernel_dropout, dtype=dtype,
-                                  impl=impl, sequence_parallel=sequence_parallel, rngs=rngs)
+                                  smooth_width=smooth_width, kernel_dropout=kernel_dropout,
+                                  learned_butterfly=learned_butterfly, dtype=dtype, impl=impl,
+                                  sequence_parallel=sequence_parallel, rngs=rngs)
         self.out_proj = nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -33,6 +33,15 @@ linear causal op only, with R the time reversal and S the one-step delay ((S z)[
 a sequence contribute nothing to the earlier positions, however many there are. Everything is per
 channel; D is the learned per-channel skip and long_conv is `longseq.ops.long_conv(causal=True)`.
 
+Learned butterfly (`learned_butterfly=True`, the seed paper's extension): the DFT inside the
+convolution becomes learnable Monarch factors, initialised to the exact DFT and its inverse
+(`ops.long_conv_monarch`), one set per layer for its padded length L >= 2·seq_len − 1:
+
+    y = Re(inverse(forward(x) ⊙ forward(k))) + D ⊙ x        (= the convolution at initialisation)
+
+The factors are `Butterfly` parameters ([2, L_i, L_i] matrices and [2, L_i, M_i] twiddles, real and
+imaginary parts), run through the Monarch matmuls as XLA ops.
+
 The kernels are `ConvKernel` variables (a subclass of `nnx.Param`), so an optimizer can give the
 kernels their own learning rate and weight decay: `nnx.state(model, ConvKernel)` selects them, and
 `nnx.Param` still selects every parameter including them.
@@ -45,11 +54,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longseq.ops import long_conv as long_conv_op
+from longseq.ops.long_conv_monarch import Butterfly as ButterflyFactors
+from longseq.ops.long_conv_monarch import dft_butterflies, split_factors
 from longseq.parallel import SequenceParallel
 
 
 class ConvKernel(nnx.Param):
     """A long-convolution kernel, [channels, kernel_len]: its own parameter group for the optimizer."""
+
+
+class Butterfly(nnx.Param):
+    """A factor of a learned butterfly (a matrix or twiddles, [2, …]): its own parameter group."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,8 +129,9 @@ class LongConv(nnx.Module):
     """
 
     def __init__(self, channels: int, seq_len: int, *, causal: bool = True, squash_lambda: float = 0.0,
-                 smooth_width: int = 1, kernel_dropout: float = 0.0, dtype: jnp.dtype = jnp.float32,
-                 impl: str = "auto", sequence_parallel: SequenceParallel | None = None, rngs: nnx.Rngs):
+                 smooth_width: int = 1, kernel_dropout: float = 0.0, learned_butterfly: bool = False,
+                 dtype: jnp.dtype = jnp.float32, impl: str = "auto",
+                 sequence_parallel: SequenceParallel | None = None, rngs: nnx.Rngs):
         """
         Args:
           channels: channels convolved independently.
@@ -125,6 +141,8 @@ class LongConv(nnx.Module):
             linear convolutions over the past and the future (False).
           squash_lambda, smooth_width, kernel_dropout: the regularisers (LongConvConfig), applied
             to each kernel.
+          learned_butterfly: learn the Monarch factors of the DFT (see the module docstring);
+            not with sequence_parallel.
           dtype: compute dtype; the kernels are regularised in float32, then cast.
           impl: `KernelsConfig.long_conv`, forwarded to the op.
           sequence_parallel: run the op sequence-parallel (`longseq.parallel.long_conv`) on this
@@ -144,6 +162,25 @@ class LongConv(nnx.Module):
             self.kernel_bwd = ConvKernel(init_long_conv_kernel(rngs.params(), channels, seq_len))
         self.skip = nnx.Param(jnp.ones((channels,), jnp.float32))
         self.kernel_dropout = nnx.Dropout(kernel_dropout, rngs=rngs if kernel_dropout > 0 else None)
+        butterfly = None
+        if learned_butterfly:
+            if sequence_parallel is not None:
+                raise ValueError("learned_butterfly: not supported with a sequence-sharded mesh")
+            forward, inverse = dft_butterflies(split_factors(1 << (2 * seq_len - 2).bit_length()))
+            butterfly = nnx.List([nnx.List([Butterfly(x) for x in (*b.matrices, *b.twiddles)])
+                                  for b in (forward, inverse)])
+        self.butterfly = nnx.data(butterfly)
+
+    def butterflies(self) -> tuple[ButterflyFactors, ButterflyFactors] | None:
+        """The learned (forward, inverse) factors as the op takes them, or None."""
+        if self.butterfly is None:
+            return None
+        factors = []
+        for group in self.butterfly:
+            values = [x[...] for x in group]
+            count = (len(values) + 1) // 2  # matrices, then one twiddle fewer
+            factors.append(ButterflyFactors(tuple(values[:count]), tuple(values[count:])))
+        return tuple(factors)
 
     def _regularised(self, kernel: ConvKernel, seq: int | None) -> jax.Array:
         k = kernel[...].astype(jnp.float32)
@@ -178,7 +215,7 @@ class LongConv(nnx.Module):
     def _convolve(self, x: jax.Array, k: jax.Array) -> jax.Array:
         if self.sequence_parallel is not None:
             return self.sequence_parallel.long_conv(x, k, causal=True, impl=self.impl)
-        return long_conv_op(x, k, causal=True, impl=self.impl)
+        return long_conv_op(x, k, causal=True, impl=self.impl, butterflies=self.butterflies())
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, seq, channels] -> [batch, seq, channels] in the compute dtype."""
@@ -204,12 +241,14 @@ class LongConvMixer(nnx.Module):
     """
 
     def __init__(self, d_model: int, seq_len: int, *, causal: bool, squash_lambda: float = 0.0,
-                 smooth_width: int = 1, kernel_dropout: float = 0.0, dtype: jnp.dtype = jnp.float32,
-                 impl: str = "auto", sequence_parallel: SequenceParallel | None = None, rngs: nnx.Rngs):
+                 smooth_width: int = 1, kernel_dropout: float = 0.0, learned_butterfly: bool = False,
+                 dtype: jnp.dtype = jnp.float32, impl: str = "auto",
+                 sequence_parallel: SequenceParallel | None = None, rngs: nnx.Rngs):
         """Arguments as in `LongConv` (channels = d_model); the output projection has no bias."""
         self.conv = LongConv(d_model, seq_len, causal=causal, squash_lambda=squash_lambda,
-                             smooth_width=smooth_width, kernel_dropout=kernel_dropout, dtype=dtype,
-                             impl=impl, sequence_parallel=sequence_parallel, rngs=rngs)
+                             smooth_width=smooth_width, kernel_dropout=kernel_dropout,
+                             learned_butterfly=learned_butterfly, dtype=dtype, impl=impl,
+                             sequence_parallel=sequence_parallel, rngs=rngs)
         self.out_proj = nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

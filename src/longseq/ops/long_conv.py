@@ -22,8 +22,17 @@ libraries handle with fast radix-2/3/5 passes and which wastes at most ~25% over
 against up to 100% for the next power of two. For causal=False, n = seq exactly (any length
 works; FFT libraries handle prime lengths too, just with a worse constant).
 
+The Monarch implementation writes the DFT as small dense matrices (matmuls), in
+`long_conv_monarch.py` (plain JAX, any length) and `long_conv_monarch_pallas.py` (one fused kernel
+for padded lengths 512 … 8192, interpret mode off GPUs).
+
 The file reads: validation → direct reference → FFT implementation → public `long_conv`, which
-dispatches on `impl` (Pallas kernels will be added behind the same function).
+dispatches on `impl`:
+
+    "fft"      jnp.fft (cuFFT / the platform's FFT); "auto" everywhere today
+    "monarch"  the fused Pallas kernel where it applies (interpret mode on CPU), else the
+               Monarch matmuls as XLA ops (e.g. on TPUs, or for longer sequences)
+    "direct"   the O(seq²) Toeplitz matrix (`long_conv_direct`): ground truth for tests
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-LONG_CONV_IMPLS = ("auto", "fft")
+LONG_CONV_IMPLS = ("auto", "fft", "monarch", "direct")
 
 Array = jax.Array
 
@@ -128,9 +137,24 @@ def _long_conv_fft(u: Array, k: Array, *, causal: bool) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------
+# Monarch implementation (matmuls)
+
+
+def _long_conv_monarch(u: Array, k: Array, *, causal: bool, butterflies=None) -> Array:
+    from longseq.ops import long_conv_monarch, long_conv_monarch_pallas
+
+    platform = jax.devices()[0].platform
+    if (butterflies is None and platform in ("gpu", "cpu")
+            and long_conv_monarch_pallas.supports(u.shape[1], k.shape[1], causal=causal)):
+        return long_conv_monarch_pallas.long_conv_monarch_pallas(u, k, causal=causal, interpret=platform == "cpu")
+    return long_conv_monarch.long_conv_monarch_xla(u, k, causal=causal, butterflies=butterflies)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public entry point
 
-_IMPLEMENTATIONS = {"fft": _long_conv_fft}
+_IMPLEMENTATIONS = {"fft": _long_conv_fft, "monarch": _long_conv_monarch,
+                    "direct": lambda u, k, *, causal: long_conv_direct(u, k, causal=causal)}
 
 
 def _resolve_impl(impl: str) -> str:
@@ -140,7 +164,7 @@ def _resolve_impl(impl: str) -> str:
     return "fft" if impl == "auto" else impl
 
 
-def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto") -> Array:
+def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto", butterflies=None) -> Array:
     """Depthwise long convolution of u with the per-channel kernels k.
 
     Args:
@@ -148,7 +172,11 @@ def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto") ->
       k: [channels, kernel_len] kernels, 1 <= kernel_len <= seq.
       causal: True: linear convolution, y[b, t, c] = Σ_{s ≤ t} k[c, t − s] · u[b, s, c].
         False: circular convolution of length seq with k zero-padded to seq.
-      impl: one of LONG_CONV_IMPLS; "auto" picks the best available ("fft" today).
+      impl: one of LONG_CONV_IMPLS; "auto" picks the best available ("fft" today: the fused
+        Monarch kernel is not yet faster than cuFFT past seq = 1024, docs/long_conv.md).
+      butterflies: (forward, inverse) `long_conv_monarch.Butterfly` factors replacing the exact DFT
+        (a learned butterfly), causal only, with impl "monarch" or "auto"; their length must be
+        at least seq + kernel_len − 1.
 
     Returns:
       y: [batch, seq, channels] in u's dtype (computed in float32, float64 for float64 inputs).
@@ -156,4 +184,9 @@ def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto") ->
     u, k = jnp.asarray(u), jnp.asarray(k)
     _check_long_conv_args(u, k)
     name = _resolve_impl(impl)
+    if butterflies is not None:
+        if impl not in ("auto", "monarch") or not causal:
+            raise ValueError(f"butterflies: need impl 'monarch' or 'auto' and causal=True, got impl={impl!r}, "
+                             f"causal={causal}")
+        return _long_conv_monarch(u, k, causal=True, butterflies=butterflies)
     return _IMPLEMENTATIONS[name](u, k, causal=causal)
