@@ -159,3 +159,17 @@ def test_learned_butterfly_from_yaml_config_trains(tmp_path):
     run_dir = train(config)["run_dir"]
     losses = [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if row["split"] == "train"]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Pallas kernel needs a GPU")
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
+def test_compiled_kernel_on_gpu(dtype, tolerance):
+    """impl='monarch' on a GPU: the compiled fused kernel (seq 1024: L = 2048), forward and gradients."""
+    assert supports(1024, 1024, causal=True)
+    u, k, dy = random_inputs(9, 2, 1024, 64, 1024, dtype)
+    y, vjp = jax.vjp(jax.jit(lambda u, k: long_conv(u, k, impl="monarch")), u, k)
+    u32 = u.astype(jnp.float32)
+    _, vjp_ref = jax.vjp(lambda u, k: long_conv(u, k, impl="fft"), u32, k)
+    assert relative_error(y, long_conv(u32, k, impl="fft")) < tolerance
+    for got, want in zip(vjp(dy.astype(dtype)), vjp_ref(dy)):
+        assert relative_error(got, want) < tolerance
