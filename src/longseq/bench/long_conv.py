@@ -28,7 +28,7 @@ float32), twice that for forward+backward (the anchors' convention for the facto
 anchors' raw rows counted k at u's dtype, so for bf16 our `bytes` are a little higher, by H·N·2, and
 eff_tbps is not comparable digit for digit with their table; ratios measured in one run are).
 The roofline is the device's copy bandwidth, measured once per run in the same process
-(`copy_bandwidth`: jit(x · 1.5 + 1) over 256 MiB of float32, 64 MiB on CPU, bytes read + written over
+(`copy_bandwidth`: jit(x · 1.5 + 1) over 1 GiB of float32, 64 MiB on CPU, bytes read + written over
 the median time) and stored in the metadata as copy_tbps.
 
 A row that cannot run (the anchor non-causal, "direct" past N = 4096, out of memory, an
@@ -94,7 +94,7 @@ REL_ERR_MAX_SEQ_LEN = 16384
 DTYPES = ("bfloat16",)
 # The copy-bandwidth probe: float32 elements read and written per call.
 COPY_PROBE_BYTES = {"cpu": 64 * 2**20}
-COPY_PROBE_DEFAULT_BYTES = 256 * 2**20
+COPY_PROBE_DEFAULT_BYTES = 2**30  # large enough that launch and sync overheads do not count (256 MiB read 1.5 TB/s on an H100)
 COPY_PROBE_ITERS, COPY_PROBE_WARMUP = 10, 2
 BYTES_CONVENTION = "read u, read k (float32), write y, each at its dtype's itemsize; x2 for fwd+bwd"
 
@@ -255,7 +255,7 @@ def reference_output(u: Array, k: Array, *, causal: bool) -> Array:
 
 
 def copy_bandwidth(platform: str, *, nbytes: int | None = None) -> dict[str, Any]:
-    """The device's copy bandwidth in TB/s: jit(x · 1.5 + 1) over `nbytes` of float32 (default 256 MiB,
+    """The device's copy bandwidth in TB/s: jit(x · 1.5 + 1) over `nbytes` of float32 (default 1 GiB,
     64 MiB on CPU), bytes read + written over the median of COPY_PROBE_ITERS calls.
 
     x is an argument, so XLA cannot fold or elide the op. Returns {"copy_tbps", "copy_probe"}.
