@@ -545,15 +545,20 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                       *(f"{errs[impl]:.1e}" if impl in errs else "" for impl in measured)]
             lines.append("| " + " | ".join(values) + " |")
 
+    lines += skipped_lines(rows)
+    return "\n".join(lines) + "\n"
+
+
+def skipped_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines listing each (impl, skip reason) once with its row count; [] when none skipped."""
     reasons: dict[tuple[str, str], int] = {}
     for row in rows:
         if row["error"]:
             reasons[(row["impl"], row["error"])] = reasons.get((row["impl"], row["error"]), 0) + 1
-    if reasons:
-        lines += ["", "Skipped:"]
-        lines += [f"- {impl}: {error} ({count} row{'s' if count > 1 else ''})"
-                  for (impl, error), count in reasons.items()]
-    return "\n".join(lines) + "\n"
+    if not reasons:
+        return []
+    return ["", "Skipped:", *(f"- {impl}: {error} ({count} row{'s' if count > 1 else ''})"
+                              for (impl, error), count in reasons.items())]
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:

@@ -80,6 +80,7 @@ from longseq.bench.attention import (
     check_dtype,
     relative_error,
     run_metadata,
+    skipped_lines,
     short_reason,
 )
 from longseq.bench.timing import time_calls
@@ -522,14 +523,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                                                    *(f"{errs[impl]:.1e}" if impl in errs else "" for impl in checked)]
                                                   for problem, errs in rel_errs.items()))
 
-    reasons: dict[tuple[str, str], int] = {}
-    for row in rows:
-        if row["error"]:
-            reasons[(row["impl"], row["error"])] = reasons.get((row["impl"], row["error"]), 0) + 1
-    if reasons:
-        lines += ["", "Skipped:"]
-        lines += [f"- {impl}: {error} ({count} row{'s' if count > 1 else ''})"
-                  for (impl, error), count in reasons.items()]
+    lines += skipped_lines(rows)
     return "\n".join(lines) + "\n"
 
 

@@ -87,6 +87,7 @@ from longseq.bench.attention import (
     make_inputs,
     plot,
     run_metadata,
+    skipped_lines,
     short_reason,
 )
 from longseq.bench.timing import time_calls
@@ -494,14 +495,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         legend += "; — = skipped, reasons below"
     lines.insert(0, legend + ".\n")
 
-    reasons: dict[tuple[str, str], int] = {}
-    for row in rows:
-        if row["error"]:
-            reasons[(row["impl"], row["error"])] = reasons.get((row["impl"], row["error"]), 0) + 1
-    if reasons:
-        lines += ["", "Skipped:"]
-        lines += [f"- {impl}: {error} ({count} row{'s' if count > 1 else ''})"
-                  for (impl, error), count in reasons.items()]
+    lines += skipped_lines(rows)
     return "\n".join(lines) + "\n"
 
 
