@@ -95,9 +95,6 @@ class ModelConfig(_Checked):
     attention_parallel: Literal["attention2d", "ring", "ulysses", "allgather_kv", "none"] = param(
         "attention2d", "sequence-parallel attention strategy when mesh.seq_q × mesh.seq_kv > 1 "
         "(none = let XLA partition it)")
-    attention_head_chunks: int = param(
-        1, "sequence-parallel attention runs the heads in this many groups, so that one group's transfers "
-        "overlap another's attention (divides num_heads and num_kv_heads)", min=1)
     attention_window: int | None = param(
         None, "sliding-window attention: a query sees keys fewer than this many positions away (None = all)",
         min=1)
@@ -115,9 +112,6 @@ class ModelConfig(_Checked):
             raise ConfigError(f"d_model: {self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % kv_heads:
             raise ConfigError(f"num_kv_heads: num_heads={self.num_heads} is not divisible by num_kv_heads={kv_heads}")
-        if self.num_heads % self.attention_head_chunks or kv_heads % self.attention_head_chunks:
-            raise ConfigError(f"attention_head_chunks: {self.attention_head_chunks} must divide num_heads="
-                              f"{self.num_heads} and num_kv_heads={kv_heads}")
         if "attention" in self.layer_mixers() and (self.d_model // self.num_heads) % 2:
             raise ConfigError(f"d_model: head_dim = d_model/num_heads = {self.d_model // self.num_heads} "
                               "must be even for rotary embeddings")
@@ -339,11 +333,9 @@ class Config(_Checked):
                               f"mesh.seq_q × mesh.seq_kv = {self.mesh.seq_devices} sequence devices")
         if ("attention" in self.model.layer_mixers() and self.mesh.seq_devices > 1
                 and self.model.attention_parallel == "ulysses"
-                and self.model.num_heads % (self.mesh.seq_devices * self.model.attention_head_chunks)):
-            chunks = self.model.attention_head_chunks
+                and self.model.num_heads % self.mesh.seq_devices):
             raise ConfigError(f"model.attention_parallel: ulysses needs num_heads={self.model.num_heads} "
-                              f"divisible by the {self.mesh.seq_devices} sequence devices"
-                              + (f" times attention_head_chunks={chunks}" if chunks > 1 else ""))
+                              f"divisible by the {self.mesh.seq_devices} sequence devices")
         if ("attention" in self.model.layer_mixers() and self.mesh.seq_devices > 1
                 and self.model.attention_parallel in ("ring", "attention2d") and self.kernels.attention == "xla"):
             raise ConfigError(f"kernels.attention: attention_parallel={self.model.attention_parallel} runs each "

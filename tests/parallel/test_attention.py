@@ -48,11 +48,10 @@ def outputs_and_grads(fn, qkv, weights):
 
 
 def assert_matches_reference(qkv, weights, *, mesh, strategy, causal, segment_ids, window=None,
-                             impl="reference", flash=None, head_chunks=1, atol=2e-5):
+                             impl="reference", flash=None, atol=2e-5):
     def sharded(q, k, v):
         return parallel.attention(q, k, v, mesh=mesh, strategy=strategy, causal=causal,
-                                  segment_ids=segment_ids, window=window, impl=impl, flash=flash,
-                                  head_chunks=head_chunks)
+                                  segment_ids=segment_ids, window=window, impl=impl, flash=flash)
 
     def single(q, k, v):
         return attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window, impl="reference")[0]
@@ -78,16 +77,6 @@ def test_segment_ids_shard_with_the_tokens(strategy):
     mesh = make_mesh((1, 2, 4))
     qkv, weights, segment_ids = random_inputs(3)
     assert_matches_reference(qkv, weights, mesh=mesh, strategy=strategy, causal=True, segment_ids=segment_ids)
-
-
-@pytest.mark.parametrize("strategy", parallel.STRATEGIES)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_head_chunks_give_the_same_attention(strategy, causal):
-    """heads in 2 groups, each its own pipeline (GQA 8:2: one kv head per group), with segment ids."""
-    mesh = make_mesh((1, 2, 2))
-    qkv, weights, segment_ids = random_inputs(11 + causal, seq=32)
-    assert_matches_reference(qkv, weights, mesh=mesh, strategy=strategy, causal=causal, segment_ids=segment_ids,
-                             head_chunks=2)
 
 
 WINDOW_CASES = [(strategy, True) for strategy in parallel.STRATEGIES] + [("attention2d", False), ("ring", False)]
@@ -195,10 +184,6 @@ def test_bad_arguments_are_named():
         parallel.attention(q, q, q, mesh=mesh, strategy="ring", seq_q_axis="seq")
     with pytest.raises(ValueError, match="k: self-attention needs the sequence length of q"):
         parallel.attention(q, q[:, :4], q[:, :4], mesh=mesh, strategy="ring")
-    with pytest.raises(ValueError, match="head_chunks: expected a positive integer, got 0"):
-        parallel.attention(q, q, q, mesh=mesh, strategy="ring", head_chunks=0)
-    with pytest.raises(ValueError, match="head_chunks: 4 must divide heads=4 and kv_heads=2"):
-        parallel.attention(q, q[:, :, :2], q[:, :, :2], mesh=mesh, strategy="ring", head_chunks=4)
 
 
 def test_sequence_and_heads_must_divide_over_the_devices():
@@ -209,9 +194,6 @@ def test_sequence_and_heads_must_divide_over_the_devices():
     q = jnp.ones((2, 8, 6, 16))
     with pytest.raises(ValueError, match="q: strategy 'ulysses' needs heads divisible by the 4 sequence devices"):
         parallel.attention(q, q, q, mesh=mesh, strategy="ulysses")
-    q = jnp.ones((2, 8, 4, 16))
-    with pytest.raises(ValueError, match="ulysses' needs heads divisible by the 4 sequence devices times head_chunks=2"):
-        parallel.attention(q, q, q, mesh=mesh, strategy="ulysses", head_chunks=2)
 
 
 @pytest.mark.parametrize("strategy", ["ring", "none"])

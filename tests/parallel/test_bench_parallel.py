@@ -60,9 +60,6 @@ def test_default_grids():
     assert default_grids("ring", 8) == ((1, 8),)
     names = [impl.name for impl in resolve_impls(["sp_attention2d", "sp_ring"], devices=2, block_impl="pallas")]
     assert names == ["sp_attention2d[1x2]", "sp_attention2d[2x1]", "sp_ring[1x2]"]
-    chunked = resolve_impls(["sp_ring[1x2]/2", "sp_attention2d/4"], devices=2, block_impl="pallas")
-    assert [(impl.name, impl.head_chunks) for impl in chunked] == [
-        ("sp_ring[1x2]/2", 2), ("sp_attention2d[1x2]/4", 4), ("sp_attention2d[2x1]/4", 4)]
 
 
 def test_every_row_is_measured_or_skipped_with_a_reason(bench):

@@ -57,15 +57,6 @@ def test_sequence_sharded_training_matches_one_device(tmp_path, one_device_losse
     np.testing.assert_allclose(sharded, one, rtol=1e-4)
 
 
-def test_attention_in_head_chunks_trains_like_one_device(tmp_path, one_device_losses):
-    """model.attention_head_chunks=2: the ring runs on two groups of heads (one kv head each)."""
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (make test simulates them)")
-    sharded = losses(tmp_path, "sharded", "model.mixer=attention", "model.attention_parallel=ring",
-                     "model.attention_head_chunks=2", "mesh.data=2", "mesh.seq_kv=4")
-    np.testing.assert_allclose(sharded, one_device_losses("attention"), rtol=1e-4)
-
-
 def test_sequence_sharded_long_conv_lm_matches_one_device(tmp_path, one_device_losses):
     """The long-conv LM with its convolutions split over 4 sequence devices (all-to-all scheme)."""
     if jax.device_count() < 8:

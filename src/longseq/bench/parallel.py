@@ -13,9 +13,7 @@ Implementations (names as they appear in the rows):
     "sp_STRATEGY[PqxPkv]"      longseq.parallel.attention(..., strategy=STRATEGY, impl=block_impl) on
                                Mesh(devices.reshape(1, Pq, Pkv), ("data", "seq_q", "seq_kv")).
                                "sp_STRATEGY" alone means its default grids: every Pq·Pkv = P for
-                               attention2d, 1×P for the others. A suffix "/C" (e.g.
-                               "sp_ring[1x2]/2") runs it with head_chunks=C: the heads in C
-                               groups whose transfers overlap each other's attention.
+                               attention2d, 1×P for the others.
     "single_device_IMPL"       longseq.ops.attention(..., impl=IMPL) on ONE device, whole problem
                                (the baseline of the scaling efficiency; IMPL = block_impl by default)
     "anchor_allgather_cudnn"   all-gather K/V over the P devices, then
@@ -39,7 +37,6 @@ A row (a dict; JSON in parallel.json under "rows", beside "meta"):
     impl                      str            as above
     strategy                  str | None     of an sp_* row
     grid                      str | None     "PqxPkv" of an sp_* row, "1xP" for the all-gather anchor
-    head_chunks               int | None     of an sp_* row
     devices                   int            devices the row runs on (1 for single_device_*)
     block_impl                str | None     the longseq.ops implementation inside (None for the anchor)
     B, N, H, D                int            batch, seq_len, heads, head_dim
@@ -114,7 +111,7 @@ class ParallelPreset(NamedTuple):
 SHAPE_PRESETS = {"default": ParallelPreset(1, (65536, 131072, 262144), 16, 128, "bfloat16"),
                  "small": ParallelPreset(1, (256,), 8, 32, "float32")}
 
-_SP_NAME = re.compile(r"sp_(?P<strategy>\w+?)(\[(?P<rows>\d+)x(?P<cols>\d+)\])?(/(?P<chunks>\d+))?")
+_SP_NAME = re.compile(r"sp_(?P<strategy>\w+?)(\[(?P<rows>\d+)x(?P<cols>\d+)\])?")
 
 Array = jax.Array
 
@@ -127,15 +124,14 @@ class Implementation(NamedTuple):
     strategy: str | None = None
     grid: tuple[int, int] | None = None
     block_impl: str | None = None
-    head_chunks: int = 1
 
 
 # ----------------------------------------------------------------------------------------------
 # Pure helpers: names, grids, argument checks
 
 
-def sp_impl_name(strategy: str, grid: tuple[int, int], head_chunks: int = 1) -> str:
-    return f"sp_{strategy}[{grid[0]}x{grid[1]}]" + (f"/{head_chunks}" if head_chunks > 1 else "")
+def sp_impl_name(strategy: str, grid: tuple[int, int]) -> str:
+    return f"sp_{strategy}[{grid[0]}x{grid[1]}]"
 
 
 def default_grids(strategy: str, devices: int) -> tuple[tuple[int, int], ...]:
@@ -166,7 +162,7 @@ def resolve_impls(impls: Sequence[str], *, devices: int, block_impl: str) -> tup
 
     if isinstance(impls, str):
         raise BenchArgumentError("impls", f"expected a sequence of names, got the string {impls!r}")
-    expected = (f"sp_STRATEGY, sp_STRATEGY[PqxPkv] or either with /HEAD_CHUNKS, with STRATEGY in {', '.join(STRATEGIES)}; "
+    expected = (f"sp_STRATEGY or sp_STRATEGY[PqxPkv] with STRATEGY in {', '.join(STRATEGIES)}; "
                 f"single_device_IMPL with IMPL in {', '.join(ATTENTION_IMPLS)}; {ALLGATHER_CUDNN}; {RINGATTENTION}")
     resolved: list[Implementation] = []
     for name in impls:
@@ -180,11 +176,8 @@ def resolve_impls(impls: Sequence[str], *, devices: int, block_impl: str) -> tup
                 if grids[0][0] * grids[0][1] != devices or min(grids[0]) < 1:
                     raise BenchArgumentError("impls", f"{name!r}: the grid Pq×Pkv must multiply to the "
                                              f"{devices} visible device(s)")
-            chunks = int(match["chunks"] or 1)
-            if chunks < 1:
-                raise BenchArgumentError("impls", f"{name!r}: the head chunks after '/' must be positive")
-            resolved += [Implementation(sp_impl_name(strategy, grid, chunks), "sp", strategy, grid, block_impl,
-                                        chunks) for grid in grids]
+            resolved += [Implementation(sp_impl_name(strategy, grid), "sp", strategy, grid, block_impl)
+                         for grid in grids]
         elif isinstance(name, str) and name.startswith(SINGLE_DEVICE_PREFIX) \
                 and name[len(SINGLE_DEVICE_PREFIX):] in ATTENTION_IMPLS:
             resolved.append(Implementation(name, "single_device", block_impl=name[len(SINGLE_DEVICE_PREFIX):]))
@@ -244,7 +237,7 @@ def attention_function(impl: Implementation, *, causal: bool, mesh: Mesh | None)
         from longseq import parallel
 
         return lambda q, k, v: parallel.attention(q, k, v, mesh=mesh, strategy=impl.strategy, causal=causal,
-                                                  impl=impl.block_impl, head_chunks=impl.head_chunks)
+                                                  impl=impl.block_impl)
     if impl.kind == "single_device":
         from longseq.ops import attention
 
@@ -289,7 +282,6 @@ def _ringattention_package(*, causal: bool, mesh: Mesh, tokens: PartitionSpec) -
 def _row(impl: Implementation, shape: AttentionShape, dtype: jnp.dtype, causal: bool, pass_: str) -> dict[str, Any]:
     return {"impl": impl.name, "strategy": impl.strategy,
             "grid": f"{impl.grid[0]}x{impl.grid[1]}" if impl.grid else None,
-            "head_chunks": impl.head_chunks if impl.kind == "sp" else None,
             "devices": impl.grid[0] * impl.grid[1] if impl.grid else 1, "block_impl": impl.block_impl,
             "B": shape.batch, "N": shape.seq_len, "H": shape.heads, "D": shape.head_dim, "dtype": dtype.name,
             "causal": causal, "pass": pass_, "flops": attention_flops(shape, causal=causal, pass_=pass_),

@@ -52,7 +52,7 @@ STRATEGIES = ("attention2d", "ring", "ulysses", "allgather_kv")
 Array = jax.Array
 
 
-def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str, str], head_chunks: int) -> None:
+def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str, str]) -> None:
     """Raise a ValueError naming the argument that does not fit the mesh or the strategy."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
@@ -73,14 +73,9 @@ def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str,
     if q.shape[0] % batch_devices:
         raise ValueError(f"q: batch={q.shape[0]} is not divisible by the {batch_devices} devices of the "
                          "other mesh axes")
-    if not isinstance(head_chunks, int) or isinstance(head_chunks, bool) or head_chunks < 1:
-        raise ValueError(f"head_chunks: expected a positive integer, got {head_chunks!r}")
-    if q.shape[2] % head_chunks or k.shape[2] % head_chunks:
-        raise ValueError(f"head_chunks: {head_chunks} must divide heads={q.shape[2]} and kv_heads={k.shape[2]}")
-    if strategy == "ulysses" and (q.shape[2] // head_chunks) % seq_devices:
-        times = f" times head_chunks={head_chunks}" if head_chunks > 1 else ""
-        raise ValueError(f"q: strategy 'ulysses' needs heads divisible by the {seq_devices} sequence devices"
-                         f"{times}, got heads={q.shape[2]}")
+    if strategy == "ulysses" and q.shape[2] % seq_devices:
+        raise ValueError(f"q: strategy 'ulysses' needs heads divisible by the {seq_devices} sequence devices, "
+                         f"got heads={q.shape[2]}")
     if segment_ids is not None:
         if not isinstance(segment_ids, (tuple, list)) or len(segment_ids) != 2:
             raise ValueError("segment_ids: expected None or a pair (q_ids, kv_ids) of [batch, seq] ints")
@@ -89,7 +84,7 @@ def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str,
 def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal: bool = False,
               segment_ids=None, window: int | None = None, seq_q_axis: str = "seq_q",
               seq_kv_axis: str = "seq_kv", impl: str = "auto",
-              flash: FlashAttentionConfig | None = None, head_chunks: int = 1) -> Array:
+              flash: FlashAttentionConfig | None = None) -> Array:
     """Sequence-parallel self-attention on global arrays; differentiable.
 
     Args:
@@ -104,16 +99,12 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
         ("auto": cuDNN on GPUs where it applies, else the Pallas kernel). ring and attention2d run
         each block's backward from the merged statistics (`ops.attention_backward`), which "xla"
         cannot.
-      head_chunks: run the strategy on this many groups of heads, each on its own: heads do not
-        interact, so one group's transfers can overlap another's attention (the transfers that
-        nothing of one group could hide: the zigzag swaps, the ring's last trip, attention2d's
-        gathers and reduce-scatters). Must divide heads and kv_heads.
 
     Returns:
       out: [batch, seq, heads, head_dim], sharded like q.
     """
     seq_axes = (seq_q_axis, seq_kv_axis)
-    _check(q, k, v, segment_ids, mesh, strategy, seq_axes, head_chunks)
+    _check(q, k, v, segment_ids, mesh, strategy, seq_axes)
     if strategy in ("ring", "attention2d") and impl == "xla":
         raise ValueError(f"impl: strategy {strategy!r} runs each block's backward from the merged "
                          "log-sum-exp, which impl='xla' cannot; use 'auto', 'cudnn', 'pallas' or 'reference'")
@@ -122,7 +113,7 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
     ids = PartitionSpec(batch_axes, seq_axes)
     local = dict(causal=causal, window=window, impl=impl, flash=flash, seq_len=q.shape[1],
                  grid=(mesh.shape[seq_q_axis], mesh.shape[seq_kv_axis]), axes=seq_axes)
-    body = _in_head_chunks(functools.partial(_STRATEGY_BODIES[strategy], **local), head_chunks)
+    body = functools.partial(_STRATEGY_BODIES[strategy], **local)
     # check_vma=False: a pallas_call's outputs would have to declare how they vary over the mesh,
     # through an argument whose name differs between jax versions. Without the check, autodiff
     # transposes psum to psum, which is right here: every cotangent reaching a psum varies over its
@@ -145,24 +136,11 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
 # nothing to attend to and the last one everything. For causal attention (ring, allgather_kv,
 # attention2d) the bodies first swap half-chunks between devices so that device r holds the pieces
 # r and 2P − 1 − r of 2P (one early, one late: equal work), and swap back at the end; this moves
-# n/2 rows per device each way, small beside the strategies' own traffic. A device's rows are then
-# "pieces": runs of consecutive positions, each attended with its own global offset.
-
-
-def _in_head_chunks(body, chunks: int):
-    """body(q, k, v, segment_ids) run on `chunks` groups of consecutive heads, outputs concatenated.
-    Query heads [c·h/C, (c+1)·h/C) use kv heads [c·kv/C, (c+1)·kv/C), as GQA groups them. The groups
-    share no data, so XLA's scheduler is free to overlap one group's transfers with another's blocks."""
-    if chunks == 1:
-        return body
-
-    def run(q, k, v, segment_ids):
-        hq, hk = q.shape[2] // chunks, k.shape[2] // chunks
-        outs = [body(q[:, :, c * hq:(c + 1) * hq], k[:, :, c * hk:(c + 1) * hk], v[:, :, c * hk:(c + 1) * hk],
-                     segment_ids) for c in range(chunks)]
-        return jnp.concatenate(outs, axis=2)
-
-    return run
+# n/2 rows per device each way, small beside the strategies' own traffic. Only the sides whose
+# blocks differ between devices are swapped: a side every device gathers whole (the keys of
+# allgather_kv and of attention2d on a P×1 grid, the queries of attention2d on 1×P) stays in natural
+# order and is cut into half-chunks to match. A device's rows are then "pieces": runs of
+# consecutive positions, each attended with its own global offset.
 
 
 def _gather(x, axis_name, dim: int = 1):
@@ -257,52 +235,80 @@ def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, windo
 
 
 def _attend_pieces_backward(q, k, v, q_ids, kv_ids, out, lse, dout, q_pieces, kv_pieces, *, causal, window,
-                            impl, flash):
-    """This device's K/V share of the gradient, from the rows' merged out and lse (float32 sums).
+                            impl, flash, dtype):
+    """This device's K/V share of the gradient, from the rows' merged out and lse.
 
-    Returns dq [b, rows of q, heads, d] and dk, dv [b, rows of k, kv_heads, d], float32.
+    Returns dq [b, rows of q, heads, d] and dk, dv [b, rows of k, kv_heads, d] in `dtype`. A piece's
+    terms are summed in float32 in one pass at the end (a single term is only cast), so no float32
+    accumulator is written and re-read once per block.
     """
-    f32 = jnp.float32
-    dq_rows = []
-    dk_parts = [jnp.zeros((k.shape[0], kp.rows, *k.shape[2:]), f32) for kp in kv_pieces]
-    dv_parts = [jnp.zeros((v.shape[0], kp.rows, *v.shape[2:]), f32) for kp in kv_pieces]
-    for qp in q_pieces:
+    dq_terms = [[] for _ in q_pieces]
+    dk_terms = [[] for _ in kv_pieces]
+    dv_terms = [[] for _ in kv_pieces]
+    for qi, qp in enumerate(q_pieces):
         rows = slice(qp.row, qp.row + qp.rows)
-        dq = jnp.zeros((q.shape[0], qp.rows, *q.shape[2:]), f32)
-        for index, kp in enumerate(kv_pieces):
+        for ki, kp in enumerate(kv_pieces):
             if _hidden(qp, kp, causal):
                 continue
             cols = slice(kp.row, kp.row + kp.rows)
             ids = None if q_ids is None else (q_ids[:, rows], kv_ids[:, cols])
-            grads = attention_backward(q[:, rows], k[:, cols], v[:, cols], out[:, rows], lse[:, :, rows],
-                                       dout[:, rows], causal=_block_causal(qp, kp, causal), segment_ids=ids,
-                                       q_offset=qp.offset,
-                                       kv_offset=kp.offset, window=window, impl=impl, flash=flash)
-            dq = dq + grads[0].astype(f32)
-            dk_parts[index] = dk_parts[index] + grads[1].astype(f32)
-            dv_parts[index] = dv_parts[index] + grads[2].astype(f32)
-        dq_rows.append(dq)
-    return (jnp.concatenate(dq_rows, axis=1), jnp.concatenate(dk_parts, axis=1),
-            jnp.concatenate(dv_parts, axis=1))
+            dq, dk, dv = attention_backward(q[:, rows], k[:, cols], v[:, cols], out[:, rows], lse[:, :, rows],
+                                            dout[:, rows], causal=_block_causal(qp, kp, causal), segment_ids=ids,
+                                            q_offset=qp.offset, kv_offset=kp.offset, window=window, impl=impl,
+                                            flash=flash)
+            dq_terms[qi].append(dq)
+            dk_terms[ki].append(dk)
+            dv_terms[ki].append(dv)
+
+    def total(terms, like, piece):
+        if not terms:
+            return jnp.zeros((like.shape[0], piece.rows, *like.shape[2:]), dtype)
+        if len(terms) == 1:
+            return terms[0].astype(dtype)
+        return sum(t.astype(jnp.float32) for t in terms).astype(dtype)
+
+    def rows_of(all_terms, like, pieces):
+        return jnp.concatenate([total(t, like, p) for t, p in zip(all_terms, pieces)], axis=1)
+
+    return rows_of(dq_terms, q, q_pieces), rows_of(dk_terms, k, kv_pieces), rows_of(dv_terms, v, kv_pieces)
 
 
-def _balanced(body):
-    """Wrap a causal body in the zigzag exchange (in and out); bodies get `zigzag` to know."""
+def _balanced(sides):
+    """Wrap a causal body in the zigzag exchange (in and out) of the sides that need it.
 
-    @functools.wraps(body)
-    def run(q, k, v, segment_ids, *, causal, grid, axes, **kwargs):
-        devices = grid[0] * grid[1]
-        zigzag = causal and devices > 1 and q.shape[1] % 2 == 0
-        if not zigzag:
-            return body(q, k, v, segment_ids, causal=causal, grid=grid, axes=axes, zigzag=False, **kwargs)
-        swap = functools.partial(_to_zigzag, axes=axes, devices=devices)
-        if segment_ids is not None:
-            segment_ids = tuple(swap(x) for x in segment_ids)
-        out = body(swap(q), swap(k), swap(v), segment_ids, causal=causal, grid=grid, axes=axes, zigzag=True,
-                   **kwargs)
-        return swap(out, inverse=True)
+    sides(grid) -> (queries, keys): whether this grid's query / key-value chunks are swapped into
+    zigzag order. A side whose block is the whole sequence on every device (all-gathered) needs no
+    balance and is left in natural order; the output is swapped back only if the queries were.
+    Bodies get `zigzag` = (queries, keys).
+    """
 
-    return run
+    def wrap(body):
+        @functools.wraps(body)
+        def run(q, k, v, segment_ids, *, causal, grid, axes, **kwargs):
+            devices = grid[0] * grid[1]
+            balance = causal and devices > 1 and q.shape[1] % 2 == 0
+            queries, keys = sides(grid) if balance else (False, False)
+            swap = functools.partial(_to_zigzag, axes=axes, devices=devices)
+            if queries:
+                q = swap(q)
+            if keys:
+                k, v = swap(k), swap(v)
+            if segment_ids is not None:
+                segment_ids = (swap(segment_ids[0]) if queries else segment_ids[0],
+                               swap(segment_ids[1]) if keys else segment_ids[1])
+            out = body(q, k, v, segment_ids, causal=causal, grid=grid, axes=axes, zigzag=(queries, keys),
+                       **kwargs)
+            return swap(out, inverse=True) if queries else out
+
+        return run
+
+    return wrap
+
+
+def _natural_halves(devices: int, n: int) -> list[Piece]:
+    """The whole sequence (all devices' chunks, in order) as 2P half-chunks with static offsets."""
+    half = n // 2
+    return [Piece(p * half, half, p * half, 0 if p < devices else 1) for p in range(2 * devices)]
 
 
 def _keeping_own_chunk(forward, backward, q, k, v, segment_ids):
@@ -325,29 +331,22 @@ def _keeping_own_chunk(forward, backward, q, k, v, segment_ids):
     return attend(q, k, v, q_ids, kv_ids)
 
 
-@_balanced
+@_balanced(lambda grid: (True, False))  # K/V are gathered whole: only the queries need balance
 def _allgather_kv(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
     n, devices = q.shape[1], grid[0] * grid[1]
     chunk = lax.axis_index(axes)
     k_all, v_all = _gather(k, axes), _gather(v, axes)
     kv_ids = None if segment_ids is None else _gather(segment_ids[1], axes)
-    if zigzag:  # device-ordered pieces (0, 2P−1), (1, 2P−2), … → natural order: firsts, then seconds reversed
-        def natural(x):
-            x = x.reshape(x.shape[0], devices, 2, n // 2, *x.shape[2:])
-            return jnp.concatenate([x[:, :, 0], x[:, ::-1, 1]], axis=1).reshape(x.shape[0], -1, *x.shape[4:])
-
-        k_all, v_all = natural(k_all), natural(v_all)
-        kv_ids = None if kv_ids is None else natural(kv_ids)
     q_ids = None if segment_ids is None else segment_ids[0]
     # One block per query piece, against the whole sequence: autodiff needs no lse gradient. Causal,
     # its mask cuts the block at a traced offset, which cuDNN cannot mask (impl "cudnn" runs it on the
     # Pallas kernel); attention2d on a P×1 grid is this schedule with every block on cuDNN.
-    out, _ = _attend_pieces(q, k_all, v_all, q_ids, kv_ids, _pieces(chunk, n, devices, zigzag),
+    out, _ = _attend_pieces(q, k_all, v_all, q_ids, kv_ids, _pieces(chunk, n, devices, zigzag[0]),
                             [Piece(0, seq_len, 0)], causal=causal, window=window, impl=impl, flash=flash)
     return out
 
 
-@_balanced
+@_balanced(lambda grid: (True, True))
 def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
     """K/V go around the ring; a custom_vjp keeps only this device's q, k, v, out and lse for the
     backward pass (autodiff of the loop would keep every step's K/V: O(seq) memory, like all-gather),
@@ -357,7 +356,7 @@ def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, a
     blocks = dict(causal=causal, window=window, impl=impl, flash=flash)
 
     def pieces(chunk):
-        return _pieces(chunk, n, devices, zigzag)
+        return _pieces(chunk, n, devices, zigzag[0])
 
     def forward(q, k, v, q_ids, kv_ids):
         chunk = lax.axis_index(axes)
@@ -380,7 +379,8 @@ def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, a
             if step + 1 < devices:
                 passed_on = lax.ppermute((k, v, kv_ids), axes, to_next)
             dq_s, dk_s, dv_s = _attend_pieces_backward(q, k, v, q_ids, kv_ids, out, lse, dout, pieces(chunk),
-                                                       pieces((chunk - step) % devices), **blocks)
+                                                       pieces((chunk - step) % devices), **blocks,
+                                                       dtype=jnp.float32)
             dq = dq_s if dq is None else dq + dq_s
             if arriving is not None:  # what the devices before this one computed for the same K/V
                 dk_s, dv_s = dk_s + arriving[0], dv_s + arriving[1]
@@ -411,7 +411,7 @@ def _ulysses(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid
     return lax.all_to_all(out, axes, split_axis=1, concat_axis=2, tiled=True)
 
 
-@_balanced
+@_balanced(lambda grid: (grid[0] > 1, grid[1] > 1))  # a 1×P grid gathers all queries, a P×1 grid all keys
 def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
     """Device (i, j) attends query block i (gathered over its grid row) to key block j (gathered
     over its grid column); the row merges its partials exactly through their lse and scatters the
@@ -426,17 +426,19 @@ def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
         if not causal and window is None:  # positions do not matter: one block each way
             return [Piece(0, cols * n, 0)], [Piece(0, rows * n, 0)]
         i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
-        if not zigzag:  # contiguous chunks: the query block is one run, and so is the kv block when Pkv = 1
+        if not any(zigzag):  # contiguous chunks: the query block is one run, and so is the kv block when Pkv = 1
             q_pieces = [Piece(0, cols * n, i * cols * n)]
             kv_pieces = ([Piece(0, rows * n, 0)] if cols == 1 else
                          [Piece(r * n, n, (r * cols + j) * n) for r in range(rows)])
             return q_pieces, kv_pieces
         # Query block i: the row's devices i·Pkv + c, c = 0 … Pkv − 1, in order; key/value block j:
-        # the column's devices i'·Pkv + j, i' = 0 … Pq − 1.
-        q_pieces = [p._replace(row=c * n + p.row) for c in range(cols)
-                    for p in _pieces(i * cols + c, n, devices, zigzag)]
-        kv_pieces = [p._replace(row=r * n + p.row) for r in range(rows)
-                     for p in _pieces(r * cols + j, n, devices, zigzag)]
+        # the column's devices i'·Pkv + j, i' = 0 … Pq − 1. A side gathered whole (Pq = 1 for the
+        # queries, Pkv = 1 for the keys) stays in natural order, cut in half-chunks to match the
+        # other side's zigzag pieces.
+        q_pieces = ([p._replace(row=c * n + p.row) for c in range(cols)
+                     for p in _pieces(i * cols + c, n, devices, True)] if zigzag[0] else _natural_halves(devices, n))
+        kv_pieces = ([p._replace(row=r * n + p.row) for r in range(rows)
+                      for p in _pieces(r * cols + j, n, devices, True)] if zigzag[1] else _natural_halves(devices, n))
         return q_pieces, kv_pieces
 
     def gather_ids(q_ids, kv_ids):
@@ -464,12 +466,12 @@ def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
         q, k, v, q_ids, kv_ids, out, row_lse = residuals
         dq, dk, dv = _attend_pieces_backward(
             _gather(q, col_axis), _gather(k, row_axis), _gather(v, row_axis), *gather_ids(q_ids, kv_ids),
-            _gather(out, col_axis), row_lse, _gather(dout, col_axis), *pieces(), **blocks)
+            _gather(out, col_axis), row_lse, _gather(dout, col_axis), *pieces(), **blocks, dtype=q.dtype)
 
-        def scatter(x, axis, like):  # sum the partial gradients, keep this device's chunk
-            return lax.psum_scatter(x.astype(like.dtype), axis, scatter_dimension=1, tiled=True)
+        def scatter(x, axis):  # sum the partial gradients (in q's dtype), keep this device's chunk
+            return lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True)
 
-        return scatter(dq, col_axis, q), scatter(dk, row_axis, k), scatter(dv, row_axis, v), None, None
+        return scatter(dq, col_axis), scatter(dk, row_axis), scatter(dv, row_axis), None, None
 
     return _keeping_own_chunk(forward, backward, q, k, v, segment_ids)
 

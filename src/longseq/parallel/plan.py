@@ -20,14 +20,11 @@ class SequenceParallel:
 
     strategy: the attention strategy (`longseq.parallel.STRATEGIES`), or "none" to call the
     single-device op on the global arrays and let XLA's partitioner place it (the baseline).
-    head_chunks: groups of heads run one after another so that their transfers overlap (see
-    `longseq.parallel.attention`). Long convolutions always use the exact all-to-all scheme of
-    `longseq.parallel.long_conv`.
+    Long convolutions always use the exact all-to-all scheme of `longseq.parallel.long_conv`.
     """
 
     mesh: Mesh
     strategy: str
-    head_chunks: int = 1
     seq_q_axis: str = "seq_q"
     seq_kv_axis: str = "seq_kv"
 
@@ -36,7 +33,7 @@ class SequenceParallel:
         if self.strategy == "none":
             return attention_op(q, k, v, **kwargs)[0]
         return attention(q, k, v, mesh=self.mesh, strategy=self.strategy, seq_q_axis=self.seq_q_axis,
-                         seq_kv_axis=self.seq_kv_axis, head_chunks=self.head_chunks, **kwargs)
+                         seq_kv_axis=self.seq_kv_axis, **kwargs)
 
     def long_conv(self, u: Array, k: Array, **kwargs) -> Array:
         """`longseq.parallel.long_conv` on this plan's mesh; kwargs: causal, impl."""

@@ -98,8 +98,7 @@ class Steps:
         self.kind = task.kind
         sequence_parallel = None
         if mesh is not None and config.mesh.seq_devices > 1:
-            sequence_parallel = SequenceParallel(mesh, config.model.attention_parallel,
-                                                 head_chunks=config.model.attention_head_chunks)
+            sequence_parallel = SequenceParallel(mesh, config.model.attention_parallel)
         model = build_model(config.model, config.kernels, kind=task.kind, vocab_size=task.vocab_size,
                             num_classes=task.num_classes, seq_len=config.data.seq_len,
                             rngs=nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1),
