@@ -101,6 +101,8 @@ def test_out_of_range_value_is_named(override, message):
 @pytest.mark.parametrize("overrides, message", [
     (["model.d_model=100", "model.num_heads=3"], r"model\.d_model: 100 is not divisible by num_heads=3"),
     (["model.num_heads=4", "model.num_kv_heads=3"], r"model\.num_kv_heads: num_heads=4 is not divisible"),
+    (["model.mixer=attention", "model.num_heads=4", "model.attention_parallel=usp", "mesh.seq_kv=8", "mesh.data=1", "data.batch_size=8"],
+     r"model\.attention_parallel: usp runs Ulysses over mesh\.seq_kv=8 devices, which needs num_heads=4 divisible by 8"),
     (["data.seq_len=16", "data.mqar.num_kv_pairs=8"], r"data\.seq_len: 16 is too short for task=mqar"),
     (["data.task=selective_copying", "data.seq_len=20"], r"data\.seq_len: 20 is too short for task=selective_copying"),
     (["mesh.data=3", "data.batch_size=32"], r"data\.batch_size: 32 is not divisible by mesh\.data=3"),

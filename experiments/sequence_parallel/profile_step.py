@@ -8,7 +8,9 @@ copies), with how much of the NCCL time ran while an attention kernel ran on the
     PYTHONPATH=src python3 experiments/sequence_parallel/profile_step.py \
         --strategy attention2d --grid 2x1 --seq 65536 --causal
 
-Prints one table per GPU and the ten longest "other" kernels.
+`--strategy none` profiles one GPU's `ops.attention` on the whole problem instead (the baseline). Prints
+one line per GPU with the ten longest "other" kernels, and the host threads' longest kinds of event
+(where the host spends a step that the GPUs do not).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from longseq import parallel
+from longseq.ops import attention
 
 
 def kind(name: str) -> str:
@@ -61,7 +64,7 @@ def overlap(a, b) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategy", default="attention2d")
+    parser.add_argument("--strategy", default="attention2d", help="a longseq.parallel strategy, or none")
     parser.add_argument("--grid", default=None, help="PqxPkv (default 1xP)")
     parser.add_argument("--seq", type=int, default=65536)
     parser.add_argument("--heads", type=int, default=16)
@@ -71,6 +74,8 @@ def main() -> None:
 
     devices = jax.devices()
     rows, cols = map(int, args.grid.split("x")) if args.grid else (1, len(devices))
+    if args.strategy == "none":
+        rows = cols = 1
     mesh = Mesh(np.array(devices[:rows * cols]).reshape(1, rows, cols), ("data", "seq_q", "seq_kv"))
     sharding = NamedSharding(mesh, PartitionSpec(None, ("seq_q", "seq_kv"), None, None))
     shape = (1, args.seq, args.heads, args.head_dim)
@@ -78,7 +83,10 @@ def main() -> None:
     q, k, v, dout = (jax.device_put(jax.random.normal(key, shape, jnp.bfloat16), sharding) for key in keys)
 
     def loss(q, k, v, dout):
-        out = parallel.attention(q, k, v, mesh=mesh, strategy=args.strategy, causal=args.causal)
+        if args.strategy == "none":
+            out = attention(q, k, v, causal=args.causal)[0]
+        else:
+            out = parallel.attention(q, k, v, mesh=mesh, strategy=args.strategy, causal=args.causal)
         return jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32))
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -96,6 +104,15 @@ def main() -> None:
     print(f"{args.strategy} {rows}x{cols} N={args.seq} H={args.heads} D={args.head_dim} causal={args.causal} "
           f": {wall_ms:.2f} ms per step (untraced)")
     for plane in data.planes:
+        if plane.name.startswith("/host:CPU"):
+            host = collections.Counter()
+            for line in plane.lines:
+                if line.name != "python":
+                    for event in line.events:
+                        host[f"{line.name[:24]}: {event.name[:70]}"] += event.duration_ns
+            print("  host, longest kinds of event:")
+            for name, ns in host.most_common(12):
+                print(f"      {ns / 1e6:7.3f} ms  {name}")
         if not plane.name.startswith("/device:GPU"):
             continue
         totals, intervals, others = collections.Counter(), collections.defaultdict(list), collections.Counter()
@@ -113,9 +130,9 @@ def main() -> None:
                     others[event.name[:90]] += event.duration_ns
         if not totals:
             continue
-        attention, nccl = busy(intervals["attention"]), busy(intervals["nccl"])
+        kernels, nccl = busy(intervals["attention"]), busy(intervals["nccl"])
         print(f"  {plane.name}: span {(last - first) / 1e6:.2f} ms | attention {totals['attention'] / 1e6:.2f} | "
-              f"nccl {totals['nccl'] / 1e6:.2f} (under attention {overlap(attention, nccl) / 1e6:.2f}) | "
+              f"nccl {totals['nccl'] / 1e6:.2f} (under attention {overlap(kernels, nccl) / 1e6:.2f}) | "
               f"other {totals['other'] / 1e6:.2f}")
         for name, ns in others.most_common(10):
             print(f"      {ns / 1e6:7.3f} ms  {name}")

@@ -169,7 +169,7 @@ _BENCH_PARALLEL_FLAGS = {"seq_lens": "--seq", "batch": "--batch", "heads": "--he
 def _add_bench_parallel_parser(bench_commands) -> None:
     parallel = bench_commands.add_parser(
         "parallel", help="time sequence-parallel attention (every strategy) on all visible devices",
-        description="Time longseq.parallel.attention (attention2d, ring, ulysses, allgather_kv) on all visible "
+        description="Time longseq.parallel.attention (every strategy) on all visible "
                     "devices against one device doing the whole problem and the all-gather K/V + cuDNN anchor, "
                     "in one process. Writes parallel.json, parallel.md and parallel.png to --out and prints the "
                     "markdown table.")
@@ -185,7 +185,7 @@ def _add_bench_parallel_parser(bench_commands) -> None:
                           help="of q, k, v (default: the preset's)")
     parallel.add_argument("--impls", nargs="+", type=_comma_list, default=None, metavar="IMPL",
                           help="implementations (space- or comma-separated): sp_STRATEGY (its default grids: "
-                               "every Pq x Pkv = P for attention2d, 1xP for the others), sp_STRATEGY[PqxPkv], "
+                               "every Pq x Pkv = P for attention2d, usp and double_ring, 1xP for the others), sp_STRATEGY[PqxPkv], "
                                "single_device_IMPL (IMPL of longseq.ops.ATTENTION_IMPLS), anchor_allgather_cudnn. "
                                "Default: every strategy, single_device_<block impl>, and the anchor on GPU")
     parallel.add_argument("--block-impl", default=None, metavar="IMPL",

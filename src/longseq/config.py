@@ -92,7 +92,7 @@ class ModelConfig(_Checked):
     mlp_hidden: int | None = param(None, "SwiGLU hidden width (None = 8/3·d_model rounded up to 64)", min=1)
     dropout: float = param(0.0, "dropout on residual branches", min=0, lt=1)
     rope_theta: float = param(10000.0, "rotary position embedding base", gt=0)
-    attention_parallel: Literal["attention2d", "ring", "ulysses", "allgather_kv", "none"] = param(
+    attention_parallel: Literal["attention2d", "ring", "ulysses", "allgather_kv", "usp", "double_ring", "none"] = param(
         "attention2d", "sequence-parallel attention strategy when mesh.seq_q × mesh.seq_kv > 1 "
         "(none = let XLA partition it)")
     attention_window: int | None = param(
@@ -259,7 +259,9 @@ class TrainConfig(_Checked):
 @dataclass(frozen=True)
 class MeshConfig(_Checked):
     """Device mesh: data × seq_q × seq_kv. The batch splits over `data`; the sequence over the
-    seq_q × seq_kv grid (row-major), where `model.attention_parallel` runs attention."""
+    seq_q × seq_kv grid (row-major), where `model.attention_parallel` runs attention: attention2d's
+    query × key/value grid; usp's ring (seq_q) × Ulysses (seq_kv) degrees; double_ring's outer ring
+    (seq_q, e.g. across nodes) × inner ring (seq_kv, e.g. within a node). Put seq_kv within a node."""
 
     data: int = param(-1, "devices along the data-parallel axis (-1 = all devices left by the sequence axes)", min=-1)
     seq_q: int = param(1, "sequence-parallel devices along the query axis of the attention grid", min=1)
@@ -337,7 +339,12 @@ class Config(_Checked):
             raise ConfigError(f"model.attention_parallel: ulysses needs num_heads={self.model.num_heads} "
                               f"divisible by the {self.mesh.seq_devices} sequence devices")
         if ("attention" in self.model.layer_mixers() and self.mesh.seq_devices > 1
-                and self.model.attention_parallel in ("ring", "attention2d") and self.kernels.attention == "xla"):
+                and self.model.attention_parallel == "usp" and self.model.num_heads % self.mesh.seq_kv):
+            raise ConfigError(f"model.attention_parallel: usp runs Ulysses over mesh.seq_kv={self.mesh.seq_kv} "
+                              f"devices, which needs num_heads={self.model.num_heads} divisible by {self.mesh.seq_kv}")
+        if ("attention" in self.model.layer_mixers() and self.mesh.seq_devices > 1
+                and self.model.attention_parallel in ("ring", "attention2d", "usp", "double_ring")
+                and self.kernels.attention == "xla"):
             raise ConfigError(f"kernels.attention: attention_parallel={self.model.attention_parallel} runs each "
                               "block's backward from the merged statistics, which 'xla' cannot; use 'auto', "
                               "'cudnn', 'pallas' or 'reference'")

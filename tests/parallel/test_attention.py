@@ -22,6 +22,7 @@ from longseq.ops import attention
 GRIDS_2D = [(1, 1, 8), (1, 2, 4), (1, 4, 2), (1, 8, 1), (2, 2, 2), (1, 1, 2), (1, 2, 1), (1, 1, 1)]
 GRIDS_FLAT = [(1, 2, 4), (2, 2, 2), (1, 1, 2), (1, 1, 1)]
 CASES = [(strategy, grid) for grid in GRIDS_2D for strategy in ["attention2d"]] + \
+        [(strategy, grid) for grid in GRIDS_2D[:-1] for strategy in ["usp", "double_ring"]] + \
         [(strategy, grid) for grid in GRIDS_FLAT for strategy in ["ring", "ulysses", "allgather_kv"]]
 
 

@@ -28,11 +28,11 @@ from longseq.parallel import STRATEGIES
 DEVICES = jax.device_count()
 ON_GPU = jax.devices()[0].platform == "gpu"
 SMALL = SHAPE_PRESETS["small"]
-# One 2-D grid of attention2d where the device count allows (Pq, Pkv > 1), every other strategy on 1×P:
-# all strategies covered, a few compiles only.
-ATTENTION2D_GRID = (2, DEVICES // 2) if DEVICES % 2 == 0 else (1, DEVICES)
-IMPLS = (f"sp_attention2d[{ATTENTION2D_GRID[0]}x{ATTENTION2D_GRID[1]}]", "sp_ring", "sp_ulysses", "sp_allgather_kv",
-         "single_device_reference", ALLGATHER_CUDNN)
+# One 2-D grid of the two-axis strategies where the device count allows (Pq, Pkv > 1), every other
+# strategy on 1×P: all strategies covered, a few compiles only.
+GRID = (2, DEVICES // 2) if DEVICES % 2 == 0 else (1, DEVICES)
+IMPLS = tuple(f"sp_{strategy}[{GRID[0]}x{GRID[1]}]" for strategy in ("attention2d", "usp", "double_ring")) + (
+    "sp_ring", "sp_ulysses", "sp_allgather_kv", "single_device_reference", ALLGATHER_CUDNN)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ Implementations (names as they appear in the rows):
     "sp_STRATEGY[PqxPkv]"      longseq.parallel.attention(..., strategy=STRATEGY, impl=block_impl) on
                                Mesh(devices.reshape(1, Pq, Pkv), ("data", "seq_q", "seq_kv")).
                                "sp_STRATEGY" alone means its default grids: every Pq·Pkv = P for
-                               attention2d, 1×P for the others.
+                               attention2d, usp and double_ring, 1×P for the others.
     "single_device_IMPL"       longseq.ops.attention(..., impl=IMPL) on ONE device, whole problem
                                (the baseline of the scaling efficiency; IMPL = block_impl by default)
     "anchor_allgather_cudnn"   all-gather K/V over the P devices, then
@@ -135,8 +135,9 @@ def sp_impl_name(strategy: str, grid: tuple[int, int]) -> str:
 
 
 def default_grids(strategy: str, devices: int) -> tuple[tuple[int, int], ...]:
-    """Every factorisation Pq·Pkv = P for attention2d (1×P first), 1×P for the other strategies."""
-    if strategy == "attention2d":
+    """Every factorisation Pq·Pkv = P (1×P first) for the two-axis strategies (attention2d, usp,
+    double_ring), 1×P for the others."""
+    if strategy in ("attention2d", "usp", "double_ring"):
         return tuple((rows, devices // rows) for rows in range(1, devices + 1) if devices % rows == 0)
     return ((1, devices),)
 
@@ -214,6 +215,8 @@ def skip_reason(impl: Implementation, shape: AttentionShape, causal: bool, platf
         return f"needs a GPU (cuDNN); platform is {platform}"
     if impl.strategy == "ulysses" and shape.heads % (impl.grid[0] * impl.grid[1]):
         return f"ulysses needs heads ({shape.heads}) divisible by the {impl.grid[0] * impl.grid[1]} devices"
+    if impl.strategy == "usp" and shape.heads % impl.grid[1]:
+        return f"usp needs heads ({shape.heads}) divisible by its Ulysses degree Pkv = {impl.grid[1]}"
     return None
 
 

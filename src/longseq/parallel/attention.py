@@ -19,17 +19,28 @@ Strategies (bytes each device receives per call, d = heads · head_dim, kv heads
                  other, and the row merges its partials exactly: a max and a sum of the row's lse
                  (tiny), then a reduce-scatter of the weighted outputs. ≈ N·d·(2/Pq + 1/Pkv)·(…) —
                  O(N·d/√P) on a square grid.
+  usp            unified sequence parallelism (Fang & Zhao 2024): Ulysses over seq_kv (an all-to-all
+                 within each grid row: the row's Pkv chunks, heads / Pkv heads), then ring attention
+                 over seq_q on those longer chunks, then the all-to-all back. Ulysses bytes over the
+                 inner axis, ring bytes over the outer; needs heads divisible by Pkv.
+  double_ring    double-ring attention (LoongTrain, Gu et al. 2024): the ring over all P devices
+                 split in two: K/V go around the inner ring (seq_kv, e.g. the GPUs of a node) once
+                 per step of the outer ring (seq_q, e.g. across nodes), and the outer ring's transfer
+                 of the next block overlaps the whole inner round. ≈ ring's bytes, but only one outer
+                 transfer per Pkv inner steps.
 
 Key/value block j of attention2d is the chunks {i'·Pkv + j}: not contiguous, so it attends as Pq
 sub-blocks with their own offsets, merged through lse.
 
-Gradients: attention2d, ulysses and allgather_kv differentiate through their collectives (an
-all-gather's transpose is a reduce-scatter, an all-to-all's the reverse all-to-all), which moves
-the same bytes as the forward and keeps only what the backward needs anyway. ring has a custom_vjp:
-autodiff of its loop would keep every step's K/V (O(seq) memory per device, all-gather's cost);
-instead the backward sends K/V around the ring again, with their gradient accumulators one step
-behind, and computes each block's share with `ops.attention_backward` from the merged out and lse.
-Every ppermute is issued before the step's attention so that the transfer overlaps the compute.
+Gradients: ulysses and allgather_kv differentiate through their collectives (an all-gather's
+transpose is a reduce-scatter, an all-to-all's the reverse all-to-all), which moves the same bytes
+as the forward and keeps only what the backward needs anyway. ring, double_ring and attention2d have
+custom_vjps that keep only this device's q, k, v, out and lse: autodiff of the ring's loop would keep
+every step's K/V (O(seq) memory per device, all-gather's cost); instead the backward sends K/V
+around again, with their gradient accumulators one step behind (attention2d gathers again), and
+computes each block's share with `ops.attention_backward` from the merged out and lse. Every
+ppermute is issued before the step's attention so that the transfer overlaps the compute. usp's
+ring is the ring's, with its custom_vjp.
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from longseq.config import FlashAttentionConfig
 from longseq.ops import attention as attention_op
 from longseq.ops import attention_backward, merge_partials
 
-STRATEGIES = ("attention2d", "ring", "ulysses", "allgather_kv")
+STRATEGIES = ("attention2d", "ring", "ulysses", "allgather_kv", "usp", "double_ring")
 
 Array = jax.Array
 
@@ -76,6 +87,10 @@ def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str,
     if strategy == "ulysses" and q.shape[2] % seq_devices:
         raise ValueError(f"q: strategy 'ulysses' needs heads divisible by the {seq_devices} sequence devices, "
                          f"got heads={q.shape[2]}")
+    if strategy == "usp" and q.shape[2] % mesh.shape[seq_axes[1]]:
+        raise ValueError(f"q: strategy 'usp' runs Ulysses over mesh axis {seq_axes[1]!r} of "
+                         f"{mesh.shape[seq_axes[1]]} devices, which needs heads divisible by "
+                         f"{mesh.shape[seq_axes[1]]}; got heads={q.shape[2]}")
     if segment_ids is not None:
         if not isinstance(segment_ids, (tuple, list)) or len(segment_ids) != 2:
             raise ValueError("segment_ids: expected None or a pair (q_ids, kv_ids) of [batch, seq] ints")
@@ -105,7 +120,7 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
     """
     seq_axes = (seq_q_axis, seq_kv_axis)
     _check(q, k, v, segment_ids, mesh, strategy, seq_axes)
-    if strategy in ("ring", "attention2d") and impl == "xla":
+    if strategy in ("ring", "attention2d", "usp", "double_ring") and impl == "xla":
         raise ValueError(f"impl: strategy {strategy!r} runs each block's backward from the merged "
                          "log-sum-exp, which impl='xla' cannot; use 'auto', 'cudnn', 'pallas' or 'reference'")
     batch_axes = tuple(a for a in mesh.axis_names if a not in seq_axes) or None
@@ -163,19 +178,22 @@ def _to_zigzag(x, axes, devices: int, *, inverse: bool = False):
     The first halves of all devices travel in one ppermute and the second halves in another; an even
     device receives its first slot from the first ppermute, an odd device from the second.
     """
+    def permute(y, pairs):  # a ppermute, skipped when every device keeps its own (first halves, P = 2)
+        return y if all(src == dst for src, dst in pairs) else lax.ppermute(y, axes, pairs)
+
     first, second = _zigzag_perms(devices)
     half = x.shape[1] // 2
     even = lax.axis_index(axes) % 2 == 0
     a, b = x[:, :half], x[:, half:]
     if not inverse:
-        from_first, from_second = lax.ppermute(a, axes, first), lax.ppermute(b, axes, second)
+        from_first, from_second = permute(a, first), permute(b, second)
         slot0 = jnp.where(even, from_first, from_second)
         slot1 = jnp.where(even, from_second, from_first)
         return jnp.concatenate([slot0, slot1], axis=1)
     to_first = jnp.where(even, a, b)  # what the first ppermute delivered here goes back through it
     to_second = jnp.where(even, b, a)
-    back_first = lax.ppermute(to_first, axes, [(dst, src) for src, dst in first])
-    back_second = lax.ppermute(to_second, axes, [(dst, src) for src, dst in second])
+    back_first = permute(to_first, [(dst, src) for src, dst in first])
+    back_second = permute(to_second, [(dst, src) for src, dst in second])
     return jnp.concatenate([back_first, back_second], axis=1)
 
 
@@ -395,20 +413,127 @@ def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, a
     return _keeping_own_chunk(forward, backward, q, k, v, segment_ids)
 
 
-def _ulysses(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes):
-    devices = grid[0] * grid[1]
+@_balanced(lambda grid: (True, True))
+def _double_ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
+    """The ring over P = Pq·Pkv devices as two rings: device (i, j) is position j of the inner ring
+    of node i (seq_kv) and node i is position i of the outer ring (seq_q). At outer step t the node
+    holds the K/V of node i − t, which go once around the inner ring; the transfer that brings node
+    i − t − 1's K/V (outer ring) is issued before that inner round and overlaps it. The custom_vjp
+    is the ring's: the backward repeats the rounds; each K/V chunk's gradient sums follow it around
+    the inner ring, wait for the same chunk on the next node (one outer hop per round), and go home
+    at the end: P hops in all, like the ring's."""
+    rows, cols = grid
+    row_axis, col_axis = axes
+    n, devices = q.shape[1], rows * cols
+    inner_next = [(j, (j + 1) % cols) for j in range(cols)]
+    outer_next = [(i, (i + 1) % rows) for i in range(rows)]
+    blocks = dict(causal=causal, window=window, impl=impl, flash=flash)
+
+    def pieces(chunk):
+        return _pieces(chunk, n, devices, zigzag[0])
+
+    def rounds():
+        """(outer step, inner step, chunk held then as a function of (i, j)) in order."""
+        for t in range(rows):
+            for s_ in range(cols):
+                yield t, s_, lambda i, j, t=t, s_=s_: ((i - t) % rows) * cols + (j - s_) % cols
+
+    def forward(q, k, v, q_ids, kv_ids):
+        i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
+        chunk = i * cols + j
+        out = lse = None
+        node_block = (k, v, kv_ids)  # this device's share of the outer block held in this outer step
+        for t, s_, source in rounds():
+            if s_ == 0:
+                held = node_block
+                if t + 1 < rows:  # the next outer block, under the whole inner round
+                    next_node_block = lax.ppermute(node_block, row_axis, outer_next)
+            if s_ + 1 < cols:
+                passed_on = lax.ppermute(held, col_axis, inner_next)
+            part = _attend_pieces(q, *held[:2], q_ids, held[2], pieces(chunk), pieces(source(i, j)), **blocks)
+            out, lse = part if out is None else merge_partials([out, part[0]], [lse, part[1]])
+            if s_ + 1 < cols:
+                held = passed_on
+            elif t + 1 < rows:
+                node_block = next_node_block
+        return out, lse
+
+    def backward(residuals, dout):
+        q, k, v, q_ids, kv_ids, out, lse = residuals
+        i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
+        chunk = i * cols + j
+        home = [(d, ((d // cols + 1) % rows) * cols + (d % cols + 1) % cols) for d in range(devices)]
+        dq = inner = outer = None
+        node_block = (k, v, kv_ids)
+        for t, s_, source in rounds():
+            if s_ == 0:
+                held, inner = node_block, None
+                if t + 1 < rows:
+                    next_node_block = lax.ppermute(node_block, row_axis, outer_next)
+            if s_ + 1 < cols:
+                passed_on = lax.ppermute(held, col_axis, inner_next)
+            dq_s, dk_s, dv_s = _attend_pieces_backward(q, *held[:2], q_ids, held[2], out, lse, dout, pieces(chunk),
+                                                       pieces(source(i, j)), **blocks, dtype=jnp.float32)
+            dq = dq_s if dq is None else dq + dq_s
+            if inner is not None:  # what this node's devices before this one computed for the same K/V
+                dk_s, dv_s = dk_s + inner[0], dv_s + inner[1]
+            if s_ + 1 < cols:  # the partial sums follow their K/V around the inner ring, in float32
+                inner = lax.ppermute((dk_s, dv_s), col_axis, inner_next)
+                held = passed_on
+                continue
+            # The node's sums for the chunk held last, (i − t, j + 1), plus the nodes' before it: the next
+            # node holds the same chunk at the end of its next round on the same inner position; after the
+            # last round they go home, one node on and one inner position on, in their dtype.
+            if outer is not None:
+                dk_s, dv_s = dk_s + outer[0], dv_s + outer[1]
+            if t + 1 < rows:
+                outer = lax.ppermute((dk_s, dv_s), row_axis, outer_next)
+                node_block = next_node_block
+            else:
+                outer = lax.ppermute((dk_s.astype(k.dtype), dv_s.astype(v.dtype)), axes, home)
+        dk, dv = outer
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+    return _keeping_own_chunk(forward, backward, q, k, v, segment_ids)
+
+
+def _to_heads(q, k, v, segment_ids, axis, devices: int):
+    """Ulysses' all-to-all over `axis` (D devices): [b, n, h, d] sequence-sharded → [b, D·n, h / D, d]
+    head-sharded, for q, k and v (kv heads repeated when there are fewer than D, so that every
+    device holds whole kv heads for its query heads); the segment ids are all-gathered."""
     heads, kv_heads = q.shape[2], k.shape[2]
-    if kv_heads % devices:  # each device needs whole kv heads for its query heads: repeat them
+    if kv_heads % devices:
         k = jnp.repeat(k, heads // kv_heads, axis=2)
         v = jnp.repeat(v, heads // kv_heads, axis=2)
 
-    def to_heads(x):  # [b, n, h, d] → [b, seq, h / P, d]
-        return lax.all_to_all(x, axes, split_axis=2, concat_axis=1, tiled=True)
+    def move(x):
+        return lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
 
-    ids = None if segment_ids is None else tuple(_gather(x, axes) for x in segment_ids)
-    out, _ = attention_op(to_heads(q), to_heads(k), to_heads(v), causal=causal, segment_ids=ids,
-                          window=window, impl=impl, flash=flash)
-    return lax.all_to_all(out, axes, split_axis=1, concat_axis=2, tiled=True)
+    ids = None if segment_ids is None else tuple(_gather(x, axis) for x in segment_ids)
+    return move(q), move(k), move(v), ids
+
+
+def _to_sequence(out, axis):
+    """The reverse all-to-all: [b, D·n, h / D, d] → [b, n, h, d]."""
+    return lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
+
+
+def _ulysses(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes):
+    q, k, v, ids = _to_heads(q, k, v, segment_ids, axes, grid[0] * grid[1])
+    out, _ = attention_op(q, k, v, causal=causal, segment_ids=ids, window=window, impl=impl, flash=flash)
+    return _to_sequence(out, axes)
+
+
+def _usp(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes):
+    """Ulysses over seq_kv turns device (i, j)'s chunk into grid row i's Pkv chunks (one contiguous
+    block of the sequence) on heads / Pkv; ring attention over seq_q then passes those blocks around
+    the Pq devices with the same heads (zigzag-balanced when causal); the all-to-all goes back."""
+    rows, cols = grid
+    row_axis, col_axis = axes
+    q, k, v, ids = _to_heads(q, k, v, segment_ids, col_axis, cols)
+    out = _ring(q, k, v, ids, causal=causal, window=window, impl=impl, flash=flash, seq_len=seq_len,
+                grid=(rows, 1), axes=(row_axis,))
+    return _to_sequence(out, col_axis)
 
 
 @_balanced(lambda grid: (grid[0] > 1, grid[1] > 1))  # a 1×P grid gathers all queries, a P×1 grid all keys
@@ -481,4 +606,6 @@ _STRATEGY_BODIES = {
     "ring": _ring,
     "ulysses": _ulysses,
     "attention2d": _attention2d,
+    "usp": _usp,
+    "double_ring": _double_ring,
 }
