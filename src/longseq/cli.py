@@ -123,6 +123,14 @@ def _add_bench_parser(commands) -> None:
                            help="output folder (default runs/bench/attention-<timestamp>)")
     _add_bench_parallel_parser(bench_commands)
     _add_bench_comm_parser(bench_commands)
+    links = bench_commands.add_parser(
+        "links", help="GB/s between devices (inside a node, across nodes): the cost model's link figures",
+        description="Time a ppermute ring of --mib MiB per device over this process's devices (inside a node) "
+                    "and, with several processes, over one device of each (across nodes); print GB/s per device "
+                    "one way and the mesh.*_gbps override that feeds the cost model of attention_parallel=auto.")
+    links.add_argument("--mib", type=_positive_int, default=256, help="MiB each device sends (default 256)")
+    links.add_argument("--iters", type=_positive_int, default=5, help="timed calls per row (median)")
+    links.add_argument("--warmup", type=_positive_int, default=2, help="untimed calls first")
     _add_bench_long_conv_parser(bench_commands)
 
 
@@ -371,6 +379,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate the newest checkpoint of a run directory")
     evaluate.add_argument("run_dir", help="a run directory, e.g. runs/demo")
 
+    plan = commands.add_parser(
+        "plan", help="what a config will run, before running it: the sequence-parallel cost model's table",
+        description="Predict, for the config's attention layer on its mesh.seq_q × mesh.seq_kv sequence devices, "
+                    "the forward+backward time of every strategy on every grid (longseq.parallel.cost), fastest "
+                    "first, and say which one the run uses (model.attention_parallel, or with auto the fastest "
+                    "that fits). Runs nothing.")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.seq_q=2 mesh.seq_kv=4")
+    plan.add_argument("--system", choices=("h100", "h200", "cpu"), default=None,
+                      help="plan for this machine's figures (default: the devices this process sees)")
+
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the resolved config as YAML")
@@ -401,6 +420,14 @@ def main(argv: list[str] | None = None) -> int:
             except TrainingDiverged as error:
                 print(f"error: {error}", file=sys.stderr)
                 return 1
+        elif args.command == "plan":
+            from longseq.plan import format_choice, sequence_parallel_choice
+
+            config = resolve(args.config, args.overrides)
+            system = {} if args.system is None else dict(device_kind=args.system,
+                                                         platform="cpu" if args.system == "cpu" else "gpu")
+            choice = sequence_parallel_choice(config, **system)
+            print(format_choice(choice, config.model.attention_parallel))
         elif args.command == "eval":
             from longseq.train import evaluate_run
 
@@ -412,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_parallel(args, argv)
         elif args.command == "bench" and args.bench_command == "comm":
             return _bench_comm(args, argv)
+        elif args.command == "bench" and args.bench_command == "links":
+            from longseq.bench.links import format_rows, run_links_bench
+            from longseq.distributed import initialize_from_environment
+
+            initialize_from_environment()
+            print(format_rows(run_links_bench(args.mib, args.iters, args.warmup)))
         elif args.command == "bench" and args.bench_command == "long_conv":
             return _bench_long_conv(args, argv)
     except ConfigError as error:

@@ -92,9 +92,11 @@ class ModelConfig(_Checked):
     mlp_hidden: int | None = param(None, "SwiGLU hidden width (None = 8/3·d_model rounded up to 64)", min=1)
     dropout: float = param(0.0, "dropout on residual branches", min=0, lt=1)
     rope_theta: float = param(10000.0, "rotary position embedding base", gt=0)
-    attention_parallel: Literal["attention2d", "ring", "ulysses", "allgather_kv", "usp", "double_ring", "none"] = param(
-        "attention2d", "sequence-parallel attention strategy when mesh.seq_q × mesh.seq_kv > 1 "
-        "(none = let XLA partition it)")
+    attention_parallel: Literal["attention2d", "ring", "ulysses", "allgather_kv", "usp", "double_ring", "auto",
+                                "none"] = param(
+        "attention2d", "sequence-parallel attention strategy when mesh.seq_q × mesh.seq_kv > 1 (auto = the "
+        "strategy and grid of mesh.seq_q × mesh.seq_kv devices the cost model predicts fastest, see "
+        "`longseq plan`; none = let XLA partition it)")
     attention_window: int | None = param(
         None, "sliding-window attention: a query sees keys fewer than this many positions away (None = all)",
         min=1)
@@ -266,6 +268,15 @@ class MeshConfig(_Checked):
     data: int = param(-1, "devices along the data-parallel axis (-1 = all devices left by the sequence axes)", min=-1)
     seq_q: int = param(1, "sequence-parallel devices along the query axis of the attention grid", min=1)
     seq_kv: int = param(1, "sequence-parallel devices along the key/value axis of the attention grid", min=1)
+    node_size: int | None = param(
+        None, "devices per node, for the cost model of attention_parallel=auto (None = the device kind's preset)",
+        min=1)
+    intra_node_gbps: float | None = param(
+        None, "GB/s one device sends one way inside a node, for the cost model (None = the device kind's "
+        "preset; `longseq bench links` measures it)", gt=0)
+    inter_node_gbps: float | None = param(
+        None, "GB/s one device sends one way across nodes, for the cost model (None = the device kind's preset)",
+        gt=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()

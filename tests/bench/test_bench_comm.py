@@ -8,6 +8,8 @@ import math
 
 import pytest
 
+from longseq.parallel import STRATEGIES
+
 from longseq.bench.comm import analytic_bytes, parse_collectives, run_comm_bench, traffic
 from longseq.cli import main
 
@@ -104,12 +106,15 @@ def bench(tmp_path_factory):
 def test_end_to_end_measured_bytes_follow_the_model(bench):
     rows, out_dir = bench
     assert all(row["error"] is None and row["bytes"] > 0 for row in rows)
-    assert {row["strategy"] for row in rows} == {"attention2d", "ring", "ulysses", "allgather_kv"}
-    assert {(row["P"], row["grid"]) for row in rows if row["strategy"] == "attention2d"} == {
-        (4, "1x4"), (4, "2x2"), (4, "4x1"), (8, "1x8"), (8, "2x4"), (8, "4x2"), (8, "8x1")}
-    for row in rows:
-        if row["strategy"] == "allgather_kv" and row["pass"] == "fwd":
-            assert row["bytes"] == pytest.approx(row["analytic_bytes"], rel=0.1)
+    assert {row["strategy"] for row in rows} == set(STRATEGIES)
+    for strategy in ("attention2d", "usp", "double_ring"):
+        assert {(row["P"], row["grid"]) for row in rows if row["strategy"] == strategy} == {
+            (4, "1x4"), (4, "2x2"), (4, "4x1"), (8, "1x8"), (8, "2x4"), (8, "4x2"), (8, "8x1")}
+    for row in rows:  # the cost model's bytes are the compiled program's, collective by collective
+        if row["pass"] == "fwd" or row["strategy"] in ("ulysses", "allgather_kv"):
+            assert row["bytes"] == pytest.approx(row["analytic_bytes"], rel=1e-3), (row["strategy"], row["grid"])
+        else:  # XLA:CPU merges the custom_vjps' backward transfers with the forward's (module docstring)
+            assert row["bytes"] <= row["analytic_bytes"] * (1 + 1e-3)
 
     def forward(strategy, P, grid):
         return next(row for row in rows if (row["strategy"], row["P"], row["grid"], row["pass"]) ==

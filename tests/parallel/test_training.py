@@ -41,7 +41,8 @@ def one_device_losses(tmp_path_factory):
 
 MESHES = {"attention2d": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"], "ring": ["mesh.data=2", "mesh.seq_kv=4"],
           "ulysses": ["mesh.data=1", "mesh.seq_q=4"], "none": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"],
-          "usp": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"], "double_ring": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"]}
+          "usp": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"], "double_ring": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"],
+          "auto": ["mesh.data=2", "mesh.seq_q=4"]}  # auto: the cost model picks the strategy and the grid of 4
 
 
 # Every strategy with attention layers; the hybrid (gated conv + attention: the sequence-parallel long

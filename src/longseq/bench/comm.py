@@ -13,9 +13,10 @@ over (seq_q, seq_kv):
                without it XLA drops the forward's last collective as dead code (the gradient of
                sum(out · dout) does not need out).
 
-Grids: attention2d on every Pq × Pkv = P (1×P … P×1), the other strategies on 1×P. ulysses needs
-heads divisible by P: where they are not, its rows use heads (and kv_heads) × the smallest factor
-that makes them so, and `ratio_to_ring` compares bytes per head (every term below is linear in heads).
+Grids: attention2d, usp and double_ring on every Pq × Pkv = P (1×P … P×1), the other strategies on 1×P.
+ulysses (and usp, whose Ulysses degree Pkv divides P) needs heads divisible by P: where they are not, its
+rows use heads (and kv_heads) × the smallest factor that makes them so, and `ratio_to_ring` compares bytes
+per head (every term of the model is linear in heads).
 
 Bytes sent per device by one execution of each collective (g = its replica group's size; the
 conventions of ring algorithms, as in NCCL's bus bandwidth):
@@ -38,38 +39,17 @@ all-to-alls to f32 on CPU), and reductions that XLA:CPU promotes from 16-bit to 
 `all-reduce-promotion` pass, recognised by a reducer named `*_promoted`; the CPU cannot reduce bf16)
 count at 16 bits. `bytes_compiled` keeps the literal count.
 
-Analytic model, per device, per call (`analytic_bytes`), with n = N/P tokens per device,
-d = heads·head_dim (q, out), d_kv = kv_heads·head_dim (k, v), s = the itemsize of q, k, v, f = 4
-(float32), everything × batch:
-
-    allgather_kv  fwd  2·(P−1)·n·d_kv·s  = 2·(P−1)/P·N·d_kv·s      all-gather K, V over P
-                  bwd  + the same                                   reduce-scatter dK, dV
-    ring          fwd  2·(P−1)·n·d_kv·s                             P−1 ppermutes of the K, V chunks
-                  bwd  + 2·(P−1)·n·d_kv·s                           K, V around the ring again
-                       + 2·(P−1)·n·d_kv·f + 2·n·d_kv·s              dK, dV partial sums (float32),
-                                                                    then home in their dtype
-    ulysses       fwd  (P−1)/P·n·(2·d + 2·d_kv')·s                   all-to-all q, k, v and out;
-                                                                    d_kv' = d when kv_heads % P ≠ 0
-                  bwd  + the same                                   the transposed all-to-alls
-    attention2d   fwd  (Pkv−1)·n·d·s                                all-gather Q over seq_kv
-                       + 2·(Pq−1)·n·d_kv·s                          all-gather K, V over seq_q
-                       + (Pkv−1)·n·d·s                              reduce-scatter of the weighted
-                                                                    outputs over seq_kv
-                       + 2 × 2·(Pkv−1)·n·heads·f                    pmax and psum of the [B, heads,
-                                                                    Pkv·n] float32 lse weights
-                  bwd  + 3·(Pkv−1)·n·d·s + 2·(Pq−1)·n·d_kv·s        all-gather Q, out, dout; K, V again
-                       + (Pkv−1)·n·d·s + 2·(Pq−1)·n·d_kv·s          reduce-scatter dQ; dK, dV
-
-fwd+bwd is forward + backward. For allgather_kv and ulysses autodiff transposes every collective
-(all-gather ↔ reduce-scatter, all-to-all ↔ all-to-all) and the forward's collectives run once. ring and
-attention2d have custom_vjps that keep only the device's own chunk: their backward moves K/V (ring) or
-gathers the blocks (attention2d) again. So ring ≈ 2·N·d_kv·s per device forward and attention2d on a
-√P × √P grid ≈ 2·(√P−1)/P·N·(d·s + d_kv·s): for d_kv = d the ratio 2D/ring is 2/(√P+1) forward, below
-2/√P. Bytes scale linearly in N: the defaults (N = 8192) stand for any N. The measured bytes are the
-truth; the model is a guide. The backward's repeated transfers carry an optimization barrier so that XLA
-does not merge them with the forward's (which would keep every step's K/V alive); XLA:CPU lowers the
-barrier away before merging, so there the measured fwd+bwd rows of ring and attention2d fall below
-the model (forward rows match it).
+Analytic model (`analytic_bytes`): `longseq.parallel.cost.bytes_sent`, the communication term of the
+cost model behind `strategy: auto` (its `transfers` list every collective of every strategy, with the
+formulas). In short, per device, with n = N/P, d = heads·head_dim, s = the itemsize: ring ≈ 2·N·d_kv·s
+forward; attention2d on a √P × √P grid ≈ 2·(√P−1)/P·N·(d + d_kv)·s, so for d_kv = d the ratio 2D/ring is
+2/(√P+1) forward, below 2/√P; usp moves Ulysses' all-to-all bytes over seq_kv and ring bytes over seq_q;
+double_ring moves ring's bytes (P − 1 K/V hops), most of them inside a node. Bytes scale linearly in N:
+the defaults (N = 8192) stand for any N. The measured bytes are the truth; the model is a guide. ring,
+double_ring and attention2d have custom_vjps whose backward moves K/V (or gathers the blocks) again,
+behind an optimization barrier so that XLA does not merge them with the forward's (which would keep
+every step's K/V alive); XLA:CPU lowers the barrier away before merging, so there the measured fwd+bwd
+rows of those strategies (and usp's ring) fall below the model (forward rows match it).
 
 A row (a dict; JSON in comm.json under "rows", beside "meta"):
 
@@ -118,7 +98,7 @@ from longseq.bench.attention import (
     check_dtype,
     short_reason,
 )
-from longseq.parallel import STRATEGIES
+from longseq.parallel import STRATEGIES, cost
 
 DEFAULT_DEVICES = (4, 8, 16, 64)
 FLOAT32_BYTES = 4
@@ -305,48 +285,24 @@ def traffic(collectives: Iterable[Collective]) -> dict[str, Any]:
 
 def analytic_bytes(strategy: str, P: int, Pq: int, Pkv: int, N: int, heads: int, kv_heads: int, head_dim: int,
                    itemsize: float, pass_: str, batch: int = 1) -> float:
-    """Bytes each device sends per call, by the model in the module docstring (P = Pq · Pkv)."""
-    n = N / P
-    d, d_kv, f = heads * head_dim, kv_heads * head_dim, FLOAT32_BYTES
-    backward = pass_ == "fwd+bwd"
-    if strategy == "allgather_kv":
-        forward = 2 * (P - 1) * n * d_kv * itemsize
-        total = forward * (2 if backward else 1)
-    elif strategy == "ring":
-        forward = 2 * (P - 1) * n * d_kv * itemsize
-        total = forward
-        if backward:  # K, V around again; dK, dV partial sums in float32, sent home in their dtype
-            total += forward + 2 * (P - 1) * n * d_kv * f + 2 * n * d_kv * itemsize
-    elif strategy == "ulysses":
-        d_kv = d if kv_heads % P else d_kv
-        forward = (P - 1) / P * n * (2 * d + 2 * d_kv) * itemsize
-        total = forward * (2 if backward else 1)
-    elif strategy == "attention2d":
-        row_block = (Pkv - 1) * n * d * itemsize  # one [n, d] array gathered or scattered over seq_kv
-        column_block = (Pq - 1) * n * d_kv * itemsize  # one [n, d_kv] array over seq_q
-        lse_all_reduce = 2 * (Pkv - 1) * n * heads * f
-        total = row_block + 2 * column_block + row_block + 2 * lse_all_reduce  # q, k, v in; out out
-        if backward:  # q, out, dout and k, v gathered again; dq, dk, dv reduce-scattered
-            total += 4 * row_block + 4 * column_block
-    else:
-        raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    return total * batch
+    """Bytes each device sends per non-causal call by the cost model (`longseq.parallel.cost`), P = Pq · Pkv."""
+    if Pq * Pkv != P:
+        raise ValueError(f"grid: Pq × Pkv = {Pq} × {Pkv} is not P = {P}")
+    problem = cost.Problem(batch, N, heads, kv_heads, head_dim, itemsize, causal=False)
+    return cost.bytes_sent(strategy, (Pq, Pkv), problem, pass_)
 
 
 # ----------------------------------------------------------------------------------------------
 # Which configurations
 
 
-def grids(strategy: str, devices: int) -> tuple[tuple[int, int], ...]:
-    """Every Pq × Pkv = P for attention2d (1×P first), 1×P for the others."""
-    if strategy == "attention2d":
-        return tuple((rows, devices // rows) for rows in range(1, devices + 1) if devices % rows == 0)
-    return ((1, devices),)
+grids = cost.grids  # every Pq × Pkv = P for attention2d, usp and double_ring (1×P first), 1×P for the others
 
 
 def heads_for(strategy: str, devices: int, heads: int, kv_heads: int) -> tuple[int, int]:
-    """(heads, kv_heads) of a row: ulysses scales both by the least factor making heads divisible by P."""
-    if strategy != "ulysses" or heads % devices == 0:
+    """(heads, kv_heads) of a row: ulysses (usp) scales both by the least factor making heads divisible
+    by P (by the grid's Pkv: every grid of usp uses the least common multiple over them, here P)."""
+    if strategy not in ("ulysses", "usp") or heads % devices == 0:
         return heads, kv_heads
     scale = math.lcm(heads, devices) // heads
     return heads * scale, kv_heads * scale
@@ -544,9 +500,9 @@ def _format_megabytes(value: float | None) -> str:
     return "—" if value is None else _format_number(value / 2**20)
 
 
-def best_attention2d(rows: Sequence[dict[str, Any]], P: int, pass_: str) -> dict[str, Any] | None:
-    """The attention2d row with the fewest measured bytes at P, pass."""
-    candidates = [row for row in rows if row["strategy"] == "attention2d" and row["P"] == P
+def best_grid(rows: Sequence[dict[str, Any]], strategy: str, P: int, pass_: str) -> dict[str, Any] | None:
+    """The strategy's row with the fewest measured bytes at P, pass (its best grid)."""
+    candidates = [row for row in rows if row["strategy"] == strategy and row["P"] == P
                   and row["pass"] == pass_ and row.get("bytes") is not None]
     return min(candidates, key=lambda row: row["bytes"], default=None)
 
@@ -572,7 +528,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines += ["", "attention2d (best grid) / ring, measured, against 2/√P:", ""]
     for P in dict.fromkeys(row["P"] for row in rows):
         for pass_ in dict.fromkeys(row["pass"] for row in rows):
-            best = best_attention2d(rows, P, pass_)
+            best = best_grid(rows, "attention2d", P, pass_)
             if best is not None and best.get("ratio_to_ring") is not None:
                 lines.append(f"- P={P} {pass_}: {best['grid']} sends {best['ratio_to_ring']:.3f} × ring "
                              f"(2/√P = {2 / math.sqrt(P):.3f})")
@@ -583,8 +539,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Log-log bytes/device against P, one line per strategy (attention2d: its best grid), measured
-    solid, model dashed; one panel per pass. ulysses rows are scaled to the requested heads."""
+    """Log-log bytes/device against P, one line per strategy (the two-axis ones: their best grid),
+    measured solid, model dashed; one panel per pass. ulysses and usp rows are scaled to the requested
+    heads."""
     from matplotlib.figure import Figure
 
     passes = list(dict.fromkeys(row["pass"] for row in rows))
@@ -593,13 +550,14 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     axes = figure.subplots(1, len(passes), squeeze=False).ravel()
     # ring and allgather_kv send the same bytes: the wide, pale ring line shows under allgather_kv's.
     styles = {"attention2d": dict(color="C0", marker="o"), "ring": dict(color="C1", marker="s", linewidth=5, alpha=0.5),
-              "ulysses": dict(color="C2", marker="^"), "allgather_kv": dict(color="C3", marker="D", markersize=3)}
+              "ulysses": dict(color="C2", marker="^"), "allgather_kv": dict(color="C3", marker="D", markersize=3),
+              "usp": dict(color="C4", marker="v"), "double_ring": dict(color="C5", marker="x")}
     for axis, pass_ in zip(axes, passes):
         for strategy in STRATEGIES:
             points = []
             for P in sorted({row["P"] for row in rows}):
-                if strategy == "attention2d":
-                    row = best_attention2d(rows, P, pass_)
+                if strategy in cost.TWO_AXIS:
+                    row = best_grid(rows, strategy, P, pass_)
                 else:
                     row = next((row for row in rows if row["strategy"] == strategy and row["P"] == P
                                 and row["pass"] == pass_ and row.get("bytes") is not None), None)
@@ -608,7 +566,8 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
                     points.append((P, row["bytes"] * scale, row["analytic_bytes"] * scale))
             if not points:
                 continue
-            label = {"attention2d": "attention2d (best grid)", "ulysses": f"ulysses (per {heads} heads)"}
+            label = {"attention2d": "attention2d (best grid)", "ulysses": f"ulysses (per {heads} heads)",
+                     "usp": f"usp (best grid, per {heads} heads)", "double_ring": "double_ring (best grid)"}
             Ps, measured, model = zip(*points)
             axis.plot(Ps, measured, "-", label=label.get(strategy, strategy), **{"markersize": 4, **styles[strategy]})
             axis.plot(Ps, model, "--", color=styles[strategy]["color"], linewidth=1)

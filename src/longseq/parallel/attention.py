@@ -404,7 +404,7 @@ def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, a
                 dk_s, dv_s = dk_s + arriving[0], dv_s + arriving[1]
             if step + 1 == devices:  # finished: sent home (the K/V held here last belong to chunk + 1)
                 dk_s, dv_s = dk_s.astype(k.dtype), dv_s.astype(v.dtype)  # in their dtype: half the bytes
-            arriving = lax.ppermute((dk_s, dv_s), axes, to_next)  # partial sums travel in float32
+            arriving = (dk_s, dv_s) if devices == 1 else lax.ppermute((dk_s, dv_s), axes, to_next)  # in float32
             if step + 1 < devices:
                 k, v, kv_ids = passed_on
         dk, dv = arriving

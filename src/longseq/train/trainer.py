@@ -40,6 +40,7 @@ from longseq.distributed import initialize_from_environment, is_primary
 from longseq.layers import ConvKernel
 from longseq.models import build_model
 from longseq.parallel import SequenceParallel
+from longseq.plan import format_choice, sequence_parallel_choice
 from longseq.train.checkpoint import Checkpointer
 from longseq.train.losses import classification_sums, lm_sums, means
 from longseq.train.metrics import MetricsWriter, plot_metrics
@@ -63,9 +64,10 @@ def run_directory(config: Config) -> Path:
     return Path(config.train.run_dir) / (config.train.name or "run")
 
 
-def make_mesh(config: Config) -> jax.sharding.Mesh:
+def make_mesh(config: Config, grid: tuple[int, int] | None = None) -> jax.sharding.Mesh:
     """The (data, seq_q, seq_kv) mesh of `config.mesh` (data=-1: the devices the sequence axes leave),
-    checked against the machine and the batch size."""
+    checked against the machine and the batch size; `grid` = (seq_q, seq_kv) replaces the config's
+    (attention_parallel=auto chooses it among the factorisations of the same device count)."""
     available = jax.device_count()
     seq = config.mesh.seq_devices
     data = max(available // seq, 1) if config.mesh.data == -1 else config.mesh.data
@@ -76,7 +78,10 @@ def make_mesh(config: Config) -> jax.sharding.Mesh:
     if config.data.batch_size % data:
         raise ConfigError(f"data.batch_size: {config.data.batch_size} is not divisible by the "
                           f"{data} devices of mesh.data")
-    devices = np.array(jax.devices()[:data * seq]).reshape(data, config.mesh.seq_q, config.mesh.seq_kv)
+    rows, cols = grid or (config.mesh.seq_q, config.mesh.seq_kv)
+    if rows * cols != seq:
+        raise ValueError(f"grid: {rows}x{cols} does not hold the {seq} sequence devices of the config")
+    devices = np.array(jax.devices()[:data * seq]).reshape(data, rows, cols)
     return jax.sharding.Mesh(devices, ("data", "seq_q", "seq_kv"))
 
 
@@ -94,11 +99,14 @@ def batch_shardings(mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray]) -> di
 class Steps:
     """The model's structure plus the pure, jit-compiled train and eval steps over the state pytree."""
 
-    def __init__(self, config: Config, task: Any, mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, config: Config, task: Any, mesh: jax.sharding.Mesh | None = None,
+                 strategy: str | None = None):
+        """strategy: the sequence-parallel attention strategy (None = config.model.attention_parallel,
+        which must then not be "auto": `longseq.plan.sequence_parallel_choice` resolves that)."""
         self.kind = task.kind
         sequence_parallel = None
         if mesh is not None and config.mesh.seq_devices > 1:
-            sequence_parallel = SequenceParallel(mesh, config.model.attention_parallel)
+            sequence_parallel = SequenceParallel(mesh, strategy or config.model.attention_parallel)
         model = build_model(config.model, config.kernels, kind=task.kind, vocab_size=task.vocab_size,
                             num_classes=task.num_classes, seq_len=config.data.seq_len,
                             rngs=nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1),
@@ -242,10 +250,13 @@ def train(config: Config) -> dict[str, Any]:
     # Everything that can fail on the config fails here, before the run directory is written.
     task = data_lib.make_task(config.data)
     eval_numpy = data_lib.eval_set(task, config.data)
-    mesh = make_mesh(config)
+    choice = sequence_parallel_choice(config)
+    mesh = make_mesh(config, choice.grid)
     changes = _prepare_run_directory(config, run_dir)
+    if config.model.attention_parallel == "auto" and choice.candidates and is_primary():
+        print(format_choice(choice, "auto"))
 
-    steps = Steps(config, task, mesh)
+    steps = Steps(config, task, mesh, strategy=choice.strategy)
     replicated = NamedSharding(mesh, PartitionSpec())
     state = jax.device_put(steps.initial_state, replicated)
 
@@ -371,8 +382,9 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     if step is None:
         raise ConfigError(f"{run_dir}: has no checkpoint to evaluate yet")
     task = data_lib.make_task(config.data)
-    mesh = make_mesh(config)
-    steps = Steps(config, task, mesh)
+    choice = sequence_parallel_choice(config)
+    mesh = make_mesh(config, choice.grid)
+    steps = Steps(config, task, mesh, strategy=choice.strategy)
     state = checkpointer.restore(step, jax.device_put(steps.initial_state, NamedSharding(mesh, PartitionSpec())))
     checkpointer.close()
     eval_batches = [_put_batch(b, mesh) for b in data_lib.eval_set(task, config.data)]
