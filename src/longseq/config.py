@@ -25,6 +25,10 @@ from typing import Any, Literal
 
 import yaml
 
+# Sequence-parallel strategies that run each block's backward from merged statistics
+# (`longseq.ops.attention_backward`), which kernels.attention=xla cannot.
+BACKWARD_FROM_STATISTICS = ("attention2d", "ring", "usp", "double_ring")
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, mistyped, out of range or inconsistent."""
@@ -354,7 +358,7 @@ class Config(_Checked):
             raise ConfigError(f"model.attention_parallel: usp runs Ulysses over mesh.seq_kv={self.mesh.seq_kv} "
                               f"devices, which needs num_heads={self.model.num_heads} divisible by {self.mesh.seq_kv}")
         if ("attention" in self.model.layer_mixers() and self.mesh.seq_devices > 1
-                and self.model.attention_parallel in ("ring", "attention2d", "usp", "double_ring")
+                and self.model.attention_parallel in BACKWARD_FROM_STATISTICS
                 and self.kernels.attention == "xla"):
             raise ConfigError(f"kernels.attention: attention_parallel={self.model.attention_parallel} runs each "
                               "block's backward from the merged statistics, which 'xla' cannot; use 'auto', "

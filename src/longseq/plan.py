@@ -12,12 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from longseq.config import Config
+from longseq.config import BACKWARD_FROM_STATISTICS, Config
 from longseq.parallel import cost
-
-# Strategies that run each block's backward from merged statistics, which kernels.attention=xla cannot.
-_NEEDS_STATISTICS = ("ring", "attention2d", "usp", "double_ring")
-
 
 class SequenceParallelChoice(NamedTuple):
     """The strategy and Pq × Pkv grid a run uses, and the predictions they were chosen from."""
@@ -87,7 +83,7 @@ def sequence_parallel_choice(config: Config, device_kind: str | None = None,
     name, system = system_for(config, device_kind, platform)
     problem = attention_problem(config, jax.device_count())
     allowed = tuple(s for s in cost.STRATEGIES
-                    if not (config.kernels.attention == "xla" and s in _NEEDS_STATISTICS))
+                    if not (config.kernels.attention == "xla" and s in BACKWARD_FROM_STATISTICS))
     candidates = tuple(cost.candidates(mesh.seq_devices, problem, system, allowed))
     if model.attention_parallel == "auto":
         best = cost.choose(mesh.seq_devices, problem, system, allowed)

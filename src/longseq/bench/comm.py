@@ -101,7 +101,6 @@ from longseq.bench.attention import (
 from longseq.parallel import STRATEGIES, cost
 
 DEFAULT_DEVICES = (4, 8, 16, 64)
-FLOAT32_BYTES = 4
 # XLA:CPU widens bf16 collectives to f32 in this pass; GPUs and TPUs move bf16 as it is. Nothing
 # runs, so LLVM need not optimise the code (halves compile time; the HLO passes are the same).
 CPU_XLA_FLAGS = "--xla_disable_hlo_passes=float-normalization-bf16 --xla_backend_optimization_level=0"

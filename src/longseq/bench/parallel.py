@@ -136,10 +136,10 @@ def sp_impl_name(strategy: str, grid: tuple[int, int]) -> str:
 
 def default_grids(strategy: str, devices: int) -> tuple[tuple[int, int], ...]:
     """Every factorisation Pq·Pkv = P (1×P first) for the two-axis strategies (attention2d, usp,
-    double_ring), 1×P for the others."""
-    if strategy in ("attention2d", "usp", "double_ring"):
-        return tuple((rows, devices // rows) for rows in range(1, devices + 1) if devices % rows == 0)
-    return ((1, devices),)
+    double_ring), 1×P for the others: the grids the cost model considers."""
+    from longseq.parallel import cost
+
+    return cost.grids(strategy, devices)
 
 
 def default_block_impl(platform: str) -> str:

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from longseq.config import FlashAttentionConfig
+from longseq.config import BACKWARD_FROM_STATISTICS, FlashAttentionConfig
 from longseq.ops import attention as attention_op
 from longseq.ops import attention_backward, merge_partials
 
@@ -120,7 +120,7 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
     """
     seq_axes = (seq_q_axis, seq_kv_axis)
     _check(q, k, v, segment_ids, mesh, strategy, seq_axes)
-    if strategy in ("ring", "attention2d", "usp", "double_ring") and impl == "xla":
+    if strategy in BACKWARD_FROM_STATISTICS and impl == "xla":
         raise ValueError(f"impl: strategy {strategy!r} runs each block's backward from the merged "
                          "log-sum-exp, which impl='xla' cannot; use 'auto', 'cudnn', 'pallas' or 'reference'")
     batch_axes = tuple(a for a in mesh.axis_names if a not in seq_axes) or None
@@ -432,25 +432,25 @@ def _double_ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
     def pieces(chunk):
         return _pieces(chunk, n, devices, zigzag[0])
 
-    def rounds():
-        """(outer step, inner step, chunk held then as a function of (i, j)) in order."""
-        for t in range(rows):
-            for s_ in range(cols):
-                yield t, s_, lambda i, j, t=t, s_=s_: ((i - t) % rows) * cols + (j - s_) % cols
+    rounds = [(t, s_) for t in range(rows) for s_ in range(cols)]  # (outer step, inner step), in order
+
+    def held_chunk(i, j, t, s_):  # the chunk device (i, j) holds at outer step t, inner step s_
+        return ((i - t) % rows) * cols + (j - s_) % cols
 
     def forward(q, k, v, q_ids, kv_ids):
         i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
         chunk = i * cols + j
         out = lse = None
         node_block = (k, v, kv_ids)  # this device's share of the outer block held in this outer step
-        for t, s_, source in rounds():
+        for t, s_ in rounds:
             if s_ == 0:
                 held = node_block
                 if t + 1 < rows:  # the next outer block, under the whole inner round
                     next_node_block = lax.ppermute(node_block, row_axis, outer_next)
             if s_ + 1 < cols:
                 passed_on = lax.ppermute(held, col_axis, inner_next)
-            part = _attend_pieces(q, *held[:2], q_ids, held[2], pieces(chunk), pieces(source(i, j)), **blocks)
+            part = _attend_pieces(q, *held[:2], q_ids, held[2], pieces(chunk), pieces(held_chunk(i, j, t, s_)),
+                                  **blocks)
             out, lse = part if out is None else merge_partials([out, part[0]], [lse, part[1]])
             if s_ + 1 < cols:
                 held = passed_on
@@ -465,7 +465,7 @@ def _double_ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
         home = [(d, ((d // cols + 1) % rows) * cols + (d % cols + 1) % cols) for d in range(devices)]
         dq = inner = outer = None
         node_block = (k, v, kv_ids)
-        for t, s_, source in rounds():
+        for t, s_ in rounds:
             if s_ == 0:
                 held, inner = node_block, None
                 if t + 1 < rows:
@@ -473,7 +473,8 @@ def _double_ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
             if s_ + 1 < cols:
                 passed_on = lax.ppermute(held, col_axis, inner_next)
             dq_s, dk_s, dv_s = _attend_pieces_backward(q, *held[:2], q_ids, held[2], out, lse, dout, pieces(chunk),
-                                                       pieces(source(i, j)), **blocks, dtype=jnp.float32)
+                                                       pieces(held_chunk(i, j, t, s_)), **blocks,
+                                                       dtype=jnp.float32)
             dq = dq_s if dq is None else dq + dq_s
             if inner is not None:  # what this node's devices before this one computed for the same K/V
                 dk_s, dv_s = dk_s + inner[0], dv_s + inner[1]

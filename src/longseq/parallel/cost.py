@@ -122,11 +122,6 @@ class Prediction(NamedTuple):
     memory: float          # bytes of the attention working set
     fits: bool             # memory ≤ the budget
 
-    def row(self) -> dict:
-        return {"strategy": self.strategy, "grid": f"{self.grid[0]}x{self.grid[1]}", "time_ms": self.time * 1e3,
-                "compute_ms": self.compute * 1e3, "communication_ms": self.communication * 1e3,
-                "bytes_sent": self.bytes_sent, "memory_bytes": self.memory, "fits": self.fits}
-
 
 def grids(strategy: str, devices: int) -> tuple[tuple[int, int], ...]:
     """Every Pq × Pkv = P (1×P first) for the two-axis strategies, 1×P for the others."""
