@@ -1,7 +1,8 @@
 """The sequence-parallel cost model (longseq.parallel.cost) against measurements, and where each strategy wins.
 
-1. Predicted vs measured: every sequence-parallel row of a `longseq bench parallel` JSON (default the
-   2× H200 table in docs/parallel_h200x2.json). The model's chip throughput is the same run's
+1. Predicted vs measured: every sequence-parallel row of `longseq bench parallel` JSONs (default the
+   2× H200 tables in docs/parallel_h200x2.json: four strategies, 64K–256K, and
+   docs/parallel_h200x2_family.json: all six and attention2d+kept, 64K–128K). The model's chip throughput is the same run's
    single-device cuDNN row for the same problem (what `attention_flops` stands for); the link is the
    anchors' measured NVLink ppermute, 307 GB/s. Prints each row's predicted and measured ms, the rank
    correlation, and per problem the strategy `auto` would pick against the fastest measured.
@@ -24,41 +25,56 @@ from longseq.parallel import cost
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def validate(rows: list[dict]) -> tuple[list[dict], str]:
-    """Predicted vs measured for every sp_* row that ran; the markdown report."""
-    baseline = {(r["N"], r["H"], r["D"], r["causal"]): r for r in rows
+def validate(runs: dict[str, list[dict]]) -> tuple[list[dict], str]:
+    """Predicted vs measured for every sp_* row that ran, each run against its own single-device
+    row; the markdown report. runs: {name: rows of one `longseq bench parallel` JSON}."""
+    baseline = {(run, r["N"], r["H"], r["D"], r["causal"]): r for run, rows in runs.items() for r in rows
                 if r["impl"].startswith("single_device_") and r["tflops"]}
     out = []
-    for row in rows:
+    for run, row in ((run, row) for run, rows in runs.items() for row in rows):
         if not row["impl"].startswith("sp_") or row["ms"] is None:
             continue
-        single = baseline.get((row["N"], row["H"], row["D"], row["causal"]))
+        single = baseline.get((run, row["N"], row["H"], row["D"], row["causal"]))
         if single is None:
             continue
         system = cost.System(attention_flops=single["tflops"] * 1e12, intra_bandwidth=307e9, inter_bandwidth=50e9,
                              node_size=8, memory=141e9)
         problem = cost.Problem(row["B"], row["N"], row["H"], row["H"], row["D"], 2, row["causal"])
         grid = tuple(int(x) for x in row["grid"].split("x"))
-        predicted = cost.predict(row["strategy"], grid, problem, system)
-        out.append({"strategy": row["strategy"], "grid": row["grid"], "N": row["N"], "causal": row["causal"],
+        kept = row.get("keep_gathered", False)
+        predicted = cost.predict(row["strategy"], grid, problem, system, keep_gathered=kept)
+        out.append({"run": run, "strategy": row["strategy"] + ("+kept" if kept else ""), "keep_gathered": kept,
+                    "grid": row["grid"], "N": row["N"], "causal": row["causal"],
                     "measured_ms": row["ms"], "predicted_ms": predicted.time * 1e3,
                     "predicted_over_measured": predicted.time * 1e3 / row["ms"]})
     rho = cost.rank_correlation([r["predicted_ms"] for r in out], [r["measured_ms"] for r in out])
-    lines = ["| N | causal | strategy | grid | measured ms | predicted ms | predicted/measured |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | N | causal | strategy | grid | measured ms | predicted ms | predicted/measured |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in out:
-        lines.append(f"| {r['N']} | {'yes' if r['causal'] else 'no'} | {r['strategy']} | {r['grid']} | "
+        lines.append(f"| {r['run']} | {r['N']} | {'yes' if r['causal'] else 'no'} | {r['strategy']} | {r['grid']} | "
                      f"{r['measured_ms']:.2f} | {r['predicted_ms']:.2f} | {r['predicted_over_measured']:.3f} |")
-    lines += ["", f"Spearman rank correlation over the {len(out)} rows: {rho:.3f}", "",
-              "| N | causal | auto picks (predicted) | its measured ms | fastest measured | ms | auto / fastest |",
-              "|---|---|---|---|---|---|---|"]
-    for key in sorted({(r["N"], r["causal"]) for r in out}):
-        group = [r for r in out if (r["N"], r["causal"]) == key]
-        picked = min(group, key=lambda r: r["predicted_ms"])
-        best = min(group, key=lambda r: r["measured_ms"])
-        lines.append(f"| {key[0]} | {'yes' if key[1] else 'no'} | {picked['strategy']} {picked['grid']} | "
-                     f"{picked['measured_ms']:.2f} | {best['strategy']} {best['grid']} | {best['measured_ms']:.2f} | "
-                     f"{picked['measured_ms'] / best['measured_ms']:.3f} |")
+    lines += ["", f"Spearman rank correlation over the {len(out)} rows: {rho:.3f}; within each run and problem:", ""]
+    for key in sorted({(r["run"], r["N"], r["causal"]) for r in out}):
+        group = [r for r in out if (r["run"], r["N"], r["causal"]) == key]
+        lines[-1] += f" {key[0]} N={key[1]} {'causal' if key[2] else 'full'}: " + \
+            f"{cost.rank_correlation([r['predicted_ms'] for r in group], [r['measured_ms'] for r in group]):.2f};"
+    lines += ["", "auto's pick among what ran (the +kept rows count as the pick of keep_gathered=true, which only "
+              "attention2d has):", "",
+              "| run | N | causal | keep_gathered | auto picks (predicted) | its measured ms | fastest measured | ms | auto / fastest |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for run, n, causal in sorted({(r["run"], r["N"], r["causal"]) for r in out}):
+        problem_rows = [r for r in out if (r["run"], r["N"], r["causal"]) == (run, n, causal)]
+        for kept in sorted({r["keep_gathered"] for r in problem_rows}):
+            # what auto chooses among with model.attention_keep_gathered = kept
+            group = [r for r in problem_rows if r["keep_gathered"] == kept or
+                     (kept and not r["keep_gathered"] and r["strategy"] != "attention2d")]
+            key = (run, n, causal, kept)
+            picked = min(group, key=lambda r: r["predicted_ms"])
+            best = min(group, key=lambda r: r["measured_ms"])
+            lines.append(f"| {key[0]} | {key[1]} | {'yes' if key[2] else 'no'} | {'true' if key[3] else 'false'} | "
+                         f"{picked['strategy']} {picked['grid']} | "
+                         f"{picked['measured_ms']:.2f} | {best['strategy']} {best['grid']} | {best['measured_ms']:.2f} | "
+                         f"{picked['measured_ms'] / best['measured_ms']:.3f} |")
     return out, "\n".join(lines)
 
 
@@ -112,14 +128,15 @@ def plot(curves, problem, system, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measured", default=str(ROOT / "docs" / "parallel_h200x2.json"))
+    parser.add_argument("--measured", nargs="+", default=[str(ROOT / "docs" / "parallel_h200x2.json"),
+                                                          str(ROOT / "docs" / "parallel_h200x2_family.json")])
     parser.add_argument("--seq", type=int, default=1 << 20)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--out", default=None, help="folder for cost_model.json / cost_model.md / cost_model_sweep.png")
     args = parser.parse_args()
 
-    rows = json.loads(Path(args.measured).read_text())["rows"]
-    compared, report = validate(rows)
+    runs = {Path(path).stem: json.loads(Path(path).read_text())["rows"] for path in args.measured}
+    compared, report = validate(runs)
     system = cost.SYSTEMS["h100"]
     problem, curves = sweep(args.seq, args.heads, system)
     sweep_lines = ["| P | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
@@ -129,8 +146,8 @@ def main() -> None:
             point = next((p for p in curves[strategy] if p[0] == P), None)
             cells.append("—" if point is None else f"{point[2] * 1e3:.0f} ms ({point[1]})")
         sweep_lines.append(f"| {P} | " + " | ".join(cells) + " |")
-    measured = Path(args.measured).resolve()
-    shown = measured.relative_to(ROOT) if measured.is_relative_to(ROOT) else measured
+    shown = ", ".join(str(Path(p).resolve().relative_to(ROOT)) if Path(p).resolve().is_relative_to(ROOT) else p
+                      for p in args.measured)
     text = (f"## Predicted vs measured ({shown})\n\n{report}\n\n## Sweep over P (H100 nodes, predicted)\n\n"
             + "\n".join(sweep_lines) + "\n")
     print(text)

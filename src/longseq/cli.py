@@ -132,6 +132,18 @@ def _add_bench_parser(commands) -> None:
     links.add_argument("--iters", type=_positive_int, default=5, help="timed calls per row (median)")
     links.add_argument("--warmup", type=_positive_int, default=2, help="untimed calls first")
     _add_bench_long_conv_parser(bench_commands)
+    train = bench_commands.add_parser(
+        "train", help="steady-state step time, tokens/s, memory and MFU of a config's train step",
+        description="Build the run CONFIG describes (model, optimizer, mesh) and time its jitted train step on one "
+                    "fixed batch; print step ms, tokens/s, model TFLOP/s (6 x matmul params x tokens + causal "
+                    "attention, as MaxText counts), MFU of the chip's datasheet bf16 peak, the fraction of a bf16 "
+                    "matmul's TFLOP/s measured in the same process, and peak device memory.")
+    train.add_argument("config", help="YAML config file, e.g. configs/bench_lm_370m.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=2")
+    train.add_argument("--iters", type=_positive_int, default=8, help="timed steps (median)")
+    train.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed steps first")
+    train.add_argument("--matmul-size", type=_positive_int, default=8192, help="side of the ceiling's bf16 matmul")
+    train.add_argument("--out", default=None, metavar="DIR", help="write DIR/train.json")
 
 
 def _bench_attention(args: argparse.Namespace, argv: list[str]) -> int:
@@ -447,6 +459,14 @@ def main(argv: list[str] | None = None) -> int:
             print(format_rows(run_links_bench(args.mib, args.iters, args.warmup)))
         elif args.command == "bench" and args.bench_command == "long_conv":
             return _bench_long_conv(args, argv)
+        elif args.command == "bench" and args.bench_command == "train":
+            from longseq.bench.train import format_row, run_train_bench, write_row
+
+            row = run_train_bench(load_config(args.config, args.overrides), iters=args.iters, warmup=args.warmup,
+                                  matmul_size=args.matmul_size)
+            print(format_row(row))
+            if args.out:
+                print(f"wrote {write_row(row, args.out)}")
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -101,6 +101,10 @@ class ModelConfig(_Checked):
         "attention2d", "sequence-parallel attention strategy when mesh.seq_q × mesh.seq_kv > 1 (auto = the "
         "strategy and grid of mesh.seq_q × mesh.seq_kv devices the cost model predicts fastest, see "
         "`longseq plan`; none = let XLA partition it)")
+    attention_keep_gathered: bool = param(
+        False, "attention2d (also when auto picks it): keep the gathered query and key/value blocks for the "
+        "backward pass instead of gathering them again: one all-gather of each fewer per step, for K/V memory "
+        "O(seq/mesh.seq_kv) per layer instead of O(seq/devices)")
     attention_window: int | None = param(
         None, "sliding-window attention: a query sees keys fewer than this many positions away (None = all)",
         min=1)
@@ -363,6 +367,10 @@ class Config(_Checked):
             raise ConfigError(f"kernels.attention: attention_parallel={self.model.attention_parallel} runs each "
                               "block's backward from the merged statistics, which 'xla' cannot; use 'auto', "
                               "'cudnn', 'pallas' or 'reference'")
+        if self.model.attention_keep_gathered and self.model.attention_parallel not in ("attention2d", "auto"):
+            raise ConfigError("model.attention_keep_gathered: only attention2d gathers blocks it could keep "
+                              f"(attention_parallel is {self.model.attention_parallel!r}); set it false or use "
+                              "attention2d or auto")
         convolves = {"long_conv", "gated_conv"} & set(self.model.layer_mixers())
         if convolves and self.model.long_conv.learned_butterfly and self.mesh.seq_devices > 1:
             raise ConfigError("model.long_conv.learned_butterfly: not supported with a sequence-sharded mesh "

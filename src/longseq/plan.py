@@ -84,9 +84,10 @@ def sequence_parallel_choice(config: Config, device_kind: str | None = None,
     problem = attention_problem(config, jax.device_count())
     allowed = tuple(s for s in cost.STRATEGIES
                     if not (config.kernels.attention == "xla" and s in BACKWARD_FROM_STATISTICS))
-    candidates = tuple(cost.candidates(mesh.seq_devices, problem, system, allowed))
+    keep = model.attention_keep_gathered
+    candidates = tuple(cost.candidates(mesh.seq_devices, problem, system, allowed, keep_gathered=keep))
     if model.attention_parallel == "auto":
-        best = cost.choose(mesh.seq_devices, problem, system, allowed)
+        best = cost.choose(mesh.seq_devices, problem, system, allowed, keep_gathered=keep)
         return SequenceParallelChoice(best.strategy, best.grid, candidates, name, problem)
     return SequenceParallelChoice(model.attention_parallel, grid, candidates, name, problem)
 

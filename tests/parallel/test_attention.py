@@ -15,6 +15,8 @@ import pytest
 from jax.sharding import Mesh
 
 from longseq import parallel
+from longseq.bench import comm
+from longseq.parallel import cost
 from longseq.config import FlashAttentionConfig
 from longseq.ops import attention
 
@@ -49,10 +51,10 @@ def outputs_and_grads(fn, qkv, weights):
 
 
 def assert_matches_reference(qkv, weights, *, mesh, strategy, causal, segment_ids, window=None,
-                             impl="reference", flash=None, atol=2e-5):
+                             impl="reference", flash=None, atol=2e-5, **options):
     def sharded(q, k, v):
         return parallel.attention(q, k, v, mesh=mesh, strategy=strategy, causal=causal,
-                                  segment_ids=segment_ids, window=window, impl=impl, flash=flash)
+                                  segment_ids=segment_ids, window=window, impl=impl, flash=flash, **options)
 
     def single(q, k, v):
         return attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window, impl="reference")[0]
@@ -129,6 +131,50 @@ def test_attention2d_keeps_only_its_own_chunk_for_the_backward():
     q, k, v = qkv
     row_lse = q.size // q.shape[-1] * 4 * 4  # [batch, heads, Pkv · n] float32 per device, 8 devices
     assert saved <= 2 * q.nbytes + k.nbytes + v.nbytes + row_lse + 64  # + a few bytes of flags
+
+
+@pytest.mark.parametrize("grid", GRIDS_2D[:5] + [(1, 2, 1)], ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention2d_keeping_the_gathered_blocks_matches_single_device(grid, causal):
+    mesh = make_mesh(grid)
+    qkv, weights, segment_ids = random_inputs(11 + sum(grid) + causal)
+    assert_matches_reference(qkv, weights, mesh=mesh, strategy="attention2d", causal=causal,
+                             segment_ids=segment_ids if causal else None, keep_gathered=True)
+
+
+def test_attention2d_keeping_the_gathered_blocks_saves_them_instead_of_gathering_again():
+    """On a 4×2 grid each device gathers 4 chunks of K/V and 2 of q: kept, the backward holds them
+    (more than the own-chunk residuals) and all-gathers 3·(k + v)/8 + q/8 bytes fewer, as the cost
+    model counts. The backward is compiled alone (residuals as inputs): in one program with the
+    forward, XLA:CPU merges the two passes' identical gathers, which GPUs' compiler does not."""
+    mesh = make_mesh((1, 4, 2))
+    qkv, _, _ = random_inputs(12)
+
+    def backward_of(keep_gathered):
+        def attention2d(q, k, v):
+            return parallel.attention(q, k, v, mesh=mesh, strategy="attention2d", impl="reference",
+                                      keep_gathered=keep_gathered)
+        _, vjp = jax.vjp(attention2d, *qkv)
+        saved = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp))
+        backward = jax.jit(lambda vjp, dout: vjp(dout)).lower(vjp, qkv[0]).compile()
+        return saved, comm.traffic(comm.parse_collectives(backward.as_text(), 8))["bytes_by_kind"]["all-gather"]
+
+    q, k, v = qkv
+    lean_saved, lean_gathered = backward_of(False)
+    kept_saved, kept_gathered = backward_of(True)
+    fewer = 3 * (k.nbytes + v.nbytes) // 8 + q.nbytes // 8  # per device: 3 of 4 K/V chunks, 1 of 2 q chunks
+    assert kept_saved >= lean_saved + fewer
+    assert kept_gathered == pytest.approx(lean_gathered - fewer)
+    problem = cost.Problem(2, 64, 8, 2, 16, itemsize=4, causal=False)
+    modelled = [cost.bytes_sent("attention2d", (4, 2), problem, keep_gathered=keep) for keep in (False, True)]
+    assert modelled[0] - modelled[1] == pytest.approx(fewer)
+
+
+def test_keep_gathered_is_for_attention2d_only():
+    mesh = make_mesh((1, 1, 1))
+    q = jnp.ones((2, 8, 4, 16))
+    with pytest.raises(ValueError, match="keep_gathered: only strategy 'attention2d'"):
+        parallel.attention(q, q, q, mesh=mesh, strategy="ring", keep_gathered=True)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="real cuDNN needs GPUs")

@@ -37,6 +37,18 @@ def test_ring_bytes_and_square_attention2d_over_ring():
         cost.bytes_sent("ulysses", (1, 16), problem(N, causal=False)))
 
 
+def test_keep_gathered_trades_the_backward_gathers_for_memory():
+    """attention2d keeping its gathered blocks: the backward sends the gathered q and K/V fewer bytes, holds
+    them instead, and is predicted faster; the other strategies ignore it."""
+    N, n, d = 65536, 65536 // 8, 16 * 128
+    lean, kept = (cost.predict("attention2d", (4, 2), problem(N), H200, keep_gathered=keep) for keep in (False, True))
+    held = (2 - 1) * n * d * 2 + (4 - 1) * n * 2 * d * 2  # q over the row of 2, k and v over the column of 4
+    assert lean.bytes_sent - kept.bytes_sent == pytest.approx(held)
+    assert kept.memory - lean.memory == pytest.approx(held)
+    assert kept.time < lean.time
+    assert cost.predict("ring", (1, 8), problem(N), H200, keep_gathered=True) == cost.predict("ring", (1, 8), problem(N), H200)
+
+
 def test_causal_adds_the_zigzag_swaps_and_only_the_needed_sides():
     for strategy, grid in [("ring", (1, 8)), ("allgather_kv", (1, 8)), ("attention2d", (2, 4))]:
         assert cost.bytes_sent(strategy, grid, problem(causal=True)) > cost.bytes_sent(strategy, grid,

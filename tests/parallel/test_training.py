@@ -42,7 +42,8 @@ def one_device_losses(tmp_path_factory):
 MESHES = {"attention2d": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"], "ring": ["mesh.data=2", "mesh.seq_kv=4"],
           "ulysses": ["mesh.data=1", "mesh.seq_q=4"], "none": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"],
           "usp": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"], "double_ring": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"],
-          "auto": ["mesh.data=2", "mesh.seq_q=4"]}  # auto: the cost model picks the strategy and the grid of 4
+          "auto": ["mesh.data=2", "mesh.seq_q=4"],  # auto: the cost model picks the strategy and the grid of 4
+          "attention2d+kept": ["mesh.data=1", "mesh.seq_q=4", "mesh.seq_kv=2", "model.attention_keep_gathered=true"]}
 
 
 # Every strategy with attention layers; the hybrid (gated conv + attention: the sequence-parallel long
@@ -52,7 +53,7 @@ def test_sequence_sharded_training_matches_one_device(tmp_path, one_device_losse
     mesh = MESHES[strategy]
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (make test simulates them)")
-    model = [f"model.mixer={mixer}", f"model.attention_parallel={strategy}"]
+    model = [f"model.mixer={mixer}", f"model.attention_parallel={strategy.removesuffix('+kept')}"]
     one = one_device_losses(mixer)  # attention_parallel plays no part on one device
     sharded = losses(tmp_path, "sharded", *model, *mesh)
     assert len(one) == len(sharded) == 3
@@ -75,6 +76,9 @@ def test_mesh_must_fit_the_sequence_and_the_machine(tmp_path):
     with pytest.raises(ConfigError, match=r"kernels\.attention: attention_parallel=ring runs each block's backward"):
         load_config(None, [*TINY, "model.mixer=attention", "model.attention_parallel=ring", "mesh.seq_kv=2",
                            "kernels.attention=xla"])
+    with pytest.raises(ConfigError, match=r"model\.attention_keep_gathered: only attention2d gathers blocks it could keep "
+                                          r"\(attention_parallel is 'ring'\)"):
+        load_config(None, [*TINY, "model.attention_parallel=ring", "model.attention_keep_gathered=true"])
     with pytest.raises(ConfigError, match=r"model\.d_model: 36 is not divisible by the 8 sequence devices"):
         load_config(None, [*TINY, "model.mixer=gated_conv", "model.d_model=36", "mesh.seq_kv=8"])
     with pytest.raises(ConfigError, match=r"mesh: asks for \d+ devices, but only \d+ are available"):

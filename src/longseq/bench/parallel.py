@@ -14,6 +14,8 @@ Implementations (names as they appear in the rows):
                                Mesh(devices.reshape(1, Pq, Pkv), ("data", "seq_q", "seq_kv")).
                                "sp_STRATEGY" alone means its default grids: every Pq·Pkv = P for
                                attention2d, usp and double_ring, 1×P for the others.
+    "sp_attention2d+kept[..]"  the same with keep_gathered=True: the gathered blocks are kept for the
+                               backward instead of gathered again (O(N/Pkv) K/V memory per device).
     "single_device_IMPL"       longseq.ops.attention(..., impl=IMPL) on ONE device, whole problem
                                (the baseline of the scaling efficiency; IMPL = block_impl by default)
     "anchor_allgather_cudnn"   all-gather K/V over the P devices, then
@@ -36,6 +38,7 @@ A row (a dict; JSON in parallel.json under "rows", beside "meta"):
 
     impl                      str            as above
     strategy                  str | None     of an sp_* row
+    keep_gathered             bool           attention2d keeping its gathered blocks (the +kept rows)
     grid                      str | None     "PqxPkv" of an sp_* row, "1xP" for the all-gather anchor
     devices                   int            devices the row runs on (1 for single_device_*)
     block_impl                str | None     the longseq.ops implementation inside (None for the anchor)
@@ -111,7 +114,7 @@ class ParallelPreset(NamedTuple):
 SHAPE_PRESETS = {"default": ParallelPreset(1, (65536, 131072, 262144), 16, 128, "bfloat16"),
                  "small": ParallelPreset(1, (256,), 8, 32, "float32")}
 
-_SP_NAME = re.compile(r"sp_(?P<strategy>\w+?)(\[(?P<rows>\d+)x(?P<cols>\d+)\])?")
+_SP_NAME = re.compile(r"sp_(?P<strategy>\w+?)(?P<kept>\+kept)?(\[(?P<rows>\d+)x(?P<cols>\d+)\])?")
 
 Array = jax.Array
 
@@ -124,14 +127,15 @@ class Implementation(NamedTuple):
     strategy: str | None = None
     grid: tuple[int, int] | None = None
     block_impl: str | None = None
+    keep_gathered: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
 # Pure helpers: names, grids, argument checks
 
 
-def sp_impl_name(strategy: str, grid: tuple[int, int]) -> str:
-    return f"sp_{strategy}[{grid[0]}x{grid[1]}]"
+def sp_impl_name(strategy: str, grid: tuple[int, int], keep_gathered: bool = False) -> str:
+    return f"sp_{strategy}{'+kept' if keep_gathered else ''}[{grid[0]}x{grid[1]}]"
 
 
 def default_grids(strategy: str, devices: int) -> tuple[tuple[int, int], ...]:
@@ -163,13 +167,14 @@ def resolve_impls(impls: Sequence[str], *, devices: int, block_impl: str) -> tup
 
     if isinstance(impls, str):
         raise BenchArgumentError("impls", f"expected a sequence of names, got the string {impls!r}")
-    expected = (f"sp_STRATEGY or sp_STRATEGY[PqxPkv] with STRATEGY in {', '.join(STRATEGIES)}; "
+    expected = (f"sp_STRATEGY or sp_STRATEGY[PqxPkv] with STRATEGY in {', '.join(STRATEGIES)} "
+                f"(sp_attention2d+kept… for attention2d keeping its gathered blocks); "
                 f"single_device_IMPL with IMPL in {', '.join(ATTENTION_IMPLS)}; {ALLGATHER_CUDNN}; {RINGATTENTION}")
     resolved: list[Implementation] = []
     for name in impls:
         match = _SP_NAME.fullmatch(name) if isinstance(name, str) else None
-        if match and match["strategy"] in STRATEGIES:
-            strategy = match["strategy"]
+        if match and match["strategy"] in STRATEGIES and (match["kept"] is None or match["strategy"] == "attention2d"):
+            strategy, kept = match["strategy"], match["kept"] is not None
             if match["rows"] is None:
                 grids = default_grids(strategy, devices)
             else:
@@ -177,7 +182,7 @@ def resolve_impls(impls: Sequence[str], *, devices: int, block_impl: str) -> tup
                 if grids[0][0] * grids[0][1] != devices or min(grids[0]) < 1:
                     raise BenchArgumentError("impls", f"{name!r}: the grid Pq×Pkv must multiply to the "
                                              f"{devices} visible device(s)")
-            resolved += [Implementation(sp_impl_name(strategy, grid), "sp", strategy, grid, block_impl)
+            resolved += [Implementation(sp_impl_name(strategy, grid, kept), "sp", strategy, grid, block_impl, kept)
                          for grid in grids]
         elif isinstance(name, str) and name.startswith(SINGLE_DEVICE_PREFIX) \
                 and name[len(SINGLE_DEVICE_PREFIX):] in ATTENTION_IMPLS:
@@ -240,7 +245,7 @@ def attention_function(impl: Implementation, *, causal: bool, mesh: Mesh | None)
         from longseq import parallel
 
         return lambda q, k, v: parallel.attention(q, k, v, mesh=mesh, strategy=impl.strategy, causal=causal,
-                                                  impl=impl.block_impl)
+                                                  impl=impl.block_impl, keep_gathered=impl.keep_gathered)
     if impl.kind == "single_device":
         from longseq.ops import attention
 
@@ -283,7 +288,7 @@ def _ringattention_package(*, causal: bool, mesh: Mesh, tokens: PartitionSpec) -
 
 
 def _row(impl: Implementation, shape: AttentionShape, dtype: jnp.dtype, causal: bool, pass_: str) -> dict[str, Any]:
-    return {"impl": impl.name, "strategy": impl.strategy,
+    return {"impl": impl.name, "strategy": impl.strategy, "keep_gathered": impl.keep_gathered,
             "grid": f"{impl.grid[0]}x{impl.grid[1]}" if impl.grid else None,
             "devices": impl.grid[0] * impl.grid[1] if impl.grid else 1, "block_impl": impl.block_impl,
             "B": shape.batch, "N": shape.seq_len, "H": shape.heads, "D": shape.head_dim, "dtype": dtype.name,

@@ -99,7 +99,7 @@ def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str,
 def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal: bool = False,
               segment_ids=None, window: int | None = None, seq_q_axis: str = "seq_q",
               seq_kv_axis: str = "seq_kv", impl: str = "auto",
-              flash: FlashAttentionConfig | None = None) -> Array:
+              flash: FlashAttentionConfig | None = None, keep_gathered: bool = False) -> Array:
     """Sequence-parallel self-attention on global arrays; differentiable.
 
     Args:
@@ -114,6 +114,11 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
         ("auto": cuDNN on GPUs where it applies, else the Pallas kernel). ring and attention2d run
         each block's backward from the merged statistics (`ops.attention_backward`), which "xla"
         cannot.
+      keep_gathered: attention2d only: keep the gathered query and key/value blocks for the backward
+        pass instead of gathering them again (one all-gather of each fewer per step, as autodiff of
+        all-gather + attention does) at the price of holding them: K/V memory O(seq/Pkv) per layer
+        instead of O(seq/P). Off by default; under rematerialisation the blocks live for one layer's
+        backward only.
 
     Returns:
       out: [batch, seq, heads, head_dim], sharded like q.
@@ -123,11 +128,18 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
     if strategy in BACKWARD_FROM_STATISTICS and impl == "xla":
         raise ValueError(f"impl: strategy {strategy!r} runs each block's backward from the merged "
                          "log-sum-exp, which impl='xla' cannot; use 'auto', 'cudnn', 'pallas' or 'reference'")
+    if keep_gathered not in (False, True):
+        raise ValueError(f"keep_gathered: expected a bool, got {keep_gathered!r}")
+    if keep_gathered and strategy != "attention2d":
+        raise ValueError(f"keep_gathered: only strategy 'attention2d' gathers blocks it could keep; "
+                         f"got strategy {strategy!r}")
     batch_axes = tuple(a for a in mesh.axis_names if a not in seq_axes) or None
     tokens = PartitionSpec(batch_axes, seq_axes, None, None)
     ids = PartitionSpec(batch_axes, seq_axes)
     local = dict(causal=causal, window=window, impl=impl, flash=flash, seq_len=q.shape[1],
                  grid=(mesh.shape[seq_q_axis], mesh.shape[seq_kv_axis]), axes=seq_axes)
+    if keep_gathered:
+        local["keep_gathered"] = True
     body = functools.partial(_STRATEGY_BODIES[strategy], **local)
     # check_vma=False: a pallas_call's outputs would have to declare how they vary over the mesh,
     # through an argument whose name differs between jax versions. Without the check, autodiff
@@ -363,7 +375,6 @@ def _allgather_kv(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len,
                             [Piece(0, seq_len, 0)], causal=causal, window=window, impl=impl, flash=flash)
     return out
 
-
 @_balanced(lambda grid: (True, True))
 def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
     """K/V go around the ring; a custom_vjp keeps only this device's q, k, v, out and lse for the
@@ -538,7 +549,8 @@ def _usp(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, ax
 
 
 @_balanced(lambda grid: (grid[0] > 1, grid[1] > 1))  # a 1×P grid gathers all queries, a P×1 grid all keys
-def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
+def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag,
+                 keep_gathered=False):
     """Device (i, j) attends query block i (gathered over its grid row) to key block j (gathered
     over its grid column); the row merges its partials exactly through their lse and scatters the
     output. A custom_vjp keeps only this device's q, k, v, out and the row's lse: the backward
@@ -567,14 +579,12 @@ def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
                       for p in _pieces(r * cols + j, n, devices, True)] if zigzag[1] else _natural_halves(devices, n))
         return q_pieces, kv_pieces
 
-    def gather_ids(q_ids, kv_ids):
-        if q_ids is None:
-            return None, None
-        return _gather(q_ids, col_axis), _gather(kv_ids, row_axis)
+    def gather(q, k, v, q_ids, kv_ids):  # the row's queries, the column's keys and values
+        q_ids, kv_ids = (None, None) if q_ids is None else (_gather(q_ids, col_axis), _gather(kv_ids, row_axis))
+        return _gather(q, col_axis), _gather(k, row_axis), _gather(v, row_axis), q_ids, kv_ids
 
-    def forward(q, k, v, q_ids, kv_ids):
-        out, lse = _attend_pieces(_gather(q, col_axis), _gather(k, row_axis), _gather(v, row_axis),
-                                  *gather_ids(q_ids, kv_ids), *pieces(), **blocks)
+    def attend(q, k, v, q_ids, kv_ids):  # on the gathered blocks
+        out, lse = _attend_pieces(q, k, v, q_ids, kv_ids, *pieces(), **blocks)
         # Merge the row's partials exactly: weights exp(lse_j − lse_row), lse_row = log Σ_j exp(lse_j).
         top = lax.pmax(lse, col_axis)  # only a shift for range
         top = jnp.where(jnp.isfinite(top), top, 0.0)  # rows no device can see: weight 0, not NaN
@@ -588,11 +598,26 @@ def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
         out = lax.psum_scatter(weighted, col_axis, scatter_dimension=1, tiled=True)
         return out, row_lse
 
-    def backward(residuals, dout):
+    def attend_backward(residuals, dout):  # gradients of the gathered blocks, not yet summed
         q, k, v, q_ids, kv_ids, out, row_lse = residuals
-        dq, dk, dv = _attend_pieces_backward(
-            _gather(q, col_axis), _gather(k, row_axis), _gather(v, row_axis), *gather_ids(q_ids, kv_ids),
-            _gather(out, col_axis), row_lse, _gather(dout, col_axis), *pieces(), **blocks, dtype=q.dtype)
+        return _attend_pieces_backward(q, k, v, q_ids, kv_ids, _gather(out, col_axis), row_lse,
+                                       _gather(dout, col_axis), *pieces(), **blocks, dtype=q.dtype)
+
+    if keep_gathered:  # autodiff transposes the gathers into the reduce-scatters
+        q, k, v, q_ids, kv_ids = gather(q, k, v, *((None, None) if segment_ids is None else segment_ids))
+        gathered_ids = None if q_ids is None else (q_ids, kv_ids)
+
+        def backward(residuals, dout):
+            return (*attend_backward(residuals, dout), None, None)
+
+        return _keeping_own_chunk(attend, backward, q, k, v, gathered_ids)
+
+    def forward(q, k, v, q_ids, kv_ids):
+        return attend(*gather(q, k, v, q_ids, kv_ids))
+
+    def backward(residuals, dout):
+        *own, out, row_lse = residuals
+        dq, dk, dv = attend_backward((*gather(*own), out, row_lse), dout)
 
         def scatter(x, axis):  # sum the partial gradients (in q's dtype), keep this device's chunk
             return lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True)

@@ -150,8 +150,10 @@ def _zigzag_halves(devices: int) -> int:
     return max((owner(2 * d) != d) + (owner(2 * d + 1) != d) for d in range(devices))
 
 
-def transfers(strategy: str, grid: tuple[int, int], problem: Problem, system: System) -> list[Transfer]:
+def transfers(strategy: str, grid: tuple[int, int], problem: Problem, system: System,
+              keep_gathered: bool = False) -> list[Transfer]:
     """Every collective of one forward+backward call, per device (see the module docstring).
+    keep_gathered: attention2d keeps its gathered blocks, and its backward gathers only out and dout.
 
     The pipelined ring steps carry the compute seconds of one step, so that `predict` can compare them;
     the bytes alone are what `longseq bench comm` counts.
@@ -204,8 +206,8 @@ def transfers(strategy: str, grid: tuple[int, int], problem: Problem, system: Sy
         lse = 2 * 2 * (cols - 1) * n * heads * FLOAT32  # the row's pmax and psum of the float32 lse
         exposed(2 * row + lse, "seq_kv", "fwd")  # q in, out scattered
         exposed(2 * column, "seq_q", "fwd")      # k, v in
-        exposed(4 * row, "seq_kv", "bwd")        # q, out, dout in, dq scattered
-        exposed(4 * column, "seq_q", "bwd")      # k, v in, dk, dv scattered
+        exposed((3 if keep_gathered else 4) * row, "seq_kv", "bwd")     # (q,) out, dout in, dq scattered
+        exposed((2 if keep_gathered else 4) * column, "seq_q", "bwd")   # (k, v in,) dk, dv scattered
         queries, keys = (2 * d if rows > 1 else 0), (2 * d_kv if cols > 1 else 0)
         zigzag(queries + keys, queries + keys, devices, n)
     elif strategy == "usp":
@@ -233,17 +235,19 @@ def transfers(strategy: str, grid: tuple[int, int], problem: Problem, system: Sy
     return out
 
 
-def bytes_sent(strategy: str, grid: tuple[int, int], problem: Problem, pass_: str = "fwd+bwd") -> float:
+def bytes_sent(strategy: str, grid: tuple[int, int], problem: Problem, pass_: str = "fwd+bwd",
+               keep_gathered: bool = False) -> float:
     """Bytes one device sends in one call ("fwd" or "fwd+bwd"): the figure `longseq bench comm` reads."""
     if pass_ not in ("fwd", "fwd+bwd"):
         raise ValueError(f"pass_: expected 'fwd' or 'fwd+bwd', got {pass_!r}")
-    return sum(t.bytes * max(t.steps, 1) for t in transfers(strategy, grid, problem, SYSTEMS["cpu"])
+    return sum(t.bytes * max(t.steps, 1) for t in transfers(strategy, grid, problem, SYSTEMS["cpu"], keep_gathered)
                if pass_ == "fwd+bwd" or t.pass_ == "fwd")
 
 
-def memory(strategy: str, grid: tuple[int, int], problem: Problem) -> float:
+def memory(strategy: str, grid: tuple[int, int], problem: Problem, keep_gathered: bool = False) -> float:
     """Bytes of the attention working set one device holds at once (inputs and outputs of its own
-    chunk included; the model's other activations not)."""
+    chunk included; the model's other activations not). keep_gathered (attention2d): the gathered
+    blocks beyond the own chunk are also held from the forward to the backward pass."""
     rows, cols = grid
     devices = rows * cols
     n = problem.seq / devices
@@ -258,6 +262,8 @@ def memory(strategy: str, grid: tuple[int, int], problem: Problem) -> float:
         extra = n * (3 * d + 2 * d_kv) * s                 # the head-sharded copies
     elif strategy == "attention2d":
         extra = cols * n * 3 * d * s + rows * n * 2 * d_kv * s + cols * n * d * FLOAT32 + rows * n * 2 * d_kv * FLOAT32
+        if keep_gathered:
+            extra += (cols - 1) * n * d * s + (rows - 1) * n * 2 * d_kv * s
     elif strategy == "usp":
         extra = n * (3 * d + 2 * d_kv) * s + (2 * n * d_kv * s + 4 * n * d_kv * FLOAT32 + n * d * FLOAT32)
     elif strategy == "double_ring":
@@ -274,43 +280,45 @@ def _link(axis: str, grid: tuple[int, int], system: System) -> float:
 
 
 def predict(strategy: str, grid: tuple[int, int], problem: Problem, system: System,
-            memory_budget: float | None = None) -> Prediction:
+            memory_budget: float | None = None, keep_gathered: bool = False) -> Prediction:
     """The model's forward+backward time of one call, and what goes into it (module docstring).
 
     memory_budget: bytes the attention working set may take (default a quarter of the device's memory:
     the rest holds parameters, optimizer state and the other layers' activations).
+    keep_gathered: attention2d keeps its gathered blocks for the backward (ignored by the others).
     """
+    keep_gathered = keep_gathered and strategy == "attention2d"
     devices = grid[0] * grid[1]
     compute = problem.flops() / devices / system.attention_flops
     if strategy == "allgather_kv" and problem.causal and devices > 1:
         compute /= system.masked_ratio  # its causal pieces are cut at traced offsets: the portable kernel
     communication = 0.0
-    for t in transfers(strategy, grid, problem, system):
+    for t in transfers(strategy, grid, problem, system, keep_gathered):
         seconds = t.bytes / _link(t.axis, grid, system) + system.latency
         if t.steps:  # each step costs the longer of its transfer and the attention it runs beside
             communication += t.steps * max(0.0, seconds - t.compute)
         else:
             communication += seconds
     budget = system.memory / 4 if memory_budget is None else memory_budget
-    used = memory(strategy, grid, problem)
+    used = memory(strategy, grid, problem, keep_gathered)
     return Prediction(strategy, tuple(grid), compute + communication, compute, communication,
-                      bytes_sent(strategy, grid, problem), used, used <= budget)
+                      bytes_sent(strategy, grid, problem, keep_gathered=keep_gathered), used, used <= budget)
 
 
 def candidates(devices: int, problem: Problem, system: System, strategies=STRATEGIES,
-               memory_budget: float | None = None) -> list[Prediction]:
+               memory_budget: float | None = None, keep_gathered: bool = False) -> list[Prediction]:
     """Every strategy that can run the problem, on each of its grids of `devices`, fastest first."""
-    found = [predict(strategy, grid, problem, system, memory_budget)
+    found = [predict(strategy, grid, problem, system, memory_budget, keep_gathered)
              for strategy in strategies for grid in grids(strategy, devices)
              if unsupported(strategy, grid, problem) is None]
     return sorted(found, key=lambda p: (not p.fits, p.time))
 
 
 def choose(devices: int, problem: Problem, system: System, strategies=STRATEGIES,
-           memory_budget: float | None = None) -> Prediction:
+           memory_budget: float | None = None, keep_gathered: bool = False) -> Prediction:
     """The fastest prediction that fits the memory budget (`candidates`' first); a ValueError names
     what does not fit when nothing does."""
-    found = candidates(devices, problem, system, strategies, memory_budget)
+    found = candidates(devices, problem, system, strategies, memory_budget, keep_gathered)
     if not found:
         raise ValueError(f"no strategy runs seq={problem.seq}, heads={problem.heads} on {devices} devices")
     if not found[0].fits:

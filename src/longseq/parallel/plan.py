@@ -20,20 +20,24 @@ class SequenceParallel:
 
     strategy: the attention strategy (`longseq.parallel.STRATEGIES`), or "none" to call the
     single-device op on the global arrays and let XLA's partitioner place it (the baseline).
-    Long convolutions always use the exact all-to-all scheme of `longseq.parallel.long_conv`.
+    keep_gathered: attention2d keeps its gathered blocks for the backward (`parallel.attention`);
+    ignored by the other strategies. Long convolutions always use the exact all-to-all scheme of
+    `longseq.parallel.long_conv`.
     """
 
     mesh: Mesh
     strategy: str
     seq_q_axis: str = "seq_q"
     seq_kv_axis: str = "seq_kv"
+    keep_gathered: bool = False
 
     def attention(self, q: Array, k: Array, v: Array, **kwargs) -> Array:
         """Attention output [batch, seq, heads, head_dim]; kwargs: causal, segment_ids, impl, flash."""
         if self.strategy == "none":
             return attention_op(q, k, v, **kwargs)[0]
         return attention(q, k, v, mesh=self.mesh, strategy=self.strategy, seq_q_axis=self.seq_q_axis,
-                         seq_kv_axis=self.seq_kv_axis, **kwargs)
+                         seq_kv_axis=self.seq_kv_axis,
+                         keep_gathered=self.keep_gathered and self.strategy == "attention2d", **kwargs)
 
     def long_conv(self, u: Array, k: Array, **kwargs) -> Array:
         """`longseq.parallel.long_conv` on this plan's mesh; kwargs: causal, impl."""

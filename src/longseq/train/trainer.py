@@ -106,7 +106,8 @@ class Steps:
         self.kind = task.kind
         sequence_parallel = None
         if mesh is not None and config.mesh.seq_devices > 1:
-            sequence_parallel = SequenceParallel(mesh, strategy or config.model.attention_parallel)
+            sequence_parallel = SequenceParallel(mesh, strategy or config.model.attention_parallel,
+                                                 keep_gathered=config.model.attention_keep_gathered)
         model = build_model(config.model, config.kernels, kind=task.kind, vocab_size=task.vocab_size,
                             num_classes=task.num_classes, seq_len=config.data.seq_len,
                             rngs=nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1),

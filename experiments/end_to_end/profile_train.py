@@ -1,0 +1,79 @@
+"""Where one train step of a config spends its GPU time: attention, matmuls, everything else.
+
+Compiles the step `longseq bench train` times (`longseq.bench.train.prepare_step`), runs it a few times,
+traces one under `jax.profiler` and sums the GPU kernel time by kind: attention kernels (cuDNN / Pallas),
+matmul kernels (cuBLAS / cuBLASLt / CUTLASS GEMMs), and the rest (XLA fusions: norms, activations, casts,
+the loss, the optimizer), with the 20 longest of the rest by name.
+
+    PYTHONPATH=src python3 experiments/end_to_end/profile_train.py configs/bench_lm_370m.yaml [overrides]
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import sys
+import tempfile
+import time
+
+import jax
+
+from longseq.bench.train import prepare_step
+from longseq.config import load_config
+
+ATTENTION = ("cudnn", "fmha", "flash", "attention", "mha")
+MATMUL = ("gemm", "cublas", "cutlass", "nvjet", "xmma", "sm90_", "sm100_", "matmul", "dot")
+
+
+def kind(name: str) -> str:
+    lowered = name.lower()
+    if any(word in lowered for word in ATTENTION):
+        return "attention"
+    if any(word in lowered for word in MATMUL):
+        return "matmul"
+    if "memcpy" in lowered or "memset" in lowered:
+        return "copy"
+    return "other"
+
+
+def main(argv: list[str]) -> None:
+    config = load_config(argv[0], argv[1:])
+    step = prepare_step(config)
+    for _ in range(3):
+        jax.block_until_ready(step.call())
+    start = time.perf_counter()
+    for _ in range(5):
+        jax.block_until_ready(step.call())
+    wall_ms = (time.perf_counter() - start) / 5 * 1e3
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            jax.block_until_ready(step.call())
+        data = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    print(f"{argv}: {wall_ms:.2f} ms per step untraced; model {step.flops['flops'] / wall_ms / 1e9:.0f} TFLOP/s")
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        totals, others, first, last = collections.Counter(), collections.Counter(), float("inf"), 0.0
+        for line in plane.lines:
+            if not line.name.lower().startswith("stream"):
+                continue
+            for event in line.events:
+                what = kind(event.name)
+                totals[what] += event.duration_ns
+                first, last = min(first, event.start_ns), max(last, event.start_ns + event.duration_ns)
+                if what == "other":
+                    others[event.name[:100]] += event.duration_ns
+        if not totals:
+            continue
+        busy = sum(totals.values())
+        print(f"  {plane.name}: span {(last - first) / 1e6:.2f} ms, kernels {busy / 1e6:.2f} ms: "
+              + ", ".join(f"{name} {ns / 1e6:.2f} ms ({100 * ns / busy:.0f}%)" for name, ns in totals.most_common()))
+        print(f"  attention model FLOPs at {step.flops['attention_flops'] / max(totals['attention'], 1):.0f} GFLOP/s "
+              f"of attention kernel time; matmul model FLOPs at "
+              f"{step.flops['matmul_flops'] / max(totals['matmul'], 1):.0f} GFLOP/s of matmul kernel time")
+        for name, ns in others.most_common(20):
+            print(f"      {ns / 1e6:7.3f} ms  {name}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
