@@ -1,8 +1,9 @@
 """The sequence-parallel cost model (longseq.parallel.cost) against measurements, and where each strategy wins.
 
 1. Predicted vs measured: every sequence-parallel row of `longseq bench parallel` JSONs (default the
-   2× H200 tables in docs/parallel_h200x2.json: four strategies, 64K–256K, and
-   docs/parallel_h200x2_family.json: all six and attention2d+kept, 64K–128K). The model's chip throughput is the same run's
+   2× H200 tables in docs/parallel_h200x2.json: four strategies, 64K–256K;
+   docs/parallel_h200x2_family.json: all six and attention2d+kept, 64K–256K; and
+   docs/parallel_h200x2_64k_repeat.json). The model's chip throughput is the same run's
    single-device cuDNN row for the same problem (what `attention_flops` stands for); the link is the
    anchors' measured NVLink ppermute, 307 GB/s. Prints each row's predicted and measured ms, the rank
    correlation, and per problem the strategy `auto` would pick against the fastest measured.
@@ -128,8 +129,8 @@ def plot(curves, problem, system, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measured", nargs="+", default=[str(ROOT / "docs" / "parallel_h200x2.json"),
-                                                          str(ROOT / "docs" / "parallel_h200x2_family.json")])
+    parser.add_argument("--measured", nargs="+", default=[str(ROOT / "docs" / name) for name in (
+        "parallel_h200x2.json", "parallel_h200x2_family.json", "parallel_h200x2_64k_repeat.json")])
     parser.add_argument("--seq", type=int, default=1 << 20)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--out", default=None, help="folder for cost_model.json / cost_model.md / cost_model_sweep.png")

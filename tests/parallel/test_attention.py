@@ -260,3 +260,18 @@ def test_attention_layer_keeps_its_window_when_sequence_parallel(strategy):
     want = layer(None)(x)
     got = jax.jit(lambda x: layer(parallel.SequenceParallel(mesh, strategy))(x))(x)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_unmasked_neighbouring_key_pieces_join_into_one_block():
+    """A P×1 grid's second-half query piece sees the first half of the keys (natural half-chunks, static
+    positions) unmasked: one kernel call for them, not one per half-chunk; masked pieces stay apart."""
+    from longseq.parallel.attention import Piece, _natural_halves, _visible_blocks
+
+    keys = _natural_halves(2, 8)  # 4 half-chunks of 4 rows; halves 0, 0, 1, 1
+    late_queries = Piece(0, 4, 12, 1)
+    blocks = _visible_blocks(late_queries, keys, causal=True)
+    assert [(b.row, b.rows, covered) for b, covered in blocks] == [(0, 8, [0, 1]), (8, 4, [2]), (12, 4, [3])]
+    early_queries = Piece(0, 4, 0, 0)
+    assert [covered for _, covered in _visible_blocks(early_queries, keys, causal=True)] == [[0], [1]]
+    # a joined block keeps one half tag, so pieces of different halves stay apart
+    assert [covered for _, covered in _visible_blocks(early_queries, keys, causal=False)] == [[0, 1], [2, 3]]

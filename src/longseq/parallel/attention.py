@@ -240,6 +240,27 @@ def _block_causal(q_piece: Piece, kv_piece: Piece, causal: bool) -> bool:
     return causal and not (q_piece.half == 1 and kv_piece.half == 0)
 
 
+def _visible_blocks(q_piece: Piece, kv_pieces: list[Piece], causal: bool) -> list[tuple[Piece, list[int]]]:
+    """The key blocks q_piece attends to, each with the indices of the kv_pieces it covers: pieces it
+    cannot see are dropped, and neighbouring pieces it sees unmasked (consecutive rows at static,
+    consecutive positions, e.g. the natural halves of a key side gathered whole) are joined into one
+    block: fewer, longer kernel calls and fewer partials to merge."""
+    blocks: list[tuple[Piece, list[int]]] = []
+    for index, kp in enumerate(kv_pieces):
+        if _hidden(q_piece, kp, causal):
+            continue
+        if blocks and not _block_causal(q_piece, kp, causal):
+            last, covered = blocks[-1]
+            joins = (not _block_causal(q_piece, kv_pieces[covered[-1]], causal) and last.row + last.rows == kp.row
+                     and isinstance(last.offset, int) and isinstance(kp.offset, int)
+                     and last.offset + last.rows == kp.offset and last.half == kp.half)
+            if joins:
+                blocks[-1] = (last._replace(rows=last.rows + kp.rows), covered + [index])
+                continue
+        blocks.append((kp, [index]))
+    return blocks
+
+
 def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, window, impl, flash):
     """Attention of each query piece to every key piece it can see, merged through lse.
 
@@ -249,9 +270,7 @@ def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, windo
     outs, lses = [], []
     for qp in q_pieces:
         parts = []
-        for kp in kv_pieces:
-            if _hidden(qp, kp, causal):
-                continue
+        for kp, _ in _visible_blocks(qp, kv_pieces, causal):
             ids = None if q_ids is None else (q_ids[:, qp.row:qp.row + qp.rows], kv_ids[:, kp.row:kp.row + kp.rows])
             parts.append(attention_op(q[:, qp.row:qp.row + qp.rows], k[:, kp.row:kp.row + kp.rows],
                                       v[:, kp.row:kp.row + kp.rows], causal=_block_causal(qp, kp, causal),
@@ -277,9 +296,7 @@ def _attend_pieces_backward(q, k, v, q_ids, kv_ids, out, lse, dout, q_pieces, kv
     dv_terms = [[] for _ in kv_pieces]
     for qi, qp in enumerate(q_pieces):
         rows = slice(qp.row, qp.row + qp.rows)
-        for ki, kp in enumerate(kv_pieces):
-            if _hidden(qp, kp, causal):
-                continue
+        for kp, covered in _visible_blocks(qp, kv_pieces, causal):
             cols = slice(kp.row, kp.row + kp.rows)
             ids = None if q_ids is None else (q_ids[:, rows], kv_ids[:, cols])
             dq, dk, dv = attention_backward(q[:, rows], k[:, cols], v[:, cols], out[:, rows], lse[:, :, rows],
@@ -287,8 +304,10 @@ def _attend_pieces_backward(q, k, v, q_ids, kv_ids, out, lse, dout, q_pieces, kv
                                             q_offset=qp.offset, kv_offset=kp.offset, window=window, impl=impl,
                                             flash=flash)
             dq_terms[qi].append(dq)
-            dk_terms[ki].append(dk)
-            dv_terms[ki].append(dv)
+            for ki in covered:  # a joined block's rows go back to the pieces they came from
+                piece_rows = slice(kv_pieces[ki].row - kp.row, kv_pieces[ki].row - kp.row + kv_pieces[ki].rows)
+                dk_terms[ki].append(dk[:, piece_rows])
+                dv_terms[ki].append(dv[:, piece_rows])
 
     def total(terms, like, piece):
         if not terms:
