@@ -213,6 +213,26 @@ def test_gated_conv_formula():
     assert isinstance(layer.long_conv.kernel, ConvKernel)
 
 
+def test_gated_conv_runs_the_fused_gated_kernel_with_monarch():
+    """impl="monarch" at a length the fused kernel takes: the gate and D go into the kernel
+    (ops.gated_long_conv); output and parameter gradients equal the FFT path's."""
+    from longseq.ops.long_conv_monarch_pallas import gating_fuses
+
+    assert gating_fuses(256, 256, 8, causal=True)
+    layers = [GatedConv(8, 256, causal=True, impl=impl, rngs=nnx.Rngs(3)) for impl in ("monarch", "fft")]
+    x = jnp.asarray(rng.normal(size=(2, 256, 8)), jnp.float32)
+
+    def loss_and_grads(layer):
+        graphdef, params = nnx.split(layer)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2)  # noqa: E731
+        return jax.value_and_grad(loss)(params)
+
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = map(loss_and_grads, layers)
+    np.testing.assert_allclose(fused_loss, plain_loss, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(plain_grads)):
+        assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))  # float32 rounding of different sums
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv_layers_shapes_and_dtypes(dtype):
     x = jnp.asarray(rng.normal(size=(2, 10, 8)), dtype)

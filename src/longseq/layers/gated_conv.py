@@ -115,4 +115,4 @@ class GatedConv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, seq, d_model] -> [batch, seq, d_model] in the compute dtype."""
         q, k, v = jnp.split(self.short_conv(self.in_proj(x)), 3, axis=-1)
-        return self.out_proj(q * self.long_conv(k * v))
+        return self.out_proj(self.long_conv(k * v, gate=q))

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from longseq.ops import gated_long_conv
 from longseq.ops import long_conv as long_conv_op
 from longseq.ops.long_conv_monarch import Butterfly as ButterflyFactors
 from longseq.ops.long_conv_monarch import dft_butterflies, split_factors
@@ -217,10 +218,18 @@ class LongConv(nnx.Module):
             return self.sequence_parallel.long_conv(x, k, causal=True, impl=self.impl)
         return long_conv_op(x, k, causal=True, impl=self.impl, butterflies=self.butterflies())
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, seq, channels] -> [batch, seq, channels] in the compute dtype."""
+    def __call__(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        """x: [batch, seq, channels] -> [batch, seq, channels] in the compute dtype.
+
+        gate: [batch, seq, channels] or None: return gate ⊙ (the convolution + D ⊙ x), the gated block of
+        H3 / Hyena; a causal layer on one device with the exact DFT runs it as one fused op
+        (`ops.gated_long_conv`).
+        """
         x = x.astype(self.dtype)
         kernels = [k.astype(self.dtype) for k in self.effective_kernels(x.shape[1])]
+        skip = self.skip[...].astype(self.dtype)
+        if gate is not None and self.causal and self.sequence_parallel is None and self.butterfly is None:
+            return gated_long_conv(x, kernels[0], gate.astype(self.dtype), skip, causal=True, impl=self.impl)
         if self.causal:
             y = self._convolve(x, kernels[0])
         else:
@@ -229,7 +238,8 @@ class LongConv(nnx.Module):
             past, reversed_future = jnp.split(both, 2, axis=-1)
             delayed = jnp.pad(reversed_future, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # S: one step later
             y = past + delayed[:, ::-1]  # R S long_conv(R x, k_bwd): distance d uses k_bwd[d − 1]
-        return y + self.skip[...].astype(self.dtype) * x
+        y = y + skip * x
+        return y if gate is None else gate.astype(self.dtype) * y
 
 
 class LongConvMixer(nnx.Module):

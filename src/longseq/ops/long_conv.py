@@ -26,8 +26,12 @@ The Monarch implementation writes the DFT as small dense matrices (matmuls), in
 `long_conv_monarch.py` (plain JAX, any length) and `long_conv_monarch_pallas.py` (one fused kernel
 for padded lengths 512 … 8192, interpret mode off GPUs).
 
+`gated_long_conv(u, k, gate, skip)` is the H3 / Hyena block's gate ⊙ (long_conv(u, k) + skip ⊙ u): one
+fused kernel with impl "monarch" where the fused kernel applies (the gate and skip read, and y written, in the
+convolution's own pass), the same formula around `long_conv` otherwise.
+
 The file reads: validation → direct reference → FFT implementation → public `long_conv`, which
-dispatches on `impl`:
+dispatches on `impl`, and `gated_long_conv`:
 
     "fft"      jnp.fft (cuFFT / the platform's FFT); "auto" everywhere today
     "monarch"  the fused Pallas kernel where it applies (interpret mode on CPU), else the
@@ -190,3 +194,34 @@ def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto", bu
                              f"causal={causal}")
         return _long_conv_monarch(u, k, causal=True, butterflies=butterflies)
     return _IMPLEMENTATIONS[name](u, k, causal=causal)
+
+
+def gated_long_conv(u: Array, k: Array, gate: Array, skip: Array, *, causal: bool = True,
+                    impl: str = "auto") -> Array:
+    """gate ⊙ (long_conv(u, k) + skip ⊙ u), the gated block of H3 / Hyena with its skip term inside the gate.
+
+    Args:
+      u, k, causal, impl: as in `long_conv`.
+      gate: [batch, seq, channels], like u.
+      skip: [channels] (D).
+
+    Returns:
+      y: [batch, seq, channels] in u's dtype. With impl "monarch" and a length the fused kernel takes
+      (`long_conv_monarch_pallas.gating_fuses`), one kernel computes it, forward and the convolution parts
+      of the backward; otherwise the formula runs around `long_conv` (computed in float32).
+    """
+    u, k, gate, skip = jnp.asarray(u), jnp.asarray(k), jnp.asarray(gate), jnp.asarray(skip)
+    _check_long_conv_args(u, k)
+    if gate.shape != u.shape:
+        raise ValueError(f"gate: expected the shape of u {u.shape}, got {gate.shape}")
+    if skip.shape != (u.shape[2],):
+        raise ValueError(f"skip: expected shape ({u.shape[2]},) = [channels], got {skip.shape}")
+    name = _resolve_impl(impl)
+    if name == "monarch" and jax.devices()[0].platform in ("gpu", "cpu"):
+        from longseq.ops import long_conv_monarch_pallas as fused
+
+        if fused.gating_fuses(u.shape[1], k.shape[1], u.shape[2], causal=causal):
+            return fused.gated_long_conv_monarch_pallas(u, k, gate, skip, causal=causal,
+                                                        interpret=jax.devices()[0].platform == "cpu")
+    z = long_conv(u, k, causal=causal, impl=impl).astype(jnp.float32)
+    return (gate.astype(jnp.float32) * (z + skip.astype(jnp.float32) * u.astype(jnp.float32))).astype(u.dtype)

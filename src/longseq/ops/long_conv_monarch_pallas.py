@@ -21,6 +21,12 @@ The backward pass (custom_vjp, arguments u and the spectrum K̂ as (re, im)):
     dK̂  = (1/L) · Σ_b Û_b · conj(D̂_b), as (re, −im)      (one kernel, looping over the batch)
 and K̂'s own gradient flows back to k through the XLA transform that made it.
 
+Gated (`gated_long_conv_monarch_pallas`, the H3 / Hyena block's y = gate ⊙ (k ∗ u + D ⊙ u)): the same
+program also reads the gate's tile and D, and writes y (and, when differentiated, z = k ∗ u for the
+backward) in the same pass, so the gating costs no extra trip through memory. It needs the output rows
+to be the input rows (causal, or circular without folding); its backward is the plain one on
+dz = dy ⊙ gate plus elementwise terms.
+
 Applies where the plan has two factors with L1 >= 32 and L2 >= 16 (Triton's matmul tiles need 16
 rows and columns) and L <= 2^13; `supports` says so, and `long_conv(impl="monarch")` uses the XLA
 path elsewhere. `interpret=True` runs it on CPU.
@@ -154,6 +160,23 @@ def _conv_kernel(u_ref, k_re_ref, k_im_ref, f1_ref, tw_ref, f2_ref, g2_ref, twi_
     y_ref[...] = y.astype(y_ref.dtype)
 
 
+def _gated_conv_kernel(u_ref, gate_ref, skip_ref, k_re_ref, k_im_ref, f1_ref, tw_ref, f2_ref, g2_ref, twi_ref,
+                       g1_ref, y_ref, *z_ref, plan: KernelPlan, operand_dtype):
+    """As `_conv_kernel` with y = gate ⊙ (z + skip ⊙ u), z = k ∗ u; gate_ref like u_ref, skip_ref: [1, C].
+    z_ref (optional) receives z."""
+    c = plan.block_c
+    u = u_ref[...]
+    s_re, s_im = _spectrum(u, _pair(f1_ref), _pair(tw_ref), _pair(f2_ref), plan, c, operand_dtype)
+    k_re = k_re_ref[...].reshape(plan.l1 * c, plan.l2)
+    k_im = k_im_ref[...].reshape(plan.l1 * c, plan.l2)
+    p_re, p_im = s_re * k_re - s_im * k_im, s_re * k_im + s_im * k_re
+    z = _inverse(p_re, p_im, _pair(g2_ref), _pair(twi_ref), _pair(g1_ref), plan, c, operand_dtype)
+    skip = skip_ref[...].astype(jnp.float32)
+    y_ref[...] = (gate_ref[...].astype(jnp.float32) * (z + skip * u.astype(jnp.float32))).astype(y_ref.dtype)
+    if z_ref:
+        z_ref[0][...] = z.astype(z_ref[0].dtype)
+
+
 def _kernel_gradient_kernel(u_ref, dy_ref, f1_ref, tw_ref, f2_ref, dk_re_ref, dk_im_ref, *, plan: KernelPlan,
                             batch: int, operand_dtype):
     """u_ref, dy_ref: [batch, U1·L2, C]; outputs [L1, C, L2]: Σ_b Û_b conj(D̂_b) / L as (re, −im)."""
@@ -206,6 +229,26 @@ def _conv_call(u, k_re, k_im, plan: KernelPlan, *, interpret: bool):
         compiler_params=_compiler_params(plan, interpret),
         interpret=interpret,
     )(u, k_re, k_im, *factors)
+
+
+def _gated_conv_call(u, gate, skip, k_re, k_im, plan: KernelPlan, *, with_z: bool, interpret: bool):
+    """u, gate: [B, U1·L2, Cp] (U1 = O1); skip: [1, Cp]; k_*: [L1, Cp, L2] -> y (and z) [B, U1·L2, Cp]."""
+    batch, rows, channels = u.shape
+    c, factors = plan.block_c, _factors(plan)
+    kernel = functools.partial(_gated_conv_kernel, plan=plan, operand_dtype=operand_dtype_for(u.dtype))
+    tokens = pl.BlockSpec((None, rows, c), lambda b, j: (b, 0, j))
+    k_spec = pl.BlockSpec((plan.l1, c, plan.l2), lambda b, j: (0, j, 0))
+    shape = jax.ShapeDtypeStruct((batch, rows, channels), u.dtype)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, channels // c),
+        in_specs=[tokens, tokens, pl.BlockSpec((1, c), lambda b, j: (0, j)), k_spec, k_spec,
+                  *_factor_specs(factors, 2)],
+        out_specs=[tokens, tokens] if with_z else [tokens],
+        out_shape=[shape, shape] if with_z else [shape],
+        compiler_params=_compiler_params(plan, interpret),
+        interpret=interpret,
+    )(u, gate, skip, k_re, k_im, *factors)
 
 
 def _kernel_gradient_call(u, dy, plan: KernelPlan, *, interpret: bool):
@@ -276,14 +319,80 @@ def long_conv_monarch_pallas(u: Array, k: Array, *, causal: bool, interpret: boo
     _, seq, channels = u.shape
     plan = make_plan(seq, k.shape[1], channels, causal=causal, block_c=block_c, num_warps=num_warps)
     monarch = monarch_plan(seq, k.shape[1], causal=causal)
+    k_re, k_im = _spectrum_in_kernel_layout(k, plan, monarch, channels, operand_dtype_for(u.dtype))
+    z = _conv_with_spectrum(u, k_re, k_im, plan, interpret)
+    return fold(z, monarch).astype(u.dtype)
+
+
+def gating_fuses(seq: int, kernel_len: int, channels: int, *, causal: bool) -> bool:
+    """Whether `gated_long_conv_monarch_pallas` runs as one kernel: the fused kernel applies and its
+    output rows are its input rows (no circular fold)."""
+    if not supports(seq, kernel_len, causal=causal):
+        return False
+    plan = make_plan(seq, kernel_len, channels, causal=causal)
+    return not plan.fold and plan.in_rows1 == plan.out_rows1
+
+
+def _gated_padded(u, gate, skip, k_re, k_im, plan: KernelPlan, *, with_z: bool, interpret: bool):
+    """The gated kernel on u, gate padded to the plan's rows and the tile's channels: (u_pad, y[, z])."""
+    channels, rows = k_re.shape[1], plan.in_rows1 * plan.l2
+    u_pad, gate_pad = (_pad_rows_channels(x, rows, channels) for x in (u, gate))
+    skip_row = jnp.pad(skip, (0, channels - skip.shape[0]))[None]
+    return u_pad, *_gated_conv_call(u_pad, gate_pad, skip_row, k_re, k_im, plan, with_z=with_z, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gated_conv_with_spectrum(u, gate, skip, k_re, k_im, plan: KernelPlan, interpret: bool):
+    """u, gate: [B, seq, C]; skip: [C]; k_*: [L1, Cp, L2] -> gate ⊙ (k ∗ u + skip ⊙ u) [B, seq, C]."""
+    _, y = _gated_padded(u, gate, skip, k_re, k_im, plan, with_z=False, interpret=interpret)
+    return y[:, :plan.seq, :u.shape[2]]
+
+
+def _gated_forward(u, gate, skip, k_re, k_im, plan, interpret):
+    """As `_gated_conv_with_spectrum`, also writing z = k ∗ u for the backward."""
+    u_pad, y, z = _gated_padded(u, gate, skip, k_re, k_im, plan, with_z=True, interpret=interpret)
+    seq, c = plan.seq, u.shape[2]
+    return y[:, :seq, :c], (u_pad, gate, skip, z[:, :seq, :c], k_re, k_im)
+
+
+def _gated_backward(plan, interpret, residuals, dy):
+    """y = gate ⊙ t, t = z + skip ⊙ u, z = k ∗ u: dgate = dy ⊙ t, dt = dy ⊙ gate, dskip = Σ dt ⊙ u,
+    du = (correlation of dt with k) + skip ⊙ dt, dK̂ from u and dt, as the plain kernel's backward."""
+    u_pad, gate, skip, z, k_re, k_im = residuals
+    seq, c = plan.seq, gate.shape[2]
+    u = u_pad[:, :seq, :c].astype(jnp.float32)
+    dy32, gate32 = dy.astype(jnp.float32), gate.astype(jnp.float32)
+    dt = dy32 * gate32
+    dgate = dy32 * (z.astype(jnp.float32) + skip.astype(jnp.float32) * u)
+    dskip = jnp.sum(dt * u, axis=(0, 1))
+    du_conv, dk_re, dk_im = _conv_with_spectrum_backward(plan, interpret, (u_pad, k_re, k_im), dt.astype(gate.dtype))
+    du = du_conv.astype(jnp.float32) + skip.astype(jnp.float32) * dt
+    return du.astype(u_pad.dtype), dgate.astype(gate.dtype), dskip.astype(skip.dtype), dk_re, dk_im
+
+
+_gated_conv_with_spectrum.defvjp(_gated_forward, _gated_backward)
+
+
+def _spectrum_in_kernel_layout(k, plan: KernelPlan, monarch, channels: int, operand_dtype):
+    """k [C, kernel_len] -> its spectrum's (re, im), each [L1, Cp, L2] (channels padded to the tile)."""
     forward, _ = dft_butterflies((plan.l1, plan.l2))
     k = jnp.pad(k, ((0, 0), (0, monarch.kernel_len - k.shape[1])))
-    k_re, k_im = kernel_spectrum(k, monarch, forward, operand_dtype=operand_dtype_for(u.dtype))  # [L, C]
+    k_re, k_im = kernel_spectrum(k, monarch, forward, operand_dtype=operand_dtype)  # [L, C]
     padded_channels = -(-channels // plan.block_c) * plan.block_c
 
     def kernel_layout(x):  # [L, C] in [k1, k2] order -> [L1, Cp, L2]
         x = jnp.pad(x, ((0, 0), (0, padded_channels - channels)))
         return x.reshape(plan.l1, plan.l2, padded_channels).transpose(0, 2, 1)
 
-    z = _conv_with_spectrum(u, kernel_layout(k_re), kernel_layout(k_im), plan, interpret)
-    return fold(z, monarch).astype(u.dtype)
+    return kernel_layout(k_re), kernel_layout(k_im)
+
+
+def gated_long_conv_monarch_pallas(u: Array, k: Array, gate: Array, skip: Array, *, causal: bool,
+                                   interpret: bool = False, block_c: int | None = None,
+                                   num_warps: int = 8) -> Array:
+    """gate ⊙ (long_conv(u, k) + skip ⊙ u) in one kernel (arguments validated; `gating_fuses` true)."""
+    _, seq, channels = u.shape
+    plan = make_plan(seq, k.shape[1], channels, causal=causal, block_c=block_c, num_warps=num_warps)
+    monarch = monarch_plan(seq, k.shape[1], causal=causal)
+    k_re, k_im = _spectrum_in_kernel_layout(k, plan, monarch, channels, operand_dtype_for(u.dtype))
+    return _gated_conv_with_spectrum(u, gate, skip, k_re, k_im, plan, interpret).astype(u.dtype)
