@@ -16,7 +16,8 @@ timed) and reports, for the steady state:
                      None on chips without a known peak)
     matmul_fraction  model_tflops / a bf16 8192² matmul's TFLOP/s measured in the same process (the ceiling
                      XLA reaches on this chip)
-    peak_memory_gib  the device's peak bytes in use (GPU allocator statistics; None on CPU), and
+    peak_memory_gib  the device's peak bytes in use (GPU allocator statistics, the process's peak so far: one
+                     configuration per process, as the CLI runs it; None on CPU), and
     compiled_gib     XLA's own estimate for the step (arguments + outputs + temporaries − aliased)
 
 One JSON row per run (`--out DIR/train.json`) and a markdown line. The anchor script
