@@ -337,8 +337,9 @@ def _add_bench_long_conv_parser(bench_commands) -> None:
                            help="a custom shape: batch, channels, seq_len (repeatable; added to --shapes if both "
                                 "are given; in --dtype, bfloat16 by default)")
     long_conv.add_argument("--impls", type=_comma_list, default=None, metavar="A,B",
-                           help="implementations: names of longseq.ops.LONG_CONV_IMPLS but auto (fft, ...) and "
-                                "anchor_jnp_fft (default: all of them)")
+                           help="implementations: names of longseq.ops.LONG_CONV_IMPLS but auto (fft, ...), "
+                                "anchor_jnp_fft (default: all of those), and gated_IMPL: the gated block "
+                                "u * (k conv u + u) through ops.gated_long_conv (gated_monarch: fused)")
     long_conv.add_argument("--dtype", type=_comma_list, default=None, metavar="DTYPE[,DTYPE]",
                            help="of u and y (k is float32): of the --shape shapes (default bfloat16); given with "
                                 "a preset, it replaces the preset's per-shape dtypes")

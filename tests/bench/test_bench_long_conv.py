@@ -242,3 +242,16 @@ def test_cli_names_the_bad_argument(capsys, tmp_path):
     assert exited.value.code == 2
     assert "argument --shape" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_gated_rows_time_the_gated_block_and_check_it(monkeypatch):
+    """gated_monarch (the fused kernel, interpret mode here) and gated_fft (the formula around jnp.fft) time
+    u ⊙ (k ∗ u + u); their rel_err is against the same formula on our fft, so it stays small."""
+    monkeypatch.setitem(COPY_PROBE_BYTES, "cpu", 2**20)
+    rows = run_long_conv_bench([(1, 2, 256, "float32")], impls=["fft", "gated_fft", "gated_monarch"],
+                               causal=(True,), passes=("fwd",), iters=1, warmup=0, verbose=False)
+    assert [row["impl"] for row in rows] == ["fft", "gated_fft", "gated_monarch"]
+    assert all(row["error"] is None and row["ms"] > 0 for row in rows)
+    assert rows[1]["rel_err"] < 1e-5 and rows[2]["rel_err"] < 1e-5
+    with pytest.raises(BenchArgumentError, match="gated_anchor_jnp_fft"):
+        run_long_conv_bench([(1, 2, 256, "float32")], impls=["gated_anchor_jnp_fft"], verbose=False)

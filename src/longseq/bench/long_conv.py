@@ -17,6 +17,12 @@ Implementations (names as they appear in the rows):
     but "auto" (read at call time)            channels last; e.g. "fft" (ours, the ratio_to_fft
                                               reference), "direct" (skipped past N = 4096: its
                                               [H, N, N] matrix), "monarch"
+    "gated_IMPL" (IMPL in LONG_CONV_IMPLS      longseq.ops.gated_long_conv(u, k, gate=u, skip=1, impl=IMPL):
+    but "auto")                               the H3 / Hyena gated block, u ⊙ (k ∗ u + u); "gated_monarch"
+                                              fuses the gate into the Monarch kernel, "gated_fft" is the
+                                              formula around jnp.fft (their ratio is what fusing saves).
+                                              Bytes as for the plain rows (the gate is u: no more to read);
+                                              rel_err against the same formula on our fft
     "anchor_jnp_fft"                          the anchors' formula (/work/shared/anchors/README.md,
                                               "FFT long convolution with jnp.fft"), verbatim, on
                                               u: [B, H, N] (the transposes of the same arrays), in float32:
@@ -86,6 +92,7 @@ from longseq.bench.attention import (
 from longseq.bench.timing import time_calls
 
 ANCHOR = "anchor_jnp_fft"
+GATED = "gated_"
 FFT = "fft"
 DIRECT = "direct"
 # "direct" materialises a [channels, N, N] matrix; past this it does not fit, so it is not tried.
@@ -140,10 +147,15 @@ def default_impls() -> tuple[str, ...]:
     return (*(name for name in LONG_CONV_IMPLS if name != "auto"), ANCHOR)
 
 
+def gated_impls() -> tuple[str, ...]:
+    """"gated_IMPL" for every IMPL of default_impls() but the anchor (not measured unless named)."""
+    return tuple(GATED + name for name in default_impls() if name != ANCHOR)
+
+
 def check_impls(impls: Sequence[str]) -> tuple[str, ...]:
     if isinstance(impls, str):
         raise BenchArgumentError("impls", f"expected a sequence of names, got the string {impls!r}")
-    known = default_impls()
+    known = default_impls() + gated_impls()
     impls = tuple(impls)
     for impl in impls:
         if impl not in known:
@@ -200,7 +212,7 @@ def skip_reason(impl: str, shape: LongConvShape, causal: bool) -> str | None:
     """Why a row is not even tried, or None: the anchor non-causal, "direct" past N = 4096."""
     if impl == ANCHOR and not causal:
         return "the anchors' formula (zero-padded to 2N) is causal only"
-    if impl == DIRECT and shape.seq_len > DIRECT_MAX_SEQ_LEN:
+    if impl in (DIRECT, GATED + DIRECT) and shape.seq_len > DIRECT_MAX_SEQ_LEN:
         return f"O(N²) memory ([H, N, N] matrix), N > {DIRECT_MAX_SEQ_LEN}"
     return None
 
@@ -222,8 +234,11 @@ def conv_function(impl: str, *, causal: bool) -> ConvFn:
     if impl == ANCHOR:
         return anchor_jnp_fft
 
-    from longseq.ops import long_conv
+    from longseq.ops import gated_long_conv, long_conv
 
+    if impl.startswith(GATED):
+        return lambda u, k: gated_long_conv(u, k, u, jnp.ones((u.shape[2],), jnp.float32), causal=causal,
+                                            impl=impl[len(GATED):])
     return lambda u, k: long_conv(u, k, causal=causal, impl=impl)
 
 
@@ -419,6 +434,8 @@ def _measure_impl(impl: str, shape: LongConvShape, causal: bool, passes: Sequenc
     if reason is None and reference is not None:
         try:
             y = forward(u, k)
+            if impl.startswith(GATED):  # the same gating of the reference: u ⊙ (k ∗ u + u)
+                reference = u.astype(jnp.float32) * (reference + u.astype(jnp.float32))
             rel_err = relative_error(jnp.swapaxes(y, 1, 2) if impl == ANCHOR else y, reference)
             del y
         except Exception:  # noqa: BLE001 - the fwd row below records why
