@@ -46,7 +46,6 @@ import dataclasses
 import datetime
 import gc
 import itertools
-import json
 import math
 import platform as python_platform
 import shlex
@@ -59,6 +58,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from longseq.bench.outputs import attention_problem_lines, save_outputs
 from longseq.bench.timing import time_calls
 
 ANCHOR_IMPLS = ("anchor_cudnn", "anchor_xla", "anchor_jax_pallas_mha")
@@ -481,17 +481,6 @@ def run_metadata(*, iters: int, warmup: int, seed: int, command: str) -> dict[st
             "flop_convention": "4*B*H*N^2*D, /2 when causal, x3.5 for fwd+bwd"}
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf (e.g. the rel_err of a kernel that returns NaN) as strings: strict JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 def _format_number(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
@@ -514,17 +503,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     second table, and each distinct reason a row was skipped.
     """
     impls = list(dict.fromkeys(row["impl"] for row in rows))
-    by_problem: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        key = (row["B"], row["N"], row["H"], row["D"], row["dtype"], row["causal"], row["pass"])
-        by_problem.setdefault(key, {})[row["impl"]] = row
-
-    header = ["B", "N", "H", "D", "dtype", "causal", "pass", *impls]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (batch, seq_len, heads, head_dim, dtype, causal, pass_), cells in by_problem.items():
-        values = [str(batch), str(seq_len), str(heads), str(head_dim), dtype, "yes" if causal else "no", pass_,
-                  *(_cell(cells.get(impl)) for impl in impls)]
-        lines.append("| " + " | ".join(values) + " |")
+    lines = attention_problem_lines(rows, _cell)
     legend = "TFLOP/s (× anchor_cudnn on the same problem)"
     if any(row["error"] for row in rows):
         legend += "; — = skipped, reasons below"
@@ -596,13 +575,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def write_outputs(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """attention.json ({"meta", "rows"}), attention.md and attention.png in out_dir (created)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "attention.json", "md": out_dir / "attention.md", "png": out_dir / "attention.png"}
-    paths["json"].write_text(json.dumps(_json_safe({"meta": meta, "rows": list(rows)}), indent=1) + "\n")
     header = (f"# Attention benchmark\n\n{meta['device_kind']} ({meta['platform']}), jax {meta['jax']}, "
               f"{meta['date']}; median of {meta['iters']} timed calls after {meta['warmup']} warm-up calls.\n"
               f"FLOPs: {meta['flop_convention']}.\n\n`{meta['command']}`\n\n")
-    paths["md"].write_text(header + format_table(rows))
-    plot(rows, paths["png"])
-    return paths
+    return save_outputs("attention", rows, meta, header + format_table(rows), plot, out_dir)

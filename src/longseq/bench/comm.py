@@ -89,11 +89,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from longseq.bench.outputs import json_safe, save_outputs
 from longseq.bench.attention import (
     PASSES,
     BenchArgumentError,
     _format_number,
-    _json_safe,
     check_choices,
     check_dtype,
     short_reason,
@@ -587,19 +587,13 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def write_outputs(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """comm.json ({"meta", "rows"}), comm.md and comm.png in out_dir (created)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "comm.json", "md": out_dir / "comm.md", "png": out_dir / "comm.png"}
-    paths["json"].write_text(json.dumps(_json_safe({"meta": meta, "rows": list(rows)}), indent=1) + "\n")
     first = rows[0] if rows else {}
     header = (f"# Collective bytes of sequence-parallel attention\n\nCompiled (never run) on simulated CPU "
               f"devices, jax {meta['jax']}, {meta['date']}; B={first.get('B')}, N={first.get('N')}, "
               f"H={first.get('H')}, H_kv={first.get('H_kv')}, D={first.get('D')}, {first.get('dtype')} "
               "(bytes are linear in N and in heads).\n\n"
               f"`{meta['command']}`\n\n")
-    paths["md"].write_text(header + format_table(rows))
-    plot(rows, paths["png"])
-    return paths
+    return save_outputs("comm", rows, meta, header + format_table(rows), plot, out_dir)
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -607,7 +601,7 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), required=True)
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.worker[0]).read_text())
-    Path(args.worker[1]).write_text(json.dumps(_json_safe(_worker(spec))))
+    Path(args.worker[1]).write_text(json.dumps(json_safe(_worker(spec))))
     return 0
 
 

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import math
 import shlex
 import sys
@@ -77,11 +76,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from longseq.bench.outputs import save_outputs
 from longseq.bench.attention import (
     PASSES,
     BenchArgumentError,
     _format_number,
-    _json_safe,
     check_choices,
     check_dtype,
     relative_error,
@@ -583,16 +582,10 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def write_outputs(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """long_conv.json ({"meta", "rows"}), long_conv.md and long_conv.png in out_dir (created)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "long_conv.json", "md": out_dir / "long_conv.md", "png": out_dir / "long_conv.png"}
-    paths["json"].write_text(json.dumps(_json_safe({"meta": meta, "rows": list(rows)}), indent=1) + "\n")
     copy_tbps = meta.get("copy_tbps")
     copy = f"{copy_tbps:.3f} TB/s" if isinstance(copy_tbps, float) and math.isfinite(copy_tbps) else "not measured"
     header = (f"# Long convolution benchmark\n\n{meta['device_kind']} ({meta['platform']}), jax {meta['jax']}, "
               f"{meta['date']}; median of {meta['iters']} timed calls after {meta['warmup']} warm-up calls.\n"
               f"Bytes: {meta['bytes_convention']}. Copy bandwidth: {copy} ({meta.get('copy_probe')}).\n\n"
               f"`{meta['command']}`\n\n")
-    paths["md"].write_text(header + format_table(rows))
-    plot(rows, paths["png"])
-    return paths
+    return save_outputs("long_conv", rows, meta, header + format_table(rows), plot, out_dir)

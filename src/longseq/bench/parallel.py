@@ -61,7 +61,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import itertools
-import json
 import re
 import shlex
 import sys
@@ -74,12 +73,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from longseq.bench.outputs import attention_problem_lines, save_outputs
 from longseq.bench.attention import (
     PASSES,
     AttentionShape,
     BenchArgumentError,
     _format_number,
-    _json_safe,
     attention_flops,
     check_choices,
     check_dtype,
@@ -477,18 +476,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
     Below it, each distinct reason a row was skipped.
     """
-    impls = list(dict.fromkeys(row["impl"] for row in rows))
-    by_problem: dict[tuple, dict[str, dict]] = {}
-    for row in rows:
-        key = (row["B"], row["N"], row["H"], row["D"], row["dtype"], row["causal"], row["pass"])
-        by_problem.setdefault(key, {})[row["impl"]] = row
-
-    header = ["B", "N", "H", "D", "dtype", "causal", "pass", *impls]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (batch, seq_len, heads, head_dim, dtype, causal, pass_), cells in by_problem.items():
-        values = [str(batch), str(seq_len), str(heads), str(head_dim), dtype, "yes" if causal else "no", pass_,
-                  *(_cell(cells.get(impl)) for impl in impls)]
-        lines.append("| " + " | ".join(values) + " |")
+    lines = attention_problem_lines(rows, _cell)
     legend = ("Whole-problem TFLOP/s (scaling efficiency = TFLOP/s / (devices × single-device TFLOP/s); "
               "× ag = ratio to anchor_allgather_cudnn, × rp = ratio to anchor_ringattention)")
     if any(row["error"] for row in rows):
@@ -501,14 +489,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def write_outputs(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """parallel.json ({"meta", "rows"}), parallel.md and parallel.png in out_dir (created)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "parallel.json", "md": out_dir / "parallel.md", "png": out_dir / "parallel.png"}
-    paths["json"].write_text(json.dumps(_json_safe({"meta": meta, "rows": list(rows)}), indent=1) + "\n")
     header = (f"# Sequence-parallel attention benchmark\n\n{meta['device_count']} × {meta['device_kind']} "
               f"({meta['platform']}), jax {meta['jax']}, {meta['date']}; blocks: {meta['block_impl']}; "
               f"median of {meta['iters']} timed calls after {meta['warmup']} warm-up calls.\n"
               f"FLOPs: {meta['flop_convention']}.\n\n`{meta['command']}`\n\n")
-    paths["md"].write_text(header + format_table(rows))
-    plot(rows, paths["png"])
-    return paths
+    return save_outputs("parallel", rows, meta, header + format_table(rows), plot, out_dir)
