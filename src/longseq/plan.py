@@ -23,6 +23,7 @@ class SequenceParallelChoice(NamedTuple):
     candidates: tuple[cost.Prediction, ...]
     system_name: str
     problem: cost.Problem | None
+    keep_gathered: bool = False  # model.attention_keep_gathered: the attention2d rows keep their blocks
 
 
 def attention_problem(config: Config, devices: int = 1) -> cost.Problem:
@@ -88,8 +89,8 @@ def sequence_parallel_choice(config: Config, device_kind: str | None = None,
     candidates = tuple(cost.candidates(mesh.seq_devices, problem, system, allowed, keep_gathered=keep))
     if model.attention_parallel == "auto":
         best = cost.choose(mesh.seq_devices, problem, system, allowed, keep_gathered=keep)
-        return SequenceParallelChoice(best.strategy, best.grid, candidates, name, problem)
-    return SequenceParallelChoice(model.attention_parallel, grid, candidates, name, problem)
+        return SequenceParallelChoice(best.strategy, best.grid, candidates, name, problem, keep)
+    return SequenceParallelChoice(model.attention_parallel, grid, candidates, name, problem, keep)
 
 
 def format_choice(choice: SequenceParallelChoice, configured: str) -> str:
@@ -105,7 +106,8 @@ def format_choice(choice: SequenceParallelChoice, configured: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for c in choice.candidates:
         mark = " ←" if (c.strategy, c.grid) == (choice.strategy, tuple(choice.grid)) else ""
-        lines.append(f"| {c.strategy}{mark} | {c.grid[0]}x{c.grid[1]} | {c.time * 1e3:.3f} | {c.compute * 1e3:.3f} | "
+        kept = " (keep_gathered)" if choice.keep_gathered and c.strategy == "attention2d" else ""
+        lines.append(f"| {c.strategy}{kept}{mark} | {c.grid[0]}x{c.grid[1]} | {c.time * 1e3:.3f} | {c.compute * 1e3:.3f} | "
                      f"{c.communication * 1e3:.3f} | {c.bytes_sent / 2**20:.1f} | {c.memory / 2**20:.1f} | "
                      f"{'yes' if c.fits else 'no'} |")
     how = "chosen by the cost model (attention_parallel=auto)" if configured == "auto" else "as configured"

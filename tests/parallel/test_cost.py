@@ -149,6 +149,9 @@ def test_cli_plan_prints_the_table_and_the_choice(capsys):
     assert "| strategy | grid | predicted ms |" in out and "system h100" in out
     assert "chosen by the cost model (attention_parallel=auto)" in out and " ←" in out
     assert main(["plan", "configs/mqar_attention.yaml", "mesh.seq_q=3"]) == 2  # seq_len not divisible by 3
+    assert main(["plan", "configs/mqar_attention.yaml", "model.attention_keep_gathered=true", "mesh.seq_q=2",
+                 "mesh.seq_kv=2", "mesh.data=1", "--system", "h100"]) == 0
+    assert "| attention2d (keep_gathered) ← | 2x2 |" in capsys.readouterr().out
 
 
 def test_bench_links_measures_a_ring_or_says_why_not(capsys):
