@@ -40,7 +40,9 @@ every step's K/V (O(seq) memory per device, all-gather's cost); instead the back
 around again, with their gradient accumulators one step behind (attention2d gathers again), and
 computes each block's share with `ops.attention_backward` from the merged out and lse. Every
 ppermute is issued before the step's attention so that the transfer overlaps the compute. usp's
-ring is the ring's, with its custom_vjp.
+ring is the ring's, with its custom_vjp. attention2d with keep_gathered=True gathers outside its
+custom_vjp instead, which then keeps the gathered blocks (as autodiff of all-gather + attention
+does): one all-gather of each fewer per step, for O(seq/Pkv) K/V memory.
 """
 
 from __future__ import annotations
