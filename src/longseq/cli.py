@@ -128,7 +128,8 @@ def _add_bench_parser(commands) -> None:
         description="Time a ppermute ring of --mib MiB per device over this process's devices (inside a node) "
                     "and, with several processes, over one device of each (across nodes); print GB/s per device "
                     "one way and the mesh.*_gbps override that feeds the cost model of attention_parallel=auto.")
-    links.add_argument("--mib", type=_positive_int, default=256, help="MiB each device sends (default 256)")
+    links.add_argument("--mib", type=_positive_int, default=1024,
+                       help="MiB each device sends (default 1024: the rate grows with the message up to ~1 GiB)")
     links.add_argument("--iters", type=_positive_int, default=5, help="timed calls per row (median)")
     links.add_argument("--warmup", type=_positive_int, default=2, help="untimed calls first")
     _add_bench_long_conv_parser(bench_commands)
