@@ -28,8 +28,6 @@ call for the ratio.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,6 +35,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from longseq.bench.timing import time_calls
 
 # Dense bf16 peak FLOP/s of a chip's datasheet (without sparsity), by `device_kind` prefix.
 DATASHEET_BF16_PEAK = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "TPU v5p": 459e12,
@@ -81,18 +81,7 @@ def matmul_ceiling(size: int = 8192, iters: int = 10) -> float:
     """FLOP/s of a bf16 [size, size] @ [size, size] matmul with float32 accumulation, as XLA runs it."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.bfloat16)
     matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    return 2 * size ** 3 / _median_seconds(lambda: matmul(a, a), iters=iters, warmup=3)
-
-
-def _median_seconds(call, *, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(call())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return 2 * size ** 3 / (time_calls(matmul, a, a, iters=iters, warmup=3).median_ms * 1e-3)
 
 
 class PreparedStep(NamedTuple):
@@ -144,7 +133,7 @@ def run_train_bench(config, *, iters: int = 8, warmup: int = 3, matmul_size: int
     compiled_bytes = None if analysis is None else (
         analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
         - analysis.alias_size_in_bytes)
-    seconds = _median_seconds(step.call, iters=iters, warmup=warmup)
+    seconds = time_calls(step.call, iters=iters, warmup=warmup).median_ms * 1e-3
     metrics = jax.device_get(step.call())
     stats = device.memory_stats() or {}
     tokens = config.data.batch_size * config.data.seq_len

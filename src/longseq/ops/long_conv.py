@@ -144,13 +144,19 @@ def _long_conv_fft(u: Array, k: Array, *, causal: bool) -> Array:
 # Monarch implementation (matmuls)
 
 
+def _fused_kernel_interpret() -> bool | None:
+    """How the fused Monarch kernel runs here: compiled (False) on GPUs, interpreted (True) on CPUs,
+    not at all (None) elsewhere (TPUs take the XLA matmuls)."""
+    return {"gpu": False, "cpu": True}.get(jax.devices()[0].platform)
+
+
 def _long_conv_monarch(u: Array, k: Array, *, causal: bool, butterflies=None) -> Array:
     from longseq.ops import long_conv_monarch, long_conv_monarch_pallas
 
-    platform = jax.devices()[0].platform
-    if (butterflies is None and platform in ("gpu", "cpu")
+    interpret = _fused_kernel_interpret()
+    if (butterflies is None and interpret is not None
             and long_conv_monarch_pallas.supports(u.shape[1], k.shape[1], causal=causal)):
-        return long_conv_monarch_pallas.long_conv_monarch_pallas(u, k, causal=causal, interpret=platform == "cpu")
+        return long_conv_monarch_pallas.long_conv_monarch_pallas(u, k, causal=causal, interpret=interpret)
     return long_conv_monarch.long_conv_monarch_xla(u, k, causal=causal, butterflies=butterflies)
 
 
@@ -216,12 +222,11 @@ def gated_long_conv(u: Array, k: Array, gate: Array, skip: Array, *, causal: boo
         raise ValueError(f"gate: expected the shape of u {u.shape}, got {gate.shape}")
     if skip.shape != (u.shape[2],):
         raise ValueError(f"skip: expected shape ({u.shape[2]},) = [channels], got {skip.shape}")
-    name = _resolve_impl(impl)
-    if name == "monarch" and jax.devices()[0].platform in ("gpu", "cpu"):
+    interpret = _fused_kernel_interpret()
+    if _resolve_impl(impl) == "monarch" and interpret is not None:
         from longseq.ops import long_conv_monarch_pallas as fused
 
         if fused.gating_fuses(u.shape[1], k.shape[1], u.shape[2], causal=causal):
-            return fused.gated_long_conv_monarch_pallas(u, k, gate, skip, causal=causal,
-                                                        interpret=jax.devices()[0].platform == "cpu")
+            return fused.gated_long_conv_monarch_pallas(u, k, gate, skip, causal=causal, interpret=interpret)
     z = long_conv(u, k, causal=causal, impl=impl).astype(jnp.float32)
     return (gate.astype(jnp.float32) * (z + skip.astype(jnp.float32) * u.astype(jnp.float32))).astype(u.dtype)
