@@ -105,7 +105,8 @@ def test_out_of_range_value_is_named(override, message):
      r"model\.attention_parallel: usp runs Ulysses over mesh\.seq_kv=8 devices, which needs num_heads=4 divisible by 8"),
     (["data.seq_len=16", "data.mqar.num_kv_pairs=8"], r"data\.seq_len: 16 is too short for task=mqar"),
     (["data.task=selective_copying", "data.seq_len=20"], r"data\.seq_len: 20 is too short for task=selective_copying"),
-    (["mesh.data=3", "data.batch_size=32"], r"data\.batch_size: 32 is not divisible by mesh\.data=3"),
+    (["mesh.data=3", "data.batch_size=32"], r"data\.batch_size: 32 is not divisible by the mesh\.data × mesh\.fsdp = 3 × 1 batch devices"),
+    (["mesh.fsdp=3", "data.batch_size=32"], r"data\.batch_size: 32 is not divisible by mesh\.fsdp=3 \(the batch splits over the fsdp devices too\)"),
     (["model.mixer=hybrid", "model.hybrid_pattern=[]"], r"model\.hybrid_pattern: must name at least one"),
     (["model.mixer=attention", "model.d_model=100", "model.num_heads=4"], r"model\.d_model: head_dim .* must be even"),
 ])

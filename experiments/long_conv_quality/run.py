@@ -77,7 +77,7 @@ def _param_count(config) -> int:
     from longseq.train.trainer import Steps
 
     task = data_lib.make_task(config.data)
-    return int(sum(x.size for x in jax.tree.leaves(Steps(config, task).initial_state["params"])))
+    return int(sum(x.size for x in jax.tree.leaves(Steps(config, task).abstract_state["params"])))
 
 
 def summarise(rows: list[dict]) -> str:

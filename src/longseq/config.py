@@ -268,12 +268,16 @@ class TrainConfig(_Checked):
 
 @dataclass(frozen=True)
 class MeshConfig(_Checked):
-    """Device mesh: data × seq_q × seq_kv. The batch splits over `data`; the sequence over the
-    seq_q × seq_kv grid (row-major), where `model.attention_parallel` runs attention: attention2d's
-    query × key/value grid; usp's ring (seq_q) × Ulysses (seq_kv) degrees; double_ring's outer ring
-    (seq_q, e.g. across nodes) × inner ring (seq_kv, e.g. within a node). Put seq_kv within a node."""
+    """Device mesh: data × fsdp × seq_q × seq_kv. The batch splits over data × fsdp; parameters,
+    gradients and optimizer state split over `fsdp` (ZeRO-3 / FSDP: each weight is gathered where a layer
+    uses it); the sequence splits over the seq_q × seq_kv grid (row-major), where `model.attention_parallel`
+    runs attention: attention2d's query × key/value grid; usp's ring (seq_q) × Ulysses (seq_kv) degrees;
+    double_ring's outer ring (seq_q, e.g. across nodes) × inner ring (seq_kv, e.g. within a node). Put
+    seq_kv within a node."""
 
-    data: int = param(-1, "devices along the data-parallel axis (-1 = all devices left by the sequence axes)", min=-1)
+    data: int = param(-1, "devices along the data-parallel axis (-1 = all devices left by the other axes)", min=-1)
+    fsdp: int = param(1, "devices that split the parameters, gradients and optimizer state (and the batch, "
+                      "as data does): memory per device for them falls by this factor", min=1)
     seq_q: int = param(1, "sequence-parallel devices along the query axis of the attention grid", min=1)
     seq_kv: int = param(1, "sequence-parallel devices along the key/value axis of the attention grid", min=1)
     node_size: int | None = param(
@@ -379,9 +383,12 @@ class Config(_Checked):
             raise ConfigError(f"model.d_model: {self.model.d_model} is not divisible by the "
                               f"{self.mesh.seq_devices} sequence devices; the sequence-parallel long "
                               "convolution splits channels over them")
-        if self.mesh.data > 0 and self.data.batch_size % self.mesh.data:
-            raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by "
-                              f"mesh.data={self.mesh.data}")
+        if self.mesh.data > 0 and self.data.batch_size % (self.mesh.data * self.mesh.fsdp):
+            raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by the "
+                              f"mesh.data × mesh.fsdp = {self.mesh.data} × {self.mesh.fsdp} batch devices")
+        elif self.data.batch_size % self.mesh.fsdp:
+            raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by mesh.fsdp="
+                              f"{self.mesh.fsdp} (the batch splits over the fsdp devices too)")
 
 
 # ----------------------------------------------------------------------------------------------

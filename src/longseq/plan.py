@@ -27,12 +27,14 @@ class SequenceParallelChoice(NamedTuple):
 
 
 def attention_problem(config: Config, devices: int = 1) -> cost.Problem:
-    """One attention layer's call per data-parallel shard: the batch of one `mesh.data` group
-    (mesh.data=-1: the `devices` the sequence axes leave)."""
+    """One attention layer's call per data-parallel shard: the batch of one mesh.data × mesh.fsdp group
+    (mesh.data=-1: the `devices` the other axes leave)."""
     from longseq.data import TASKS
 
     model = config.model
-    data_devices = config.mesh.data if config.mesh.data > 0 else max(devices // config.mesh.seq_devices, 1)
+    fsdp = config.mesh.fsdp
+    data = config.mesh.data if config.mesh.data > 0 else max(devices // (config.mesh.seq_devices * fsdp), 1)
+    data_devices = data * fsdp
     return cost.Problem(batch=max(config.data.batch_size // data_devices, 1), seq=config.data.seq_len,
                         heads=model.num_heads, kv_heads=model.num_kv_heads or model.num_heads,
                         head_dim=model.d_model // model.num_heads,

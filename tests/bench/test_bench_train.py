@@ -20,7 +20,7 @@ def test_model_flops_count_every_linear_kernel_and_the_head_as_the_anchor_does()
     6 of them per token, plus 6·L·T·H·hd per token of causal attention."""
     config = load_config("configs/bench_lm_370m.yaml", TINY)
     task = data_lib.make_task(config.data)
-    params = Steps(config, task).initial_state["params"]
+    params = Steps(config, task).abstract_state["params"]
     D, L, H, hd, F, V, T = 64, 2, 2, 32, 128, 100, 128
     matmul = L * (D * 3 * H * hd + H * hd * D + D * 2 * F + F * D) + D * V
     flops = model_flops_per_step(config, params, task.vocab_size)
@@ -28,7 +28,7 @@ def test_model_flops_count_every_linear_kernel_and_the_head_as_the_anchor_does()
     assert flops["flops"] == pytest.approx(6 * matmul * 2 * T + 6 * L * T * H * hd * 2 * T)
     tied = model_flops_per_step(load_config("configs/bench_lm_370m.yaml", TINY + ["model.tie_embeddings=true"]),
                                 Steps(load_config("configs/bench_lm_370m.yaml", TINY + ["model.tie_embeddings=true"]),
-                                      task).initial_state["params"], task.vocab_size)
+                                      task).abstract_state["params"], task.vocab_size)
     assert tied["matmul_params"] == matmul  # the head reuses the embedding table: still D·V in the matmuls
 
 
@@ -37,7 +37,7 @@ def test_long_conv_layers_count_only_their_projections():
     config = load_config("configs/bench_lm_370m.yaml", TINY + ["model.mixer=long_conv"])
     task = data_lib.make_task(config.data)
     steps = Steps(config, task)
-    params = steps.initial_state["params"]
+    params = steps.abstract_state["params"]
     flops = model_flops_per_step(config, params, task.vocab_size)
     conv_kernels = sum(x.size for x in jax.tree.leaves(params["kernel"]))
     assert conv_kernels >= 2 * 64 * 128 and flops["attention_flops"] == 0

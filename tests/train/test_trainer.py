@@ -210,7 +210,7 @@ def test_cli_eval_prints_json(tmp_path):
 
 
 def test_mesh_larger_than_the_machine_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"mesh\.data: asks for 64 devices, but only \d+ are available"):
+    with pytest.raises(ConfigError, match=r"mesh\.data: asks for 64 devices \(data × fsdp × seq_q × seq_kv = 64 × 1 × 1 × 1\), but only \d+ are available"):
         train(tiny(tmp_path, "mesh.data=64", "data.batch_size=64"))
 
 
@@ -225,7 +225,7 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
     from longseq.train.trainer import Steps
     from longseq.data import make_task
 
-    state = Steps(config, make_task(config.data)).initial_state
+    state = Steps(config, make_task(config.data)).init()
     assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
 
 

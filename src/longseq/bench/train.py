@@ -97,8 +97,6 @@ class PreparedStep(NamedTuple):
 
 def prepare_step(config) -> PreparedStep:
     """Build the run `config` describes (the trainer's mesh, strategy and `Steps`) and compile its train step."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
     from longseq import data as data_lib
     from longseq.plan import sequence_parallel_choice
     from longseq.train.trainer import Steps, _put_batch, make_mesh
@@ -107,10 +105,9 @@ def prepare_step(config) -> PreparedStep:
     choice = sequence_parallel_choice(config)
     mesh = make_mesh(config, choice.grid)
     steps = Steps(config, task, mesh, strategy=choice.strategy)
-    holder = {"state": jax.device_put(steps.initial_state, NamedSharding(mesh, PartitionSpec()))}
+    holder = {"state": steps.init()}
     batch = _put_batch(task.batch("train", 0, config.data.batch_size), mesh)
-    flops = model_flops_per_step(config, steps.initial_state["params"], getattr(task, "vocab_size", None))
-    del steps.initial_state  # the device copy is the state from here on
+    flops = model_flops_per_step(config, steps.abstract_state["params"], getattr(task, "vocab_size", None))
     compiled = steps.train_step.lower(holder["state"], batch).compile()
 
     def call():

@@ -40,6 +40,7 @@ from longseq.distributed import initialize_from_environment, is_primary
 from longseq.layers import ConvKernel
 from longseq.models import build_model
 from longseq.parallel import SequenceParallel
+from longseq.parallel.fsdp import BATCH_AXES, SEQUENCE_AXES, batch_spec, state_shardings
 from longseq.plan import format_choice, sequence_parallel_choice
 from longseq.train.checkpoint import Checkpointer
 from longseq.train.losses import classification_sums, lm_sums, means
@@ -65,39 +66,43 @@ def run_directory(config: Config) -> Path:
 
 
 def make_mesh(config: Config, grid: tuple[int, int] | None = None) -> jax.sharding.Mesh:
-    """The (data, seq_q, seq_kv) mesh of `config.mesh` (data=-1: the devices the sequence axes leave),
+    """The (data, fsdp, seq_q, seq_kv) mesh of `config.mesh` (data=-1: the devices the other axes leave),
     checked against the machine and the batch size; `grid` = (seq_q, seq_kv) replaces the config's
     (attention_parallel=auto chooses it among the factorisations of the same device count)."""
     available = jax.device_count()
-    seq = config.mesh.seq_devices
-    data = max(available // seq, 1) if config.mesh.data == -1 else config.mesh.data
-    if data * seq > available:
-        key = "mesh.data" if config.mesh.seq_devices == 1 else "mesh"
-        raise ConfigError(f"{key}: asks for {data * seq} devices, but only {available} are available "
-                          f"({jax.devices()[0].platform})")
-    if config.data.batch_size % data:
+    seq, fsdp = config.mesh.seq_devices, config.mesh.fsdp
+    data = max(available // (seq * fsdp), 1) if config.mesh.data == -1 else config.mesh.data
+    if data * fsdp * seq > available:
+        key = "mesh.data" if seq * fsdp == 1 else "mesh"
+        raise ConfigError(f"{key}: asks for {data * fsdp * seq} devices (data × fsdp × seq_q × seq_kv = "
+                          f"{data} × {fsdp} × {config.mesh.seq_q} × {config.mesh.seq_kv}), but only {available} "
+                          f"are available ({jax.devices()[0].platform})")
+    if config.data.batch_size % (data * fsdp):
         raise ConfigError(f"data.batch_size: {config.data.batch_size} is not divisible by the "
-                          f"{data} devices of mesh.data")
+                          f"{data * fsdp} devices of mesh.data × mesh.fsdp")
     rows, cols = grid or (config.mesh.seq_q, config.mesh.seq_kv)
     if rows * cols != seq:
         raise ValueError(f"grid: {rows}x{cols} does not hold the {seq} sequence devices of the config")
-    devices = np.array(jax.devices()[:data * seq]).reshape(data, rows, cols)
-    return jax.sharding.Mesh(devices, ("data", "seq_q", "seq_kv"))
+    devices = np.array(jax.devices()[:data * fsdp * seq]).reshape(data, fsdp, rows, cols)
+    return jax.sharding.Mesh(devices, (*BATCH_AXES, *SEQUENCE_AXES))
 
 
 def batch_shardings(mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray]) -> dict[str, NamedSharding]:
-    """Each batch array split over `data` along axis 0 and, for [batch, seq] arrays, over the
+    """Each batch array split over data × fsdp along axis 0 and, for [batch, seq] arrays, over the
     sequence grid along axis 1."""
-    return {name: NamedSharding(mesh, PartitionSpec("data", ("seq_q", "seq_kv")) if x.ndim == 2
-                                else PartitionSpec("data"))
-            for name, x in batch.items()}
+    return {name: NamedSharding(mesh, batch_spec(x.ndim)) for name, x in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
 # the model as a pytree of arrays, and the jit-compiled steps
 
 class Steps:
-    """The model's structure plus the pure, jit-compiled train and eval steps over the state pytree."""
+    """The model's structure plus the pure, jit-compiled train and eval steps over the state pytree.
+
+    With a mesh, the state lives split over its `fsdp` axis (`longseq.parallel.fsdp`: replicated when
+    mesh.fsdp = 1) from the moment it is made: `init()` computes the initial state in one jit-compiled
+    call straight into its shards, so no device ever holds the whole model when fsdp > 1.
+    """
 
     def __init__(self, config: Config, task: Any, mesh: jax.sharding.Mesh | None = None,
                  strategy: str | None = None):
@@ -108,17 +113,32 @@ class Steps:
         if mesh is not None and config.mesh.seq_devices > 1:
             sequence_parallel = SequenceParallel(mesh, strategy or config.model.attention_parallel,
                                                  keep_gathered=config.model.attention_keep_gathered)
-        model = build_model(config.model, config.kernels, kind=task.kind, vocab_size=task.vocab_size,
-                            num_classes=task.num_classes, seq_len=config.data.seq_len,
-                            rngs=nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1),
-                            sequence_parallel=sequence_parallel)
-        self.graphdef, kernels, others, rest = nnx.split(model, ConvKernel, nnx.Param, ...)
-        params = {"kernel": kernels, "other": others}
-        self.num_params = sum(x.size for x in jax.tree.leaves(params))
-        self.tx = make_optimizer(config.optim, config.train.steps, parameter_groups(params))
-        self.initial_state = {"params": params, "rest": rest, "opt_state": self.tx.init(params)}
-        self.train_step = jax.jit(self._train_step, donate_argnums=0)
-        self.eval_step = jax.jit(self._eval_step)
+
+        def split_model():
+            model = build_model(config.model, config.kernels, kind=task.kind, vocab_size=task.vocab_size,
+                                num_classes=task.num_classes, seq_len=config.data.seq_len,
+                                rngs=nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1),
+                                sequence_parallel=sequence_parallel)
+            graphdef, kernels, others, rest = nnx.split(model, ConvKernel, nnx.Param, ...)
+            return graphdef, {"kernel": kernels, "other": others}, rest
+
+        self.graphdef, abstract_params, _ = nnx.eval_shape(split_model)
+        self.num_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+        self.tx = make_optimizer(config.optim, config.train.steps, parameter_groups(abstract_params))
+
+        def initial_state():
+            _, params, rest = split_model()
+            return {"params": params, "rest": rest, "opt_state": self.tx.init(params)}
+
+        self.abstract_state = jax.eval_shape(initial_state)  # shapes and dtypes, nothing computed
+        self.state_sharding = self.metrics_sharding = None
+        if mesh is not None:
+            self.state_sharding = state_shardings(mesh, self.abstract_state)
+            self.metrics_sharding = NamedSharding(mesh, PartitionSpec())
+        self.init = jax.jit(initial_state, out_shardings=self.state_sharding)
+        self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                                  out_shardings=(self.state_sharding, self.metrics_sharding))
+        self.eval_step = jax.jit(self._eval_step, out_shardings=self.metrics_sharding)
 
     def _forward(self, params, rest, batch, training: bool):
         """Loss/accuracy sums of one batch, and the updated non-parameter state."""
@@ -258,8 +278,7 @@ def train(config: Config) -> dict[str, Any]:
         print(format_choice(choice, "auto"))
 
     steps = Steps(config, task, mesh, strategy=choice.strategy)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state = jax.device_put(steps.initial_state, replicated)
+    state = steps.init()
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
     start = checkpointer.latest_step() or 0
@@ -269,7 +288,7 @@ def train(config: Config) -> dict[str, Any]:
     else:
         print(f"new run {run_dir}: {steps.num_params:,} parameters, task {task.name} "
               f"(chance accuracy {task.chance_accuracy:.3f}), {mesh.size} device(s) "
-              f"(data × seq_q × seq_kv = {' × '.join(map(str, mesh.devices.shape))})")
+              f"(data × fsdp × seq_q × seq_kv = {' × '.join(map(str, mesh.devices.shape))})")
 
     def put(batch):
         return _put_batch(batch, mesh)
@@ -386,7 +405,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     choice = sequence_parallel_choice(config)
     mesh = make_mesh(config, choice.grid)
     steps = Steps(config, task, mesh, strategy=choice.strategy)
-    state = checkpointer.restore(step, jax.device_put(steps.initial_state, NamedSharding(mesh, PartitionSpec())))
+    state = checkpointer.restore(step, steps.init())
     checkpointer.close()
     eval_batches = [_put_batch(b, mesh) for b in data_lib.eval_set(task, config.data)]
     return {"run_dir": run_dir, "step": step, "chance_accuracy": task.chance_accuracy,

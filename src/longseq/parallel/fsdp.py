@@ -1,0 +1,41 @@
+"""Fully sharded data parallelism (ZeRO-3): parameters, gradients and optimizer state split over the
+mesh's `fsdp` axis; XLA gathers each weight where a layer uses it and reduce-scatters its gradient.
+
+The split is a function of an array's shape alone, so a parameter and its Adam moments always split
+the same way and no layer names its own sharding: the largest dimension the axis divides is split (the
+first of equal ones); arrays none of whose dimensions it divides (scalars, odd-sized vectors) are
+replicated. The batch splits over the fsdp devices as over the data-parallel ones (`batch_spec`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXES = ("seq_q", "seq_kv")
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, axis: str = "fsdp") -> PartitionSpec:
+    """The PartitionSpec of an array of `shape` on an fsdp axis of `fsdp_size` devices."""
+    if fsdp_size == 1:
+        return PartitionSpec()
+    divisible = [d for d, n in enumerate(shape) if n % fsdp_size == 0 and n > 0]
+    if not divisible:
+        return PartitionSpec()
+    dim = max(divisible, key=lambda d: (shape[d], -d))
+    return PartitionSpec(*(axis if d == dim else None for d in range(len(shape))))
+
+
+def state_shardings(mesh: Mesh, state: Any, axis: str = "fsdp") -> Any:
+    """A pytree like `state` (arrays or ShapeDtypeStructs) of the NamedSharding of each leaf."""
+    size = mesh.shape.get(axis, 1)
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), size, axis)), state)
+
+
+def batch_spec(ndim: int) -> PartitionSpec:
+    """Batch arrays: axis 0 over data × fsdp; [batch, seq] arrays' axis 1 over the sequence grid."""
+    return PartitionSpec(BATCH_AXES, SEQUENCE_AXES) if ndim == 2 else PartitionSpec(BATCH_AXES)
