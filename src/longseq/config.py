@@ -245,6 +245,11 @@ class OptimConfig(_Checked):
     kernel_weight_decay: float = param(0.0, "weight decay of long-conv kernels", min=0)
 
 
+# Activations the layers tag for rematerialisation policies (`longseq.layers.remat`).
+RematPolicy = Literal["none", "full", "save_dots", "save_named", "offload"]
+ActivationName = Literal["attention_qkv", "attention_out", "long_conv_out", "mlp_hidden"]
+
+
 @dataclass(frozen=True)
 class TrainConfig(_Checked):
     """The training loop, its run directory and its bookkeeping."""
@@ -258,9 +263,21 @@ class TrainConfig(_Checked):
     run_dir: str = param("runs", "parent folder of run directories")
     name: str | None = param(None, "run name: runs/<name>/ (None = the config file's name)")
     progress: bool = param(True, "show a progress bar")
+    remat: RematPolicy = param(
+        "none", "what each residual block keeps for the backward pass: none = all activations; full = only "
+        "its input (the block is recomputed); save_dots = the projections' outputs; save_named = the "
+        "activations in remat_save; offload = those, in pinned host memory")
+    remat_save: tuple[ActivationName, ...] = param(
+        (), "the tagged activations remat=save_named or offload keeps (attention_qkv, attention_out, "
+        "long_conv_out, mlp_hidden)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.remat in ("save_named", "offload") and not self.remat_save:
+            raise ConfigError(f"remat_save: remat={self.remat} keeps the activations it names; name at least one "
+                              "of attention_qkv, attention_out, long_conv_out, mlp_hidden (or use remat=full)")
+        if self.remat_save and self.remat not in ("save_named", "offload"):
+            raise ConfigError(f"remat_save: only remat=save_named or offload reads it (remat is {self.remat!r})")
         if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name
                                       or "\\" in self.name):
             raise ConfigError(f"name: {self.name!r} must be a plain directory name (no '/', not '.' or '..')")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from longseq.config import FlashAttentionConfig
 from longseq.ops import attention as attention_op
@@ -82,10 +83,12 @@ class Attention(nnx.Module):
         v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, positions, theta=self.rope_theta)
         k = apply_rotary(k, positions, theta=self.rope_theta)
+        q, k, v = (checkpoint_name(x, "attention_qkv") for x in (q, k, v))  # see longseq.layers.remat
         if self.sequence_parallel is not None:
             out = self.sequence_parallel.attention(q, k, v, causal=self.causal, segment_ids=segment_ids,
                                                    window=self.window, impl=self.impl, flash=self.flash)
         else:
             out, _ = attention_op(q, k, v, causal=self.causal, segment_ids=segment_ids, window=self.window,
                                   impl=self.impl, flash=self.flash)
+        out = checkpoint_name(out, "attention_out")
         return self.out_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))

@@ -52,6 +52,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from longseq.ops import gated_long_conv
 from longseq.ops import long_conv as long_conv_op
@@ -215,8 +216,10 @@ class LongConv(nnx.Module):
 
     def _convolve(self, x: jax.Array, k: jax.Array) -> jax.Array:
         if self.sequence_parallel is not None:
-            return self.sequence_parallel.long_conv(x, k, causal=True, impl=self.impl)
-        return long_conv_op(x, k, causal=True, impl=self.impl, butterflies=self.butterflies())
+            y = self.sequence_parallel.long_conv(x, k, causal=True, impl=self.impl)
+        else:
+            y = long_conv_op(x, k, causal=True, impl=self.impl, butterflies=self.butterflies())
+        return checkpoint_name(y, "long_conv_out")  # see longseq.layers.remat
 
     def __call__(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
         """x: [batch, seq, channels] -> [batch, seq, channels] in the compute dtype.
@@ -229,7 +232,8 @@ class LongConv(nnx.Module):
         kernels = [k.astype(self.dtype) for k in self.effective_kernels(x.shape[1])]
         skip = self.skip[...].astype(self.dtype)
         if gate is not None and self.causal and self.sequence_parallel is None and self.butterfly is None:
-            return gated_long_conv(x, kernels[0], gate.astype(self.dtype), skip, causal=True, impl=self.impl)
+            y = gated_long_conv(x, kernels[0], gate.astype(self.dtype), skip, causal=True, impl=self.impl)
+            return checkpoint_name(y, "long_conv_out")
         if self.causal:
             y = self._convolve(x, kernels[0])
         else:

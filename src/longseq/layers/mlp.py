@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 
 def default_mlp_hidden(d_model: int) -> int:
@@ -38,4 +39,4 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., d_model] -> [..., d_model] in the compute dtype."""
         gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
-        return self.down(nnx.silu(gate) * up)
+        return self.down(checkpoint_name(nnx.silu(gate) * up, "mlp_hidden"))  # see longseq.layers.remat

@@ -8,6 +8,7 @@ from flax import nnx
 
 from longseq.config import KernelsConfig, ModelConfig
 from longseq.layers import Block, RMSNorm, compute_dtype
+from longseq.layers.remat import Remat
 from longseq.parallel import SequenceParallel
 
 
@@ -22,7 +23,8 @@ class Backbone(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, vocab_size: int, seq_len: int,
-                 causal: bool, rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None):
+                 causal: bool, rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None,
+                 remat: Remat = Remat()):
         """
         Args:
           config: the model section.
@@ -32,8 +34,10 @@ class Backbone(nnx.Module):
           causal: decoder (True) or bidirectional encoder (False) mixing in every block.
           rngs: `params` stream; and `dropout` if any dropout rate is > 0.
           sequence_parallel: run the mixers sequence-parallel on this mesh plan (None = one device's op).
+          remat: what each block keeps for the backward pass (`longseq.layers.remat`; default: everything).
         """
         self.dtype = compute_dtype(config)
+        self.remat = remat
         self.embed = nnx.Embed(vocab_size, config.d_model,
                                embedding_init=nnx.initializers.normal(stddev=0.02), rngs=rngs)
         self.blocks = nnx.List([
@@ -65,8 +69,9 @@ class Backbone(nnx.Module):
         keep = None if mask is None else mask.astype(jnp.float32)[..., None]
         if keep is not None:
             h = h * keep
+        call_block = self.remat.apply(lambda block, x, ids: block(x, segment_ids=ids))
         for block in self.blocks:
-            h = block(h, segment_ids=segment_ids)
+            h = call_block(block, h, segment_ids)
             if keep is not None:
                 h = h * keep
         return self.final_norm(h)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longseq.config import KernelsConfig, ModelConfig
+from longseq.layers.remat import Remat
 from longseq.models.backbone import Backbone
 from longseq.parallel import SequenceParallel
 
@@ -38,7 +39,8 @@ class SequenceClassifier(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, vocab_size: int, num_classes: int,
-                 seq_len: int, rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None):
+                 seq_len: int, rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None,
+                 remat: Remat = Remat()):
         """
         Args:
           config: the model section.
@@ -48,9 +50,10 @@ class SequenceClassifier(nnx.Module):
           seq_len: the longest sequence (the long-convolution kernel length).
           rngs: `params` stream; and `dropout` if any dropout rate is > 0.
           sequence_parallel: run the mixers sequence-parallel on this mesh plan (None = one device's op).
+          remat: what each block keeps for the backward pass (`longseq.layers.remat`).
         """
         self.backbone = Backbone(config, kernels, vocab_size=vocab_size, seq_len=seq_len, causal=False,
-                                 rngs=rngs, sequence_parallel=sequence_parallel)
+                                 rngs=rngs, sequence_parallel=sequence_parallel, remat=remat)
         self.head = nnx.Linear(config.d_model, num_classes, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, *, mask: jax.Array) -> jax.Array:

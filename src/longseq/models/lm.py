@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longseq.config import KernelsConfig, ModelConfig
+from longseq.layers.remat import Remat
 from longseq.models.backbone import Backbone
 from longseq.parallel import SequenceParallel
 
@@ -20,7 +21,8 @@ class DecoderLM(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, vocab_size: int, seq_len: int,
-                 rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None):
+                 rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None,
+                 remat: Remat = Remat()):
         """
         Args:
           config: the model section.
@@ -29,10 +31,11 @@ class DecoderLM(nnx.Module):
           seq_len: the longest sequence (the long-convolution kernel length).
           rngs: `params` stream; and `dropout` if any dropout rate is > 0.
           sequence_parallel: run the mixers sequence-parallel on this mesh plan (None = one device's op).
+          remat: what each block keeps for the backward pass (`longseq.layers.remat`).
         """
         self.tie_embeddings = config.tie_embeddings
         self.backbone = Backbone(config, kernels, vocab_size=vocab_size, seq_len=seq_len, causal=True,
-                                 rngs=rngs, sequence_parallel=sequence_parallel)
+                                 rngs=rngs, sequence_parallel=sequence_parallel, remat=remat)
         if not config.tie_embeddings:
             self.lm_head = nnx.Linear(config.d_model, vocab_size, use_bias=False, dtype=self.backbone.dtype,
                                       preferred_element_type=jnp.float32, rngs=rngs)

@@ -38,6 +38,7 @@ from longseq import data as data_lib
 from longseq.config import Config, ConfigError, from_dict, to_dict, to_yaml
 from longseq.distributed import initialize_from_environment, is_primary
 from longseq.layers import ConvKernel
+from longseq.layers.remat import Remat, offload_supported
 from longseq.models import build_model
 from longseq.parallel import SequenceParallel
 from longseq.parallel.fsdp import BATCH_AXES, SEQUENCE_AXES, batch_spec, state_shardings
@@ -84,6 +85,11 @@ def make_mesh(config: Config, grid: tuple[int, int] | None = None) -> jax.shardi
     if rows * cols != seq:
         raise ValueError(f"grid: {rows}x{cols} does not hold the {seq} sequence devices of the config")
     devices = np.array(jax.devices()[:data * fsdp * seq]).reshape(data, fsdp, rows, cols)
+    if config.train.remat == "offload" and not offload_supported(list(devices.flat)):
+        memories = sorted({m.kind for m in jax.devices()[0].addressable_memories()})
+        raise ConfigError(f"train.remat: offload moves activations to pinned host memory, which these "
+                          f"{jax.devices()[0].platform} devices do not have (their memories: {', '.join(memories)}); "
+                          "use remat=save_named to keep the same activations on the device, or remat=full")
     return jax.sharding.Mesh(devices, (*BATCH_AXES, *SEQUENCE_AXES))
 
 
@@ -118,7 +124,8 @@ class Steps:
             model = build_model(config.model, config.kernels, kind=task.kind, vocab_size=task.vocab_size,
                                 num_classes=task.num_classes, seq_len=config.data.seq_len,
                                 rngs=nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1),
-                                sequence_parallel=sequence_parallel)
+                                sequence_parallel=sequence_parallel,
+                                remat=Remat(config.train.remat, config.train.remat_save))
             graphdef, kernels, others, rest = nnx.split(model, ConvKernel, nnx.Param, ...)
             return graphdef, {"kernel": kernels, "other": others}, rest
 

@@ -1,0 +1,104 @@
+"""Rematerialisation policies (`train.remat`): the same losses and gradients under every policy, and
+each keeps what it says for the backward pass (read from JAX's own account of the saved residuals)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from longseq.config import ConfigError, load_config
+from longseq.data import make_task
+from longseq.layers.remat import offload_supported
+from longseq.train.trainer import Steps
+
+B, S, D, LAYERS = 2, 64, 32, 3
+BASE = ["model.mixer=hybrid", "model.hybrid_pattern=[attention,gated_conv,long_conv]", f"model.num_layers={LAYERS}",
+        f"model.d_model={D}", "model.num_heads=2", "model.dropout=0.1", "data.task=mqar", f"data.seq_len={S}",
+        f"data.batch_size={B}", "data.mqar.num_kv_pairs=4", "data.mqar.vocab_size=32"]
+POLICIES = {"none": [], "full": [], "save_dots": [], "save_named": ["train.remat_save=[attention_out,mlp_hidden]"],
+            "offload": ["train.remat_save=[attention_qkv,long_conv_out]"]}
+
+
+def loss_function(policy: str):
+    """(loss(params), params) of one training batch (dropout on) under a remat policy."""
+    config = load_config(None, [*BASE, f"train.remat={policy}", *POLICIES[policy]])
+    task = make_task(config.data)
+    steps = Steps(config, task)
+    state = steps.init()
+    batch = task.batch("train", 0, B)
+
+    def loss(params):
+        sums, _ = steps._forward(params, state["rest"], batch, training=True)
+        return sums["loss_sum"] / sums["weight_sum"]
+
+    return loss, state["params"]
+
+
+def saved_activation_bytes(policy: str) -> int:
+    """Bytes of the residuals autodiff keeps for the backward pass, parameters excluded."""
+    loss, params = loss_function(policy)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(loss, params)
+    total = 0
+    for line in out.getvalue().splitlines():
+        match = re.match(r"(\w+)\[([\d,]*)\] (.*)", line)
+        if match and not match.group(3).startswith("from the argument"):
+            itemsize = 2 if match.group(1) in ("bf16", "f16") else 8 if match.group(1) == "c64" else 4
+            total += itemsize * int(np.prod([int(n) for n in match.group(2).split(",") if n]))
+    return total
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_named", "offload"])
+def test_every_policy_gives_the_same_loss_and_gradients(policy):
+    """Float32, dropout on (the recomputed blocks must draw the same masks), all three mixers."""
+    reference_loss, reference_grads = jax.jit(jax.value_and_grad(loss_function("none")[0]))(loss_function("none")[1])
+    loss, params = loss_function(policy)
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(value, reference_loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
+def test_policies_keep_what_they_say():
+    """none keeps every activation; full only each block's input (plus the embedding, the final norm and
+    the loss); save_named / save_dots lie in between."""
+    kept = {policy: saved_activation_bytes(policy) for policy in ("none", "full", "save_named", "save_dots")}
+    block_input = B * S * D * 4
+    assert kept["full"] < kept["save_named"] < kept["none"], kept
+    assert kept["full"] < kept["save_dots"] < kept["none"], kept
+    assert kept["full"] <= (LAYERS + 6) * block_input, kept  # the L block inputs, embedding, norm, logits
+    assert kept["none"] > 4 * kept["full"], kept
+
+
+def test_offload_is_refused_at_start_where_there_is_no_pinned_host_memory(monkeypatch, tmp_path):
+    def device(*kinds):
+        return types.SimpleNamespace(addressable_memories=lambda: [types.SimpleNamespace(kind=k) for k in kinds])
+
+    assert offload_supported([device("device", "pinned_host")])
+    assert not offload_supported([device("device", "pinned_host"), device("device")])
+    from longseq.train import trainer
+
+    monkeypatch.setattr(trainer, "offload_supported", lambda devices: False)
+    config = load_config(None, [*BASE, "train.remat=offload", "train.remat_save=[mlp_hidden]", f"train.run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"train\.remat: offload moves activations to pinned host memory, which "
+                                          r"these \w+ devices do not have \(their memories: .*\); use remat=save_named"):
+        trainer.train(config)
+    assert not (tmp_path / "run").exists()  # refused before the run directory is written
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.remat=save_named"], r"remat_save: remat=save_named keeps the activations it names; name at least one"),
+    (["train.remat=full", "train.remat_save=[mlp_hidden]"], r"remat_save: only remat=save_named or offload reads it"),
+    (["train.remat=save_named", "train.remat_save=[mlp]"], r"train\.remat_save.*mlp"),
+    (["train.remat=some"], r"train\.remat.*some"),
+])
+def test_bad_remat_settings_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*BASE, *overrides])
