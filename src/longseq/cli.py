@@ -394,11 +394,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", help="a run directory, e.g. runs/demo")
 
     plan = commands.add_parser(
-        "plan", help="what a config will run, before running it: the sequence-parallel cost model's table",
+        "plan", help="what a config will run, before running it: the sequence-parallel cost model's table and "
+                     "the step's memory per device",
         description="Predict, for the config's attention layer on its mesh.seq_q × mesh.seq_kv sequence devices, "
                     "the forward+backward time of every strategy on every grid (longseq.parallel.cost), fastest "
                     "first, and say which one the run uses (model.attention_parallel, or with auto the fastest "
-                    "that fits). Runs nothing.")
+                    "that fits). Then compile the train step from shapes on this machine's devices and print its "
+                    "memory per device (params, optimizer, activations, total against the device), as `longseq "
+                    "train` does before it starts, and whether train would refuse it. Runs nothing.")
     plan.add_argument("config", help="YAML config file")
     plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.seq_q=2 mesh.seq_kv=4")
     plan.add_argument("--system", choices=("h100", "h200", "cpu"), default=None,
@@ -435,13 +438,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {error}", file=sys.stderr)
                 return 1
         elif args.command == "plan":
-            from longseq.plan import format_choice, sequence_parallel_choice
+            from longseq.plan import format_choice, memory_plan, sequence_parallel_choice
 
             config = resolve(args.config, args.overrides)
             system = {} if args.system is None else dict(device_kind=args.system,
                                                          platform="cpu" if args.system == "cpu" else "gpu")
             choice = sequence_parallel_choice(config, **system)
             print(format_choice(choice, config.model.attention_parallel))
+            print(memory_plan(config, choice if args.system is None else sequence_parallel_choice(config)))
         elif args.command == "eval":
             from longseq.train import evaluate_run
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from longseq.config import BACKWARD_FROM_STATISTICS, Config
+from longseq.config import BACKWARD_FROM_STATISTICS, Config, ConfigError
 from longseq.parallel import cost
 
 class SequenceParallelChoice(NamedTuple):
@@ -115,3 +115,25 @@ def format_choice(choice: SequenceParallelChoice, configured: str) -> str:
     how = "chosen by the cost model (attention_parallel=auto)" if configured == "auto" else "as configured"
     lines += ["", f"sequence parallelism: {choice.strategy} on {choice.grid[0]}x{choice.grid[1]}, {how}"]
     return "\n".join(lines)
+
+
+def memory_plan(config: Config, choice: SequenceParallelChoice) -> str:
+    """The trainer's memory line for `config` on this process's devices (the step compiled from shapes:
+    nothing is allocated), plus why `longseq train` would refuse it, if it would."""
+    from longseq import data as data_lib
+    from longseq.train.memory import memory_report
+    from longseq.train.trainer import Steps, make_mesh
+
+    try:
+        mesh = make_mesh(config, choice.grid)
+    except ConfigError as error:
+        return f"memory per device: not compiled on this machine: {error}"
+    task = data_lib.make_task(config.data)
+    steps = Steps(config, task, mesh, strategy=choice.strategy)
+    compiled = steps.compile_train_step(mesh, task.batch("train", 0, config.data.batch_size))
+    report = memory_report(compiled, steps.abstract_state, steps.state_sharding)
+    try:
+        report.check(config)
+    except ConfigError as error:
+        return f"{report.line()}\ndoes not fit: {error}"
+    return report.line()

@@ -45,6 +45,7 @@ from longseq.parallel.fsdp import BATCH_AXES, SEQUENCE_AXES, batch_spec, state_s
 from longseq.plan import format_choice, sequence_parallel_choice
 from longseq.train.checkpoint import Checkpointer
 from longseq.train.losses import classification_sums, lm_sums, means
+from longseq.train.memory import memory_report
 from longseq.train.metrics import MetricsWriter, plot_metrics
 from longseq.train.optimizer import make_optimizer, parameter_groups
 
@@ -146,6 +147,15 @@ class Steps:
         self.train_step = jax.jit(self._train_step, donate_argnums=0,
                                   out_shardings=(self.state_sharding, self.metrics_sharding))
         self.eval_step = jax.jit(self._eval_step, out_shardings=self.metrics_sharding)
+
+    def compile_train_step(self, mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray]) -> Any:
+        """The train step compiled for the state's shardings and batches shaped like `batch` (numpy), from
+        shapes alone: nothing is allocated. Call it as `compiled(state, device_batch)`."""
+        state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                             self.abstract_state, self.state_sharding)
+        shardings = batch_shardings(mesh, batch)
+        batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[name]) for name, x in batch.items()}
+        return self.train_step.lower(state, batch).compile()
 
     def _forward(self, params, rest, batch, training: bool):
         """Loss/accuracy sums of one batch, and the updated non-parameter state."""
@@ -280,11 +290,17 @@ def train(config: Config) -> dict[str, Any]:
     eval_numpy = data_lib.eval_set(task, config.data)
     choice = sequence_parallel_choice(config)
     mesh = make_mesh(config, choice.grid)
-    changes = _prepare_run_directory(config, run_dir)
     if config.model.attention_parallel == "auto" and choice.candidates and is_primary():
         print(format_choice(choice, "auto"))
-
     steps = Steps(config, task, mesh, strategy=choice.strategy)
+    # Compiled from shapes before anything is allocated: a step that cannot fit is refused here.
+    train_step = steps.compile_train_step(mesh, task.batch("train", 0, config.data.batch_size))
+    memory = memory_report(train_step, steps.abstract_state, steps.state_sharding)
+    if is_primary():
+        print(memory.line())
+    memory.check(config)
+    changes = _prepare_run_directory(config, run_dir)
+
     state = steps.init()
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
@@ -356,7 +372,7 @@ def train(config: Config) -> dict[str, Any]:
     try:
         with _StopRequest() as stop:
             while step < config.train.steps and not stop.requested:
-                state, metrics = steps.train_step(state, put(next(train_batches)))
+                state, metrics = train_step(state, put(next(train_batches)))
                 step += 1
                 if pending is not None:
                     record(*pending)
