@@ -270,6 +270,11 @@ class TrainConfig(_Checked):
     remat_save: tuple[ActivationName, ...] = param(
         (), "the tagged activations remat=save_named or offload keeps (attention_qkv, attention_out, "
         "long_conv_out, mlp_hidden)")
+    loss_chunk: int | None = param(
+        None, "LM tasks: compute the loss this many positions of each sequence at a time, so the [batch, seq, "
+        "vocab] logits never exist (must divide data.seq_len; None = all at once)", min=1)
+    z_loss: float = param(0.0, "LM tasks: add this × log(Z)² per token to the objective (PaLM's z-loss; the "
+                          "reported loss stays the cross-entropy)", min=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -400,6 +405,16 @@ class Config(_Checked):
             raise ConfigError(f"model.d_model: {self.model.d_model} is not divisible by the "
                               f"{self.mesh.seq_devices} sequence devices; the sequence-parallel long "
                               "convolution splits channels over them")
+        if self.train.loss_chunk is not None or self.train.z_loss:
+            from longseq.data import TASKS  # the data package reads this module: import it late
+
+            if TASKS[self.data.task].kind != "lm":
+                key = "train.loss_chunk" if self.train.loss_chunk is not None else "train.z_loss"
+                raise ConfigError(f"{key}: applies to language-modelling tasks; data.task={self.data.task} "
+                                  "is a classification task")
+        if self.train.loss_chunk is not None and self.data.seq_len % self.train.loss_chunk:
+            raise ConfigError(f"train.loss_chunk: {self.train.loss_chunk} does not divide data.seq_len="
+                              f"{self.data.seq_len}")
         if self.mesh.data > 0 and self.data.batch_size % (self.mesh.data * self.mesh.fsdp):
             raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by the "
                               f"mesh.data × mesh.fsdp = {self.mesh.data} × {self.mesh.fsdp} batch devices")

@@ -51,8 +51,17 @@ class DecoderLM(nnx.Module):
         Returns:
           logits [batch, seq, vocab_size] float32; position t depends on tokens[:, :t + 1] only.
         """
-        h = self.backbone(tokens, segment_ids=segment_ids)
+        h = self.hidden(tokens, segment_ids=segment_ids)
+        return jnp.einsum("bld,vd->blv", h, self.head_matrix().astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def hidden(self, tokens: jax.Array, *,
+               segment_ids: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """The final hidden states [batch, seq, d_model] in the compute dtype: logits = hidden @ head_matrix().T
+        (what a chunked loss takes, `longseq.train.losses.chunked_lm_sums`)."""
+        return self.backbone(tokens, segment_ids=segment_ids)
+
+    def head_matrix(self) -> jax.Array:
+        """The output projection as [vocab_size, d_model] float32: the embedding table when tied."""
         if self.tie_embeddings:
-            table = self.backbone.embed.embedding[...].astype(h.dtype)  # [vocab, d_model]
-            return jnp.einsum("bld,vd->blv", h, table, preferred_element_type=jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+            return self.backbone.embed.embedding[...]
+        return self.lm_head.kernel[...].T

@@ -74,6 +74,10 @@ class MemoryReport:
         helps = []
         if config.train.remat in ("none", "save_dots"):
             helps.append(f"train.remat=full (now {config.train.remat})")
+        from longseq.data import TASKS
+
+        if TASKS[config.data.task].kind == "lm" and config.train.loss_chunk is None:
+            helps.append("train.loss_chunk (now unset), so the [batch, seq, vocab] logits never exist")
         helps.append(f"mesh.fsdp (now {config.mesh.fsdp}) for the parameters and optimizer state")
         helps.append(f"mesh.seq_q / mesh.seq_kv (now {config.mesh.seq_q} × {config.mesh.seq_kv}) to split the sequence")
         helps.append(f"a smaller data.batch_size (now {config.data.batch_size}) or data.seq_len (now {config.data.seq_len})")

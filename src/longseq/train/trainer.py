@@ -44,7 +44,7 @@ from longseq.parallel import SequenceParallel
 from longseq.parallel.fsdp import BATCH_AXES, SEQUENCE_AXES, batch_spec, state_shardings
 from longseq.plan import format_choice, sequence_parallel_choice
 from longseq.train.checkpoint import Checkpointer
-from longseq.train.losses import classification_sums, lm_sums, means
+from longseq.train.losses import chunked_lm_sums, classification_sums, lm_sums, means
 from longseq.train.memory import memory_report
 from longseq.train.metrics import MetricsWriter, plot_metrics
 from longseq.train.optimizer import make_optimizer, parameter_groups
@@ -116,6 +116,7 @@ class Steps:
         """strategy: the sequence-parallel attention strategy (None = config.model.attention_parallel,
         which must then not be "auto": `longseq.plan.sequence_parallel_choice` resolves that)."""
         self.kind = task.kind
+        self.loss_chunk, self.z_loss = config.train.loss_chunk, config.train.z_loss
         sequence_parallel = None
         if mesh is not None and config.mesh.seq_devices > 1:
             sequence_parallel = SequenceParallel(mesh, strategy or config.model.attention_parallel,
@@ -161,7 +162,10 @@ class Steps:
         """Loss/accuracy sums of one batch, and the updated non-parameter state."""
         model = nnx.merge(self.graphdef, params["kernel"], params["other"], rest, copy=True)
         model.train() if training else model.eval()
-        if self.kind == "lm":
+        if self.kind == "lm" and self.loss_chunk:
+            sums = chunked_lm_sums(model.hidden(batch["inputs"]), model.head_matrix(), batch["targets"],
+                                   batch["weights"], chunk=self.loss_chunk)
+        elif self.kind == "lm":
             sums = lm_sums(model(batch["inputs"]), batch["targets"], batch["weights"])
         else:
             sums = classification_sums(model(batch["inputs"], mask=batch["mask"]), batch["labels"])
@@ -170,7 +174,8 @@ class Steps:
     def _train_step(self, state, batch):
         def loss_fn(params):
             sums, rest = self._forward(params, state["rest"], batch, training=True)
-            return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), (sums, rest)
+            objective = sums["loss_sum"] + self.z_loss * sums["z_sum"] if self.z_loss else sums["loss_sum"]
+            return objective / jnp.maximum(sums["weight_sum"], 1.0), (sums, rest)
 
         (_, (sums, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])

@@ -1,0 +1,94 @@
+"""The LM loss, plain and chunked (`train.loss_chunk`): equal sums and gradients, and the chunked one never
+holds the [batch, seq, vocab] logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longseq.config import load_config
+from longseq.train import train
+from longseq.train.losses import chunked_lm_sums, lm_sums
+from longseq.train.metrics import read_metrics
+
+
+def problem(dtype, batch=3, seq=24, d_model=16, vocab=50, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    hidden = jax.random.normal(keys[0], (batch, seq, d_model), jnp.float32).astype(dtype)
+    head = jax.random.normal(keys[1], (vocab, d_model), jnp.float32) * 0.5
+    targets = jax.random.randint(keys[2], (batch, seq), 0, vocab)
+    weights = (jax.random.uniform(keys[3], (batch, seq)) > 0.3).astype(jnp.float32)  # some positions masked
+    return hidden, head, targets, weights
+
+
+def objective(sums_fn, z_loss):
+    def f(hidden, head, weights, targets):
+        sums = sums_fn(hidden, head, targets, weights)
+        return sums["loss_sum"] + z_loss * sums["z_sum"], sums
+    return f
+
+
+def plain(hidden, head, targets, weights):
+    logits = jnp.einsum("bld,vd->blv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return lm_sums(logits, targets, weights)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk", [1, 5, 24])  # 5 does not divide 24: refused below; 1 and 24 are the extremes
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_chunked_equals_plain_forward_and_gradients(dtype, rtol, chunk, z_loss):
+    hidden, head, targets, weights = problem(dtype)
+    if 24 % chunk:
+        with pytest.raises(ValueError, match=r"chunk: 5 must divide the sequence length 24"):
+            chunked_lm_sums(hidden, head, targets, weights, chunk=chunk)
+        return
+    grad = lambda fn: jax.jit(jax.value_and_grad(objective(fn, z_loss), argnums=(0, 1, 2), has_aux=True))
+    (want, want_sums), want_grads = grad(plain)(hidden, head, weights, targets)
+    (got, got_sums), got_grads = grad(lambda *a: chunked_lm_sums(*a, chunk=chunk))(hidden, head, weights, targets)
+    np.testing.assert_allclose(got, want, rtol=rtol)
+    for key in ("loss_sum", "z_sum", "correct_sum", "weight_sum"):
+        np.testing.assert_allclose(got_sums[key], want_sums[key], rtol=rtol, err_msg=key)
+    for name, g, w in zip(("hidden", "head", "weights"), got_grads, want_grads):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max(), err_msg=name)
+
+
+def test_the_chunked_loss_never_holds_the_logits():
+    """No value in the jaxpr of the loss's gradient is as large as [batch, seq, vocab]; the plain one has some."""
+    hidden, head, targets, weights = problem(jnp.float32, batch=2, seq=64, vocab=97)
+    full = 2 * 64 * 97
+
+    def largest(fn):
+        jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: fn(h, w, targets, weights)["loss_sum"], argnums=(0, 1)))(hidden, head)
+        sizes = []
+
+        def walk(jx):  # every equation's outputs, inside scans and custom rules too
+            for eqn in jx.eqns:
+                sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape"))
+                for param in eqn.params.values():
+                    for inner in (param if isinstance(param, (list, tuple)) else [param]):
+                        if hasattr(inner, "eqns"):
+                            walk(inner)
+                        elif hasattr(getattr(inner, "jaxpr", None), "eqns"):
+                            walk(inner.jaxpr)
+        walk(jaxpr.jaxpr)
+        return max(sizes)
+
+    assert largest(plain) >= full
+    assert largest(lambda *a: chunked_lm_sums(*a, chunk=16)) <= full // 4  # [batch, 16, vocab] blocks
+
+
+def test_training_with_a_chunked_loss_and_z_loss_matches_the_plain_loss(tmp_path):
+    common = ["model.mixer=attention", "model.d_model=32", "model.num_layers=2", "model.num_heads=2",
+              "data.task=mqar", "data.seq_len=64", "data.batch_size=4", "data.mqar.num_kv_pairs=4",
+              "data.mqar.vocab_size=32", "train.steps=6", "train.log_every=2", "train.eval_every=6",
+              "train.progress=false", f"train.run_dir={tmp_path}", "train.z_loss=1e-3"]
+
+    def losses(name, *extra):
+        run_dir = train(load_config(None, [*common, f"train.name={name}", *extra]))["run_dir"]
+        return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+    np.testing.assert_allclose(losses("chunked", "train.loss_chunk=16", "model.tie_embeddings=false"),
+                               losses("plain", "model.tie_embeddings=false"), rtol=1e-5)
