@@ -133,6 +133,24 @@ def _add_bench_parser(commands) -> None:
     links.add_argument("--iters", type=_positive_int, default=5, help="timed calls per row (median)")
     links.add_argument("--warmup", type=_positive_int, default=2, help="untimed calls first")
     _add_bench_long_conv_parser(bench_commands)
+    memory = bench_commands.add_parser(
+        "memory", help="peak memory, step time and the longest context that trains, per remat policy and loss chunk",
+        description="Sweep the context of a config at batch 1 for each model.mixer × train.remat × train.loss_chunk, "
+                    "one fresh process per configuration: the trainer's memory report (refused where it cannot "
+                    "fit), then, where it fits, the allocator's peak and the step time. A series stops at its first "
+                    "context that does not fit or fails. Writes memory.json / .md / .png.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    memory.add_argument("config", help="YAML config file, e.g. configs/bench_lm_370m.yaml")
+    memory.add_argument("overrides", nargs="*", help="dotted overrides for every configuration")
+    memory.add_argument("--mixers", type=_comma_list, default=["attention", "long_conv"], help="model.mixer values (A,B)")
+    memory.add_argument("--seq", type=_int_list, default=[8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576],
+                        help="contexts, tokens per sequence (A,B,...)")
+    memory.add_argument("--remat", type=_comma_list, default=["none", "full"], help="train.remat policies (A,B)")
+    memory.add_argument("--loss-chunk", type=_int_list, default=[0, 4096],
+                        help="train.loss_chunk values, 0 = the plain loss (A,B)")
+    memory.add_argument("--iters", type=_positive_int, default=2, help="timed steps per configuration (median)")
+    memory.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed steps first")
+    memory.add_argument("--out", default=None, help="output folder (default runs/bench/memory-<timestamp>)")
     train = bench_commands.add_parser(
         "train", help="steady-state step time, tokens/s, memory and MFU of a config's train step",
         description="Build the run CONFIG describes (model, optimizer, mesh) and time its jitted train step on one "
@@ -465,6 +483,20 @@ def main(argv: list[str] | None = None) -> int:
             print(format_rows(run_links_bench(args.mib, args.iters, args.warmup)))
         elif args.command == "bench" and args.bench_command == "long_conv":
             return _bench_long_conv(args, argv)
+        elif args.command == "bench" and args.bench_command == "memory":
+            from longseq.bench.memory import HEADER, markdown, plot, run_memory_sweep
+            from longseq.bench.outputs import save_outputs
+
+            load_config(args.config, args.overrides)  # a bad config fails here, not in every child
+            out = args.out or f"runs/bench/memory-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            print(HEADER)
+            rows = run_memory_sweep(args.config, args.overrides, mixers=args.mixers, seqs=args.seq,
+                                    remats=args.remat, loss_chunks=[c or None for c in args.loss_chunk],
+                                    iters=args.iters, warmup=args.warmup, out_dir=out)
+            paths = save_outputs("memory", rows, {"config": args.config, "overrides": args.overrides}, markdown(rows),
+                                 plot, out)
+            print(markdown(rows).split("\n\n", 1)[1])
+            print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
         elif args.command == "bench" and args.bench_command == "train":
             from longseq.bench.train import format_row, run_train_bench, write_row
 

@@ -18,7 +18,9 @@ timed) and reports, for the steady state:
                      XLA reaches on this chip)
     peak_memory_gib  the device's peak bytes in use (GPU allocator statistics, the process's peak so far: one
                      configuration per process, as the CLI runs it; None on CPU), and
-    compiled_gib     XLA's own estimate for the step (arguments + outputs + temporaries − aliased)
+    compiled_gib     the trainer's memory report for the step (`longseq.train.memory`: XLA's arguments +
+                     outputs + temporaries − aliased); a step that cannot fit the device is refused before
+                     anything is allocated
 
 One JSON row per run (`--out DIR/train.json`) and a markdown line. The anchor script
 (`../shared/anchors/train_mfu_anchor.py`) runs the same shape of model written plainly in JAX; run it in the same
@@ -93,28 +95,34 @@ class PreparedStep(NamedTuple):
     flops: dict[str, float]
     num_params: int
     strategy: str
+    memory: Any  # longseq.train.memory.MemoryReport
 
 
 def prepare_step(config) -> PreparedStep:
-    """Build the run `config` describes (the trainer's mesh, strategy and `Steps`) and compile its train step."""
+    """Build the run `config` describes (the trainer's mesh, strategy and `Steps`) and compile its train step
+    from shapes; refuse it (ConfigError) where the memory report says it cannot fit, else allocate the state."""
     from longseq import data as data_lib
     from longseq.plan import sequence_parallel_choice
+    from longseq.train.memory import memory_report
     from longseq.train.trainer import Steps, _put_batch, make_mesh
 
     task = data_lib.make_task(config.data)
     choice = sequence_parallel_choice(config)
     mesh = make_mesh(config, choice.grid)
     steps = Steps(config, task, mesh, strategy=choice.strategy)
+    example = task.batch("train", 0, config.data.batch_size)
+    compiled = steps.compile_train_step(mesh, example)
+    memory = memory_report(compiled, steps.abstract_state, steps.state_sharding)
+    memory.check(config)
     holder = {"state": steps.init()}
-    batch = _put_batch(task.batch("train", 0, config.data.batch_size), mesh)
+    batch = _put_batch(example, mesh)
     flops = model_flops_per_step(config, steps.abstract_state["params"], getattr(task, "vocab_size", None))
-    compiled = steps.train_step.lower(holder["state"], batch).compile()
 
     def call():
         holder["state"], metrics = compiled(holder["state"], batch)
         return metrics
 
-    return PreparedStep(call, compiled, flops, steps.num_params, choice.strategy)
+    return PreparedStep(call, compiled, flops, steps.num_params, choice.strategy, memory)
 
 
 def run_train_bench(config, *, iters: int = 8, warmup: int = 3, matmul_size: int = 8192) -> dict[str, Any]:
@@ -126,10 +134,6 @@ def run_train_bench(config, *, iters: int = 8, warmup: int = 3, matmul_size: int
     device = jax.devices()[0]
     ceiling = matmul_ceiling(matmul_size)
     step = prepare_step(config)
-    analysis = step.compiled.memory_analysis()
-    compiled_bytes = None if analysis is None else (
-        analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-        - analysis.alias_size_in_bytes)
     seconds = time_calls(step.call, iters=iters, warmup=warmup).median_ms * 1e-3
     metrics = jax.device_get(step.call())
     stats = device.memory_stats() or {}
@@ -147,7 +151,7 @@ def run_train_bench(config, *, iters: int = 8, warmup: int = 3, matmul_size: int
         "mfu": None if peak is None else model_flops_per_s / peak, "datasheet_peak_tflops": None if peak is None else peak / 1e12,
         "matmul_tflops": ceiling / 1e12, "matmul_fraction": model_flops_per_s / ceiling,
         "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
-        "compiled_gib": None if compiled_bytes is None else compiled_bytes / 2**30,
+        "compiled_gib": step.memory.total / 2**30, "remat": config.train.remat, "loss_chunk": config.train.loss_chunk,
         "loss": float(metrics["loss_sum"]) / max(float(metrics["weight_sum"]), 1e-9),
         "iters": iters, "warmup": warmup,
     }

@@ -45,6 +45,14 @@ def _is_key(leaf: Any) -> bool:
     return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
+class DoesNotFit(ConfigError):
+    """A train step needs more memory than the device has (`MemoryReport.check`)."""
+
+    def __init__(self, message: str, report: MemoryReport):
+        super().__init__(message)
+        self.report = report
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
     """Bytes per device of a compiled train step (module docstring), and the device's memory."""
@@ -68,7 +76,7 @@ class MemoryReport:
                 f"total {_size(self.total)}{of} ({self.device})")
 
     def check(self, config: Config) -> None:
-        """Refuse (ConfigError) a step that needs more than the device has, naming what would help."""
+        """Refuse (DoesNotFit, a ConfigError) a step that needs more than the device has, naming what would help."""
         if not self.device_bytes or self.total <= self.device_bytes:
             return
         helps = []
@@ -81,9 +89,9 @@ class MemoryReport:
         helps.append(f"mesh.fsdp (now {config.mesh.fsdp}) for the parameters and optimizer state")
         helps.append(f"mesh.seq_q / mesh.seq_kv (now {config.mesh.seq_q} × {config.mesh.seq_kv}) to split the sequence")
         helps.append(f"a smaller data.batch_size (now {config.data.batch_size}) or data.seq_len (now {config.data.seq_len})")
-        raise ConfigError(f"train: one step needs {self.total / GIB:.1f} GiB per device, more than the "
-                          f"{self.device_bytes / GIB:.1f} GiB of {self.device} ({self.line()}). What lowers it: "
-                          + "; ".join(helps))
+        raise DoesNotFit(f"train: one step needs {self.total / GIB:.1f} GiB per device, more than the "
+                         f"{self.device_bytes / GIB:.1f} GiB of {self.device} ({self.line()}). What lowers it: "
+                         + "; ".join(helps), self)
 
 
 def memory_report(compiled: Any, abstract_state: Any, state_sharding: Any | None,
