@@ -109,6 +109,10 @@ class ModelConfig(_Checked):
         None, "sliding-window attention: a query sees keys fewer than this many positions away (None = all)",
         min=1)
     tie_embeddings: bool = param(True, "LM head shares the input embedding matrix")
+    scan_layers: bool = param(
+        False, "run the layers as one lax.scan over repeats of the mixer pattern (mixer, or hybrid_pattern): "
+        "compiles one repeat instead of every layer, same numerics; num_layers must be a multiple of the "
+        "pattern's length")
     compute_dtype: Literal["float32", "bfloat16"] = param(
         "float32", "dtype of activations and matmuls (parameters stay float32)")
     long_conv: LongConvConfig = param(LongConvConfig(), "long_conv and gated_conv layer options")
@@ -117,6 +121,9 @@ class ModelConfig(_Checked):
         super().__post_init__()
         if self.mixer == "hybrid" and not self.hybrid_pattern:
             raise ConfigError("hybrid_pattern: must name at least one mixer when mixer=hybrid")
+        if self.scan_layers and self.num_layers % len(self.layer_pattern()):
+            raise ConfigError(f"scan_layers: num_layers={self.num_layers} is not a multiple of the "
+                              f"{len(self.layer_pattern())} layers of hybrid_pattern, which the scan repeats")
         kv_heads = self.num_kv_heads or self.num_heads
         if self.d_model % self.num_heads:
             raise ConfigError(f"d_model: {self.d_model} is not divisible by num_heads={self.num_heads}")
@@ -125,6 +132,10 @@ class ModelConfig(_Checked):
         if "attention" in self.layer_mixers() and (self.d_model // self.num_heads) % 2:
             raise ConfigError(f"d_model: head_dim = d_model/num_heads = {self.d_model // self.num_heads} "
                               "must be even for rotary embeddings")
+
+    def layer_pattern(self) -> tuple[str, ...]:
+        """The mixers of one repeat of the layer pattern: (mixer,), or hybrid_pattern."""
+        return tuple(self.hybrid_pattern) if self.mixer == "hybrid" else (self.mixer,)
 
     def layer_mixers(self) -> tuple[str, ...]:
         """The mixer of each layer, resolving `hybrid` through the pattern."""

@@ -161,3 +161,14 @@ def test_a_run_resumes_on_another_fsdp_split(tmp_path, one_device_losses):
     assert resumed["step"] == 6
     final = [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if row["split"] == "train"][-1]
     np.testing.assert_allclose(final, one_device_losses("attention")[-1], rtol=1e-4)
+
+
+def test_scanned_layers_train_the_same_sharded(tmp_path):
+    """model.scan_layers with FSDP, attention2d over 2×2 and full remat equals the scanned model on one device."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (make test simulates them)")
+    model = ["model.mixer=hybrid", "model.num_layers=4", "model.scan_layers=true", "train.remat=full"]
+    one = losses(tmp_path / "one", "one", *model, "mesh.data=1")
+    sharded = losses(tmp_path / "sharded", "sharded", *model, "mesh.data=1", "mesh.fsdp=2", "mesh.seq_q=2",
+                     "mesh.seq_kv=2")
+    np.testing.assert_allclose(sharded, one, rtol=1e-4)

@@ -63,7 +63,8 @@ def test_every_policy_gives_the_same_loss_and_gradients(policy):
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     np.testing.assert_allclose(value, reference_loss, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads), strict=True):
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+        # recomputation may fuse differently (GPU): float32 rounding, scaled to each gradient
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
 
 
 def test_policies_keep_what_they_say():

@@ -11,6 +11,22 @@ from longseq.layers import Block, RMSNorm, compute_dtype
 from longseq.layers.remat import Remat
 from longseq.parallel import SequenceParallel
 
+# The attribute that holds the scanned layers (model.scan_layers): its parameters have a leading
+# [repeats] axis (`longseq.train.optimizer.parameter_groups` looks past it).
+SCANNED_LAYERS = "layers"
+
+
+class LayerGroup(nnx.Module):
+    """One repeat of the layer pattern: a Block per mixer of `pattern`, in order (what scan_layers stacks)."""
+
+    def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, pattern: tuple[str, ...], seq_len: int,
+                 causal: bool, rngs: nnx.Rngs, sequence_parallel: SequenceParallel | None = None):
+        self.blocks = nnx.List([
+            Block(config, kernels, mixer=mixer, seq_len=seq_len, causal=causal, rngs=rngs,
+                  sequence_parallel=sequence_parallel)
+            for mixer in pattern
+        ])
+
 
 class Backbone(nnx.Module):
     """Embedding (float32, N(0, 0.02²)) → `config.num_layers` Blocks with mixers from
@@ -20,6 +36,10 @@ class Backbone(nnx.Module):
     Dropout: every `nnx.Dropout` holds its own fork of the `dropout` stream of the constructor's
     `rngs`, so the RNG state lives in `nnx.state(model, nnx.RngState)` and checkpoints resume it;
     `model.train()` / `model.eval()` switch dropout on and off.
+
+    With config.scan_layers the blocks live in `self.layers`, one LayerGroup (a repeat of the mixer
+    pattern) whose parameters carry a leading [repeats] axis, run by one `nnx.scan`: XLA compiles one
+    repeat, whatever the depth. Otherwise they are `self.blocks`, a list run in a Python loop.
     """
 
     def __init__(self, config: ModelConfig, kernels: KernelsConfig, *, vocab_size: int, seq_len: int,
@@ -40,11 +60,22 @@ class Backbone(nnx.Module):
         self.remat = remat
         self.embed = nnx.Embed(vocab_size, config.d_model,
                                embedding_init=nnx.initializers.normal(stddev=0.02), rngs=rngs)
-        self.blocks = nnx.List([
-            Block(config, kernels, mixer=mixer, seq_len=seq_len, causal=causal, rngs=rngs,
-                  sequence_parallel=sequence_parallel)
-            for mixer in config.layer_mixers()
-        ])
+        if config.scan_layers:
+            pattern = config.layer_pattern()
+
+            @nnx.split_rngs(splits=config.num_layers // len(pattern))
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_repeats(rngs: nnx.Rngs) -> LayerGroup:
+                return LayerGroup(config, kernels, pattern=pattern, seq_len=seq_len, causal=causal, rngs=rngs,
+                                  sequence_parallel=sequence_parallel)
+
+            setattr(self, SCANNED_LAYERS, make_repeats(rngs))
+        else:
+            self.blocks = nnx.List([
+                Block(config, kernels, mixer=mixer, seq_len=seq_len, causal=causal, rngs=rngs,
+                      sequence_parallel=sequence_parallel)
+                for mixer in config.layer_mixers()
+            ])
         self.final_norm = RMSNorm(config.d_model, dtype=self.dtype)
 
     def __call__(self, tokens: jax.Array, *, segment_ids: tuple[jax.Array, jax.Array] | None = None,
@@ -69,9 +100,20 @@ class Backbone(nnx.Module):
         keep = None if mask is None else mask.astype(jnp.float32)[..., None]
         if keep is not None:
             h = h * keep
-        call_block = self.remat.apply(lambda block, x, ids: block(x, segment_ids=ids))
-        for block in self.blocks:
-            h = call_block(block, h, segment_ids)
-            if keep is not None:
-                h = h * keep
+
+        def run_block(block: Block, h: jax.Array) -> jax.Array:
+            h = block(h, segment_ids=segment_ids)
+            return h if keep is None else h * keep
+
+        run_block = self.remat.apply(run_block)
+        if hasattr(self, SCANNED_LAYERS):
+            def run_repeat(h: jax.Array, group: LayerGroup) -> jax.Array:
+                for block in group.blocks:
+                    h = run_block(block, h)
+                return h
+
+            h = nnx.scan(run_repeat, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, getattr(self, SCANNED_LAYERS))
+        else:
+            for block in self.blocks:
+                h = run_block(block, h)
         return self.final_norm(h)

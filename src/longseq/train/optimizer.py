@@ -15,6 +15,7 @@ import jax
 import optax
 
 from longseq.config import OptimConfig
+from longseq.models.backbone import SCANNED_LAYERS
 
 
 def learning_rate_schedule(peak: float, config: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -34,10 +35,15 @@ def learning_rate_schedule(peak: float, config: OptimConfig, total_steps: int) -
 def parameter_groups(params: dict[str, Any]) -> dict[str, Any]:
     """A pytree like `params` whose leaves name each parameter's group ("kernel"/"decay"/"no_decay").
 
-    params: {"kernel": <long-conv kernels>, "other": <all other parameters>}.
+    params: {"kernel": <long-conv kernels>, "other": <all other parameters>}. The rank that decides is the
+    layer's own: scanned layers (model.scan_layers) stack their parameters on a leading [repeats] axis.
     """
+    def group(path, leaf) -> str:
+        stacked = any(getattr(key, "key", None) == SCANNED_LAYERS for key in path)
+        return "decay" if leaf.ndim - stacked >= 2 else "no_decay"
+
     return {"kernel": jax.tree.map(lambda _: "kernel", params["kernel"]),
-            "other": jax.tree.map(lambda leaf: "decay" if leaf.ndim >= 2 else "no_decay", params["other"])}
+            "other": jax.tree_util.tree_map_with_path(group, params["other"])}
 
 
 def make_optimizer(config: OptimConfig, total_steps: int, groups: Any) -> optax.GradientTransformation:
