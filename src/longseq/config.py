@@ -258,7 +258,7 @@ class OptimConfig(_Checked):
 
 # Activations the layers tag for rematerialisation policies (`longseq.layers.remat`).
 RematPolicy = Literal["none", "full", "save_dots", "save_named", "offload"]
-ActivationName = Literal["attention_qkv", "attention_out", "long_conv_out", "mlp_hidden"]
+ActivationName = Literal["block_input", "attention_qkv", "attention_out", "long_conv_out", "mlp_hidden"]
 
 
 @dataclass(frozen=True)
@@ -279,8 +279,8 @@ class TrainConfig(_Checked):
         "its input (the block is recomputed); save_dots = the projections' outputs; save_named = the "
         "activations in remat_save; offload = those, in pinned host memory")
     remat_save: tuple[ActivationName, ...] = param(
-        (), "the tagged activations remat=save_named or offload keeps (attention_qkv, attention_out, "
-        "long_conv_out, mlp_hidden)")
+        (), "the tagged activations remat=save_named or offload keeps (block_input, attention_qkv, "
+        "attention_out, long_conv_out, mlp_hidden); offload of block_input moves the residual stream to the host")
     loss_chunk: int | None = param(
         None, "LM tasks: compute the loss this many positions of each sequence at a time, so the [batch, seq, "
         "vocab] logits never exist (must divide data.seq_len; None = all at once)", min=1)
@@ -291,7 +291,7 @@ class TrainConfig(_Checked):
         super().__post_init__()
         if self.remat in ("save_named", "offload") and not self.remat_save:
             raise ConfigError(f"remat_save: remat={self.remat} keeps the activations it names; name at least one "
-                              "of attention_qkv, attention_out, long_conv_out, mlp_hidden (or use remat=full)")
+                              "of block_input, attention_qkv, attention_out, long_conv_out, mlp_hidden (or use remat=full)")
         if self.remat_save and self.remat not in ("save_named", "offload"):
             raise ConfigError(f"remat_save: only remat=save_named or offload reads it (remat is {self.remat!r})")
         if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name

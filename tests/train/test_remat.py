@@ -25,9 +25,9 @@ POLICIES = {"none": [], "full": [], "save_dots": [], "save_named": ["train.remat
             "offload": ["train.remat_save=[attention_qkv,long_conv_out]"]}
 
 
-def loss_function(policy: str):
+def loss_function(policy: str, *overrides: str):
     """(loss(params), params) of one training batch (dropout on) under a remat policy."""
-    config = load_config(None, [*BASE, f"train.remat={policy}", *POLICIES[policy]])
+    config = load_config(None, [*BASE, f"train.remat={policy}", *(overrides or POLICIES[policy])])
     task = make_task(config.data)
     steps = Steps(config, task)
     state = steps.init()
@@ -40,19 +40,21 @@ def loss_function(policy: str):
     return loss, state["params"]
 
 
-def saved_activation_bytes(policy: str) -> int:
-    """Bytes of the residuals autodiff keeps for the backward pass, parameters excluded."""
-    loss, params = loss_function(policy)
+def saved_activation_bytes(policy: str, *overrides: str) -> tuple[int, int]:
+    """Bytes of the residuals autodiff keeps for the backward pass, parameters excluded: (on the device,
+    in host memory)."""
+    loss, params = loss_function(policy, *overrides)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         jax.ad_checkpoint.print_saved_residuals(loss, params)
-    total = 0
+    kept = {"device": 0, "host": 0}
     for line in out.getvalue().splitlines():
-        match = re.match(r"(\w+)\[([\d,]*)\] (.*)", line)
-        if match and not match.group(3).startswith("from the argument"):
+        match = re.match(r"(\w+)(<host>)?\[([\d,]*)\] (.*)", line)
+        if match and not match.group(4).startswith("from the argument"):
             itemsize = 2 if match.group(1) in ("bf16", "f16") else 8 if match.group(1) == "c64" else 4
-            total += itemsize * int(np.prod([int(n) for n in match.group(2).split(",") if n]))
-    return total
+            size = itemsize * int(np.prod([int(n) for n in match.group(3).split(",") if n]))
+            kept["host" if match.group(2) else "device"] += size
+    return kept["device"], kept["host"]
 
 
 @pytest.mark.parametrize("policy", ["full", "save_dots", "save_named", "offload"])
@@ -70,12 +72,22 @@ def test_every_policy_gives_the_same_loss_and_gradients(policy):
 def test_policies_keep_what_they_say():
     """none keeps every activation; full only each block's input (plus the embedding, the final norm and
     the loss); save_named / save_dots lie in between."""
-    kept = {policy: saved_activation_bytes(policy) for policy in ("none", "full", "save_named", "save_dots")}
+    kept = {policy: saved_activation_bytes(policy)[0] for policy in ("none", "full", "save_named", "save_dots")}
     block_input = B * S * D * 4
     assert kept["full"] < kept["save_named"] < kept["none"], kept
     assert kept["full"] < kept["save_dots"] < kept["none"], kept
     assert kept["full"] <= (LAYERS + 6) * block_input, kept  # the L block inputs, embedding, norm, logits
     assert kept["none"] > 4 * kept["full"], kept
+
+
+@pytest.mark.parametrize("scan", ["false", "true"])
+def test_offloading_the_block_inputs_moves_the_residual_stream_to_the_host(scan):
+    """offload + remat_save=[block_input]: what full keeps, less the L float32 block inputs, which go to
+    pinned host memory instead (unrolled, and stacked by the scan)."""
+    full = saved_activation_bytes("full", f"model.scan_layers={scan}")
+    offload = saved_activation_bytes("offload", "train.remat_save=[block_input]", f"model.scan_layers={scan}")
+    assert full[1] == 0
+    assert offload == (full[0] - LAYERS * B * S * D * 4, LAYERS * B * S * D * 4), (full, offload)
 
 
 def test_offload_is_refused_at_start_where_there_is_no_pinned_host_memory(monkeypatch, tmp_path):

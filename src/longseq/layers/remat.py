@@ -3,6 +3,8 @@ backward pass is one config value, `train.remat`.
 
 The layers tag the activations a policy may keep, with `jax.ad_checkpoint.checkpoint_name`:
 
+    block_input     each block's input, the float32 residual stream [batch, seq, d_model] (the Backbone
+                    tags it): what `full` keeps on the device, and what offload can move to the host
     attention_qkv   q, k, v after the rotary embedding              [batch, seq, heads, head_dim] each
     attention_out   the attention op's output, before out_proj      [batch, seq, heads, head_dim]
     long_conv_out   the long convolution's output (before gelu / D) [batch, seq, channels]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from longseq.config import KernelsConfig, ModelConfig
 from longseq.layers import Block, RMSNorm, compute_dtype
@@ -102,7 +103,7 @@ class Backbone(nnx.Module):
             h = h * keep
 
         def run_block(block: Block, h: jax.Array) -> jax.Array:
-            h = block(h, segment_ids=segment_ids)
+            h = block(checkpoint_name(h, "block_input"), segment_ids=segment_ids)  # see longseq.layers.remat
             return h if keep is None else h * keep
 
         run_block = self.remat.apply(run_block)
