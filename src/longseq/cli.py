@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
             from longseq.bench.memory import HEADER, markdown, plot, run_memory_sweep
             from longseq.bench.outputs import save_outputs
 
-            load_config(args.config, args.overrides)  # a bad config fails here, not in every child
+            for remat in args.remat:  # a bad config fails here, not in every child
+                load_config(args.config, [*args.overrides, f"train.remat={remat}"])
             out = args.out or f"runs/bench/memory-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
             print(HEADER)
             rows = run_memory_sweep(args.config, args.overrides, mixers=args.mixers, seqs=args.seq,
