@@ -116,30 +116,43 @@ def longest_contexts(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [HEADER, *(format_line(row) for row in rows), "", "Longest context that trained, per series:", ""]
+    lines = [HEADER, *(format_line(row) for row in rows), "",
+             "Longest context that ran, per series (a series stops at its first refusal or failure, or at the end of "
+             "its contexts):", ""]
     lines += [f"- {key}: {seq:,} tokens" for key, seq in longest_contexts(rows).items()]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Peak memory (left) and tokens/s (right) against context, one line per series; x marks the predicted
+    memory of a context refused because it cannot fit."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
+    figure = Figure(figsize=(11, 4.5))
+    memory_axes, speed_axes = figure.subplots(1, 2)
     series: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         series.setdefault(f"{row['mixer']} {row['remat']} chunk={row['loss_chunk'] or '—'}", []).append(row)
     for name, points in series.items():
         ok = [p for p in points if p["status"] == "ok"]
+        if not ok:
+            continue
         value = lambda p: p.get("peak_gib") or p["predicted_gib"]  # noqa: E731 - CPU rows have no peak
-        if ok:
-            line = axes.plot([p["seq_len"] for p in ok], [value(p) for p in ok], marker="o", label=name)[0]
-            refused = [p for p in points if p["status"] == "does not fit"]
-            axes.plot([p["seq_len"] for p in refused], [p["predicted_gib"] for p in refused], "x",
-                      color=line.get_color())
-    axes.set(xscale="log", yscale="log", xlabel="context (tokens, batch 1)", ylabel="peak memory (GiB)",
-             title="memory of one train step against context (x: predicted, refused)")
-    axes.legend(fontsize=7)
+        line = memory_axes.plot([p["seq_len"] for p in ok], [value(p) for p in ok], marker="o", label=name)[0]
+        refused = [p for p in points if p["status"] == "does not fit"]
+        memory_axes.plot([p["seq_len"] for p in refused], [p["predicted_gib"] for p in refused], "x", markersize=9,
+                         color=line.get_color())
+        speed_axes.plot([p["seq_len"] for p in ok], [p["tokens_per_s"] for p in ok], marker="o", label=name,
+                        color=line.get_color())
+    memory_axes.set(yscale="log", ylabel="peak memory (GiB)", title="memory of one train step (x: predicted, refused)")
+    speed_axes.set(yscale="log", ylabel="tokens/s", title="training throughput")
+    contexts = sorted({row["seq_len"] for row in rows})
+    for axes in (memory_axes, speed_axes):
+        axes.set(xscale="log", xlabel="context (tokens, batch 1)")
+        axes.set_xticks(contexts, [f"{n // 1024}K" if n >= 1024 else str(n) for n in contexts])
+        axes.xaxis.set_minor_formatter(NullFormatter())
+    memory_axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
