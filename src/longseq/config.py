@@ -202,6 +202,11 @@ class TextConfig(_Checked):
     """Byte-level language modelling on text every Python install ships (the stdlib's help topics)."""
 
     eval_fraction: float = param(0.05, "share of the documents held out for evaluation", gt=0, lt=1)
+    tokenizer: Literal["bytes", "bpe"] = param(
+        "bytes", "bytes = one token per byte (vocabulary 256); bpe = byte-level BPE trained on the train split "
+        "with the `tokenizers` library and kept in the run directory (tokenizer.json)")
+    vocab_size: int = param(4096, "tokenizer=bpe: the vocabulary to train (the corpus may merge into fewer)",
+                            min=257)
 
     def min_seq_len(self) -> int:
         return 2

@@ -86,3 +86,56 @@ def test_split_rule_and_window_bounds_on_tiny_documents():
     assert (b["targets"] == np.frombuffer(b"bb\x00", np.uint8)).all()
     with pytest.raises(ValueError, match="data.seq_len.*eval split"):
         TextTask(4, seed=0, documents=documents)
+
+
+# ----------------------------------------------------------------------------------------------
+# BPE tokens (data.text.tokenizer=bpe)
+
+@pytest.fixture(scope="module")
+def bpe_task():
+    return TextTask(256, seed=0, tokenizer="bpe", vocab_size=2048)
+
+
+def test_bpe_tokens_round_trip_and_end_every_document(bpe_task):
+    task = bpe_task
+    assert 257 <= task.vocab_size <= 2048 and task.chance_accuracy == 1 / task.vocab_size
+    end = task.tokenizer.token_to_id(text_module.END_OF_TEXT)
+    for split, tokens in task.data.items():
+        assert tokens.dtype == np.int32 and 0 <= tokens.min() and tokens.max() < task.vocab_size
+        documents = np.split(tokens, np.flatnonzero(tokens == end) + 1)[:-1]  # each ends with `end`
+        assert len(documents) == len(task.document_names[split])
+        names = dict(text_module.pydoc_documents())
+        for name, ids in list(zip(task.document_names[split], documents))[:5]:
+            assert task.tokenizer.decode(list(ids[:-1])) == names[name].decode("utf-8")  # byte-level: lossless
+    assert task.data["train"].size < task.num_bytes["train"] / 3  # BPE merges: several bytes per token
+    batch = task.batch("train", 3, 4)
+    assert batch["inputs"].shape == (4, 256) and (batch["inputs"][:, 1:] == batch["targets"][:, :-1]).all()
+
+
+def test_bpe_training_is_deterministic(bpe_task):
+    again = TextTask(256, seed=0, tokenizer="bpe", vocab_size=2048)
+    assert all(np.array_equal(again.data[split], bpe_task.data[split]) for split in ("train", "eval"))
+
+
+def test_a_run_keeps_its_tokenizer_and_resumes_with_it(tmp_path, monkeypatch):
+    from longseq.config import load_config
+    from longseq.data import make_task
+    from longseq.train import train
+
+    config = load_config(None, ["data.task=text", "data.text.tokenizer=bpe", "data.text.vocab_size=1024",
+                                "data.seq_len=64", "data.batch_size=2", "model.d_model=32", "model.num_layers=1",
+                                "train.steps=2", "train.progress=false", f"train.run_dir={tmp_path}", "train.name=bpe"])
+    result = train(config)
+    saved = tmp_path / "bpe" / "tokenizer.json"
+    assert saved.exists() and result["chance_accuracy"] == pytest.approx(1 / make_task(config.data).vocab_size)
+    monkeypatch.setattr(text_module, "train_bpe", lambda *a: pytest.fail("trained again instead of loading"))
+    reloaded = make_task(config.data, run_dir=tmp_path / "bpe")
+    from tokenizers import Tokenizer
+
+    assert reloaded.tokenizer.to_str() == Tokenizer.from_file(str(saved)).to_str()
+    assert train(config)["step"] == 2  # resuming the finished run reloads it too
+
+
+def test_unknown_tokenizer_is_refused():
+    with pytest.raises(ValueError, match=r"data\.text\.tokenizer: expected 'bytes' or 'bpe', got 'words'"):
+        TextTask(16, seed=0, tokenizer="words")

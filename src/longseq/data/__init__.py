@@ -9,6 +9,7 @@ See `longseq.data.task` for the batch layout and each task's module for its exac
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from longseq.data.induction_heads import InductionHeadsTask
@@ -22,12 +23,13 @@ TASKS: dict[str, type[Task]] = {cls.name: cls for cls in
                                 (MQARTask, InductionHeadsTask, SelectiveCopyingTask, ListOpsTask, TextTask)}
 
 
-def make_task(config: Any) -> Task:
-    """The task named by `config.task`, built from a `longseq.config.DataConfig`."""
+def make_task(config: Any, run_dir: Path | None = None) -> Task:
+    """The task named by `config.task`, built from a `longseq.config.DataConfig`; run_dir: the run
+    directory whose saved task files (e.g. the text task's tokenizer) it reloads when they exist."""
     cls = TASKS.get(config.task)
     if cls is None:
         raise ValueError(f"data.task: unknown task {config.task!r}; known tasks: {', '.join(sorted(TASKS))}")
-    return cls.from_config(config)
+    return cls.from_config(config, run_dir=run_dir)
 
 
 __all__ = ["TASKS", "SPLIT_CODES", "Task", "make_task", "batches", "eval_set", "MQARTask", "InductionHeadsTask",

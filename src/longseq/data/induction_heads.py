@@ -15,6 +15,7 @@ Chance accuracy: uniform guessing among the ordinary tokens, 1 / (V - 2).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ class InductionHeadsTask(Task):
         self.chance_accuracy = 1.0 / self.num_ordinary
 
     @classmethod
-    def from_config(cls, config: Any) -> "InductionHeadsTask":
+    def from_config(cls, config: Any, run_dir: Path | None = None) -> "InductionHeadsTask":
         return cls(config.seq_len, config.seed, vocab_size=config.induction_heads.vocab_size)
 
     def _generate(self, rng: np.random.Generator, split: Split, batch_size: int) -> dict[str, np.ndarray]:

@@ -37,6 +37,7 @@ to the extremes), so a majority-class guess does better than 0.1; measure it on 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,7 +163,7 @@ class ListOpsTask(Task):
                              f"expression: {longest} tokens); lower min_length or data.seq_len")
 
     @classmethod
-    def from_config(cls, config: Any) -> "ListOpsTask":
+    def from_config(cls, config: Any, run_dir: Path | None = None) -> "ListOpsTask":
         o = config.listops
         return cls(config.seq_len, config.seed, max_depth=o.max_depth, max_args=o.max_args,
                    min_length=o.min_length)

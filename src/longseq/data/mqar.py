@@ -28,6 +28,7 @@ Chance accuracy: uniform guessing among the value tokens, 1 / (V - V // 2).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,7 @@ class MQARTask(Task):
         self._log_gap_weights = (self.power_a - 1.0) * np.log(np.arange(1, self.num_gaps + 1, dtype=np.float64))
 
     @classmethod
-    def from_config(cls, config: Any) -> "MQARTask":
+    def from_config(cls, config: Any, run_dir: Path | None = None) -> "MQARTask":
         o = config.mqar
         return cls(config.seq_len, config.seed, vocab_size=o.vocab_size, num_kv_pairs=o.num_kv_pairs)
 

@@ -19,6 +19,7 @@ Chance accuracy: uniform guessing among the data tokens, 1 / (V - 3).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ class SelectiveCopyingTask(Task):
         self.chance_accuracy = 1.0 / self.num_data
 
     @classmethod
-    def from_config(cls, config: Any) -> "SelectiveCopyingTask":
+    def from_config(cls, config: Any, run_dir: Path | None = None) -> "SelectiveCopyingTask":
         o = config.selective_copying
         return cls(config.seq_len, config.seed, vocab_size=o.vocab_size, num_tokens=o.num_tokens)
 

@@ -18,6 +18,7 @@ Batch layout (every array has leading size `batch_size` and sequence length `seq
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
@@ -55,6 +56,12 @@ class Task(abc.ABC):
             raise ValueError(f"data.seed: must be >= 0, got {seed}")
         self.seq_len = int(seq_len)
         self.seed = int(seed)
+
+    # Subclasses also define `from_config(cls, data_config, run_dir=None)`: run_dir is the run directory
+    # whose files (`save_files`) a task reloads when a run resumes.
+
+    def save_files(self, run_dir: Path) -> None:
+        """Write what a resumed run must reload to stay the same task (nothing, for most tasks)."""
 
     def rng(self, split: Split, index: int) -> np.random.Generator:
         """The generator of batch `index` of `split`: depends on (seed, split, index) only."""

@@ -291,7 +291,7 @@ def train(config: Config) -> dict[str, Any]:
     initialize_from_environment()
     run_dir = run_directory(config)
     # Everything that can fail on the config fails here, before the run directory is written.
-    task = data_lib.make_task(config.data)
+    task = data_lib.make_task(config.data, run_dir=run_dir)  # reloads the run's tokenizer, if it has one
     eval_numpy = data_lib.eval_set(task, config.data)
     choice = sequence_parallel_choice(config)
     mesh = make_mesh(config, choice.grid)
@@ -305,6 +305,8 @@ def train(config: Config) -> dict[str, Any]:
         print(memory.line())
     memory.check(config)
     changes = _prepare_run_directory(config, run_dir)
+    if is_primary():
+        task.save_files(run_dir)
 
     state = steps.init()
 
@@ -429,7 +431,7 @@ def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
     step = checkpointer.latest_step()
     if step is None:
         raise ConfigError(f"{run_dir}: has no checkpoint to evaluate yet")
-    task = data_lib.make_task(config.data)
+    task = data_lib.make_task(config.data, run_dir=run_dir)
     choice = sequence_parallel_choice(config)
     mesh = make_mesh(config, choice.grid)
     steps = Steps(config, task, mesh, strategy=choice.strategy)
