@@ -79,6 +79,10 @@ class LongConvConfig(_Checked):
         False, "learn the Monarch factors of the convolution's DFT, initialised to the exact DFT "
         "(runs the Monarch matmuls as XLA ops; not with a sequence-sharded mesh)")
     short_conv_width: int = param(3, "gated_conv only: width of the short depthwise convolution (causal in LMs, centred in classifiers)", min=1)
+    kernel_len: int | None = param(
+        None, "taps of each long-convolution kernel (None = data.seq_len): the kernels are [channels, kernel_len] "
+        "parameters, so at long context a shorter kernel is what keeps them (and their optimizer state) small",
+        min=1)
 
 
 @dataclass(frozen=True)
@@ -414,6 +418,13 @@ class Config(_Checked):
                               f"(attention_parallel is {self.model.attention_parallel!r}); set it false or use "
                               "attention2d or auto")
         convolves = {"long_conv", "gated_conv"} & set(self.model.layer_mixers())
+        kernel_len = self.model.long_conv.kernel_len
+        if convolves and kernel_len is not None and kernel_len > self.data.seq_len:
+            raise ConfigError(f"model.long_conv.kernel_len: {kernel_len} is longer than data.seq_len="
+                              f"{self.data.seq_len}; taps past the sequence would never be used")
+        if convolves and kernel_len is not None and self.model.long_conv.learned_butterfly:
+            raise ConfigError("model.long_conv.kernel_len: the learned butterfly's factors are those of the "
+                              "sequence's own length; leave kernel_len unset with learned_butterfly")
         if convolves and self.model.long_conv.learned_butterfly and self.mesh.seq_devices > 1:
             raise ConfigError("model.long_conv.learned_butterfly: not supported with a sequence-sharded mesh "
                               f"(mesh.seq_q × mesh.seq_kv = {self.mesh.seq_devices})")

@@ -273,3 +273,36 @@ def test_regularised_kernel_is_differentiable(causal):
     for name in ("kernel",) if causal else ("kernel", "kernel_bwd"):
         kernel_grad = np.asarray(getattr(grads, name)[...])
         assert np.all(np.isfinite(kernel_grad)) and np.abs(kernel_grad).max() > 0, name
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_short_kernel_is_a_long_one_that_is_zero_past_its_taps(causal):
+    """model.long_conv.kernel_len: a layer with K-tap kernels equals one with seq-tap kernels whose taps
+    past K are zero, on a sequence longer than K."""
+    seq, taps, channels = 40, 8, 3
+    short = LongConv(channels, taps, causal=causal, rngs=nnx.Rngs(0))
+    long = LongConv(channels, seq, causal=causal, rngs=nnx.Rngs(1))
+    long.kernel[...] = jnp.zeros((channels, seq)).at[:, :taps].set(short.kernel[...])
+    if not causal:
+        long.kernel_bwd[...] = jnp.zeros((channels, seq)).at[:, :taps].set(short.kernel_bwd[...])
+    x = jax.random.normal(jax.random.key(2), (2, seq, channels))
+    np.testing.assert_allclose(short(x), long(x), rtol=1e-5, atol=1e-6)
+    assert short.kernel[...].shape == (channels, taps)
+
+
+def test_kernel_len_sets_the_kernel_parameters_and_is_checked():
+    from longseq.config import ConfigError, load_config
+    from longseq.data import make_task
+    from longseq.train.trainer import Steps
+
+    def conv_params(*overrides):
+        config = load_config(None, ["model.mixer=gated_conv", "model.d_model=32", "data.seq_len=256", *overrides])
+        return sum(x.size for x in jax.tree.leaves(Steps(config, make_task(config.data)).abstract_state["params"]["kernel"]))
+
+    assert conv_params() == 2 * 32 * 256  # two layers of [d_model, seq_len] kernels
+    assert conv_params("model.long_conv.kernel_len=64") == 2 * 32 * 64
+    with pytest.raises(ConfigError, match=r"model\.long_conv\.kernel_len: 512 is longer than data\.seq_len=256"):
+        load_config(None, ["model.mixer=long_conv", "data.seq_len=256", "model.long_conv.kernel_len=512"])
+    with pytest.raises(ConfigError, match=r"model\.long_conv\.kernel_len: the learned butterfly"):
+        load_config(None, ["model.mixer=long_conv", "model.long_conv.kernel_len=64",
+                           "model.long_conv.learned_butterfly=true"])

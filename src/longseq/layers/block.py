@@ -32,6 +32,7 @@ def make_mixer(name: str, config: ModelConfig, kernels: KernelsConfig, *, seq_le
     """
     dtype = compute_dtype(config)
     conv = config.long_conv
+    kernel_len = conv.kernel_len or seq_len  # the convolution layers' kernel length
     conv_options = dict(squash_lambda=conv.squash_lambda, smooth_width=conv.smooth_width,
                         kernel_dropout=conv.kernel_dropout, learned_butterfly=conv.learned_butterfly)
     if name == "attention":
@@ -40,10 +41,10 @@ def make_mixer(name: str, config: ModelConfig, kernels: KernelsConfig, *, seq_le
                          impl=kernels.attention, flash=kernels.flash_attention,
                          sequence_parallel=sequence_parallel, rngs=rngs)
     if name == "long_conv":
-        return LongConvMixer(config.d_model, seq_len, causal=causal, dtype=dtype, impl=kernels.long_conv,
+        return LongConvMixer(config.d_model, kernel_len, causal=causal, dtype=dtype, impl=kernels.long_conv,
                              sequence_parallel=sequence_parallel, rngs=rngs, **conv_options)
     if name == "gated_conv":
-        return GatedConv(config.d_model, seq_len, causal=causal, short_conv_width=conv.short_conv_width,
+        return GatedConv(config.d_model, kernel_len, causal=causal, short_conv_width=conv.short_conv_width,
                          dtype=dtype, impl=kernels.long_conv, sequence_parallel=sequence_parallel, rngs=rngs,
                          **conv_options)
     raise ValueError(f"mixer: expected one of {', '.join(MIXERS)}, got {name!r}")
