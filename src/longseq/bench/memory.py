@@ -44,7 +44,7 @@ def measure(config_path: str | None, overrides: list[str], *, iters: int, warmup
     except DoesNotFit as refused:
         return {**row, "status": "does not fit", "predicted_gib": refused.report.total / GIB}
     seconds = time_calls(step.call, iters=iters, warmup=warmup).median_ms * 1e-3
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None
     predicted = step.memory.total / GIB
     tokens = config.data.batch_size * config.data.seq_len

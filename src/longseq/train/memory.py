@@ -102,7 +102,7 @@ def memory_report(compiled: Any, abstract_state: Any, state_sharding: Any | None
     shardings = state_sharding or {name: None for name in abstract_state}
     params = per_device_bytes(abstract_state["params"], shardings["params"])
     optimizer = per_device_bytes(abstract_state["opt_state"], shardings["opt_state"])
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]  # one this process can read
     stats = device.memory_stats() or {}
     return MemoryReport(
         params=params, optimizer=optimizer,

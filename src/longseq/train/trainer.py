@@ -86,7 +86,8 @@ def make_mesh(config: Config, grid: tuple[int, int] | None = None) -> jax.shardi
     if rows * cols != seq:
         raise ValueError(f"grid: {rows}x{cols} does not hold the {seq} sequence devices of the config")
     devices = np.array(jax.devices()[:data * fsdp * seq]).reshape(data, fsdp, rows, cols)
-    if config.train.remat == "offload" and not offload_supported(list(devices.flat)):
+    if config.train.remat == "offload" and not offload_supported(
+            [d for d in devices.flat if d.process_index == jax.process_index()]):  # the ones it can ask
         memories = sorted({m.kind for m in jax.devices()[0].addressable_memories()})
         raise ConfigError(f"train.remat: offload moves activations to pinned host memory, which these "
                           f"{jax.devices()[0].platform} devices do not have (their memories: {', '.join(memories)}); "
