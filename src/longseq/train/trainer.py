@@ -153,6 +153,8 @@ class Steps:
     def compile_train_step(self, mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray]) -> Any:
         """The train step compiled for the state's shardings and batches shaped like `batch` (numpy), from
         shapes alone: nothing is allocated. Call it as `compiled(state, device_batch)`."""
+        if self.state_sharding is None:
+            raise ValueError("compile_train_step: these Steps were built without a mesh; pass the mesh to Steps")
         state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                              self.abstract_state, self.state_sharding)
         shardings = batch_shardings(mesh, batch)
