@@ -107,7 +107,6 @@ def test_fsdp_spec_splits_the_largest_dimension_the_axis_divides():
     ("attention", ["mesh.data=2", "mesh.fsdp=4"]),
     ("attention", ["mesh.data=1", "mesh.fsdp=2", "mesh.seq_q=2", "mesh.seq_kv=2"]),  # FSDP × attention2d
     ("long_conv", ["mesh.data=1", "mesh.fsdp=4", "mesh.seq_kv=2"]),  # FSDP × sequence-parallel long conv
-    ("hybrid", ["mesh.data=1", "mesh.fsdp=2", "mesh.seq_q=2", "mesh.seq_kv=2", "train.remat=full"]),  # × remat
 ])
 def test_fsdp_training_matches_one_device(tmp_path, one_device_losses, mixer, mesh):
     if jax.device_count() < 8:
