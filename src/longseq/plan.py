@@ -121,7 +121,6 @@ def memory_plan(config: Config, choice: SequenceParallelChoice) -> str:
     """The trainer's memory line for `config` on this process's devices (the step compiled from shapes:
     nothing is allocated), plus why `longseq train` would refuse it, if it would."""
     from longseq import data as data_lib
-    from longseq.train.memory import memory_report
     from longseq.train.trainer import Steps, make_mesh
 
     try:
@@ -130,8 +129,7 @@ def memory_plan(config: Config, choice: SequenceParallelChoice) -> str:
         return f"memory per device: not compiled on this machine: {error}"
     task = data_lib.make_task(config.data)
     steps = Steps(config, task, mesh, strategy=choice.strategy)
-    compiled = steps.compile_train_step(mesh, task.batch("train", 0, config.data.batch_size))
-    report = memory_report(compiled, steps.abstract_state, steps.state_sharding)
+    _, report = steps.compile_train_step(mesh, task.batch("train", 0, config.data.batch_size))
     try:
         report.check(config)
     except ConfigError as error:

@@ -10,6 +10,7 @@ import pytest
 from longseq.bench import memory as bench_memory
 from longseq.cli import main
 from longseq.train import memory as memory_lib
+from longseq.train import trainer
 
 SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.mlp_hidden=64",
          "data.mqar.vocab_size=100"]
@@ -22,7 +23,7 @@ def test_measure_runs_a_step_or_refuses_one_that_cannot_fit(monkeypatch):
     assert row["status"] == "ok" and row["remat"] == "full" and row["seq_len"] == 128
     assert row["predicted_gib"] > 0 and row["step_ms"] > 0 and row["tokens_per_s"] == pytest.approx(128e3 / row["step_ms"])
     real = memory_lib.memory_report
-    monkeypatch.setattr(memory_lib, "memory_report", lambda *a, **k: dataclasses.replace(real(*a, **k), device_bytes=1))
+    monkeypatch.setattr(trainer, "memory_report", lambda *a, **k: dataclasses.replace(real(*a, **k), device_bytes=1))
     refused = bench_memory.measure(CONFIG, [*SMALL, "data.seq_len=128", "data.batch_size=1"], iters=1, warmup=0)
     assert refused["status"] == "does not fit"
     assert refused["predicted_gib"] == pytest.approx(row["predicted_gib"], rel=0.5)

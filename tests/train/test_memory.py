@@ -12,7 +12,7 @@ from longseq.cli import main
 from longseq.config import ConfigError, load_config
 from longseq.data import make_task
 from longseq.train import memory as memory_lib
-from longseq.train.memory import MemoryReport, memory_report
+from longseq.train.memory import MemoryReport
 from longseq.train.trainer import Steps, make_mesh
 
 TINY = ["model.mixer=hybrid", "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "data.task=mqar",
@@ -24,8 +24,8 @@ def report_for(*overrides) -> tuple[MemoryReport, Steps, dict]:
     task = make_task(config.data)
     mesh = make_mesh(config)
     steps = Steps(config, task, mesh)
-    compiled = steps.compile_train_step(mesh, task.batch("train", 0, config.data.batch_size))
-    return memory_report(compiled, steps.abstract_state, steps.state_sharding), steps, compiled
+    compiled, report = steps.compile_train_step(mesh, task.batch("train", 0, config.data.batch_size))
+    return report, steps, compiled
 
 
 @pytest.mark.parametrize("fsdp", [1, 4])

@@ -103,7 +103,6 @@ def prepare_step(config) -> PreparedStep:
     from shapes; refuse it (ConfigError) where the memory report says it cannot fit, else allocate the state."""
     from longseq import data as data_lib
     from longseq.plan import sequence_parallel_choice
-    from longseq.train.memory import memory_report
     from longseq.train.trainer import Steps, _put_batch, make_mesh
 
     task = data_lib.make_task(config.data)
@@ -111,8 +110,7 @@ def prepare_step(config) -> PreparedStep:
     mesh = make_mesh(config, choice.grid)
     steps = Steps(config, task, mesh, strategy=choice.strategy)
     example = task.batch("train", 0, config.data.batch_size)
-    compiled = steps.compile_train_step(mesh, example)
-    memory = memory_report(compiled, steps.abstract_state, steps.state_sharding)
+    compiled, memory = steps.compile_train_step(mesh, example)
     memory.check(config)
     holder = {"state": steps.init()}
     batch = _put_batch(example, mesh)

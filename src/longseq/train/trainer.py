@@ -45,7 +45,7 @@ from longseq.parallel.fsdp import BATCH_AXES, SEQUENCE_AXES, batch_spec, state_s
 from longseq.plan import format_choice, sequence_parallel_choice
 from longseq.train.checkpoint import Checkpointer
 from longseq.train.losses import chunked_lm_sums, classification_sums, lm_sums, means
-from longseq.train.memory import memory_report
+from longseq.train.memory import MemoryReport, memory_report
 from longseq.train.metrics import MetricsWriter, plot_metrics
 from longseq.train.optimizer import make_optimizer, parameter_groups
 
@@ -88,9 +88,9 @@ def make_mesh(config: Config, grid: tuple[int, int] | None = None) -> jax.shardi
     devices = np.array(jax.devices()[:data * fsdp * seq]).reshape(data, fsdp, rows, cols)
     if config.train.remat == "offload" and not offload_supported(
             [d for d in devices.flat if d.process_index == jax.process_index()]):  # the ones it can ask
-        memories = sorted({m.kind for m in jax.devices()[0].addressable_memories()})
+        memories = sorted({m.kind for m in jax.local_devices()[0].addressable_memories()})
         raise ConfigError(f"train.remat: offload moves activations to pinned host memory, which these "
-                          f"{jax.devices()[0].platform} devices do not have (their memories: {', '.join(memories)}); "
+                          f"{jax.local_devices()[0].platform} devices do not have (their memories: {', '.join(memories)}); "
                           "use remat=save_named to keep the same activations on the device, or remat=full")
     return jax.sharding.Mesh(devices, (*BATCH_AXES, *SEQUENCE_AXES))
 
@@ -150,16 +150,18 @@ class Steps:
                                   out_shardings=(self.state_sharding, self.metrics_sharding))
         self.eval_step = jax.jit(self._eval_step, out_shardings=self.metrics_sharding)
 
-    def compile_train_step(self, mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray]) -> Any:
+    def compile_train_step(self, mesh: jax.sharding.Mesh, batch: dict[str, np.ndarray]) -> tuple[Any, MemoryReport]:
         """The train step compiled for the state's shardings and batches shaped like `batch` (numpy), from
-        shapes alone: nothing is allocated. Call it as `compiled(state, device_batch)`."""
+        shapes alone: nothing is allocated. Returns it (call it as `compiled(state, device_batch)`) and its
+        memory report (`longseq.train.memory`)."""
         if self.state_sharding is None:
             raise ValueError("compile_train_step: these Steps were built without a mesh; pass the mesh to Steps")
         state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                              self.abstract_state, self.state_sharding)
         shardings = batch_shardings(mesh, batch)
         batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[name]) for name, x in batch.items()}
-        return self.train_step.lower(state, batch).compile()
+        compiled = self.train_step.lower(state, batch).compile()
+        return compiled, memory_report(compiled, self.abstract_state, self.state_sharding)
 
     def _forward(self, params, rest, batch, training: bool):
         """Loss/accuracy sums of one batch, and the updated non-parameter state."""
@@ -302,8 +304,7 @@ def train(config: Config) -> dict[str, Any]:
         print(format_choice(choice, "auto"))
     steps = Steps(config, task, mesh, strategy=choice.strategy)
     # Compiled from shapes before anything is allocated: a step that cannot fit is refused here.
-    train_step = steps.compile_train_step(mesh, task.batch("train", 0, config.data.batch_size))
-    memory = memory_report(train_step, steps.abstract_state, steps.state_sharding)
+    train_step, memory = steps.compile_train_step(mesh, task.batch("train", 0, config.data.batch_size))
     if is_primary():
         print(memory.line())
     memory.check(config)
