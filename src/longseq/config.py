@@ -293,6 +293,10 @@ class TrainConfig(_Checked):
     loss_chunk: int | None = param(
         None, "LM tasks: compute the loss this many positions of each sequence at a time, so the [batch, seq, "
         "vocab] logits never exist (must divide data.seq_len; None = all at once)", min=1)
+    mlp_chunk: int | None = param(
+        None, "run each block's MLP this many positions at a time, each block of positions recomputed in the "
+        "backward pass, so the [batch, seq, mlp_hidden] activations never exist whole (Mini-Sequence "
+        "Transformer; must divide data.seq_len; None or ≥ data.seq_len = all at once)", min=1)
     z_loss: float = param(0.0, "LM tasks: add this × log(Z)² per token to the objective (PaLM's z-loss; the "
                           "reported loss stays the cross-entropy)", min=0)
 
@@ -303,6 +307,9 @@ class TrainConfig(_Checked):
                               "of block_input, attention_qkv, attention_out, long_conv_out, mlp_hidden (or use remat=full)")
         if self.remat_save and self.remat not in ("save_named", "offload"):
             raise ConfigError(f"remat_save: only remat=save_named or offload reads it (remat is {self.remat!r})")
+        if self.mlp_chunk is not None and "mlp_hidden" in self.remat_save:
+            raise ConfigError("remat_save: mlp_hidden cannot be kept with train.mlp_chunk, which recomputes the MLP "
+                              "block by block; drop one of them")
         if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name
                                       or "\\" in self.name):
             raise ConfigError(f"name: {self.name!r} must be a plain directory name (no '/', not '.' or '..')")
@@ -442,6 +449,14 @@ class Config(_Checked):
         if self.train.loss_chunk is not None and self.data.seq_len % self.train.loss_chunk:
             raise ConfigError(f"train.loss_chunk: {self.train.loss_chunk} does not divide data.seq_len="
                               f"{self.data.seq_len}")
+        if self.train.mlp_chunk is not None and self.train.mlp_chunk < self.data.seq_len and \
+                self.data.seq_len % self.train.mlp_chunk:
+            raise ConfigError(f"train.mlp_chunk: {self.train.mlp_chunk} does not divide data.seq_len="
+                              f"{self.data.seq_len}")
+        if self.train.mlp_chunk is not None and self.train.mlp_chunk % self.mesh.seq_devices:
+            raise ConfigError(f"train.mlp_chunk: {self.train.mlp_chunk} is not a multiple of the "
+                              f"{self.mesh.seq_devices} sequence devices (each block of positions stays spread "
+                              "over them)")
         if self.mesh.data > 0 and self.data.batch_size % (self.mesh.data * self.mesh.fsdp):
             raise ConfigError(f"data.batch_size: {self.data.batch_size} is not divisible by the "
                               f"mesh.data × mesh.fsdp = {self.mesh.data} × {self.mesh.fsdp} batch devices")

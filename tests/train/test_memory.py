@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -43,8 +45,9 @@ def test_the_report_counts_the_state_each_device_holds(fsdp):
     assert report.optimizer == held(state["opt_state"])
     analysis = compiled.memory_analysis()
     assert report.temporaries == analysis.temp_size_in_bytes > 0
+    assert report.fft_workspace == 2 * memory_lib.largest_fft_bytes(compiled.as_text()) > 0  # hybrid: long convs
     assert report.total == (report.params + report.optimizer + report.other_inputs + report.temporaries
-                            + report.outputs)
+                            + report.outputs + report.fft_workspace)
 
 
 def test_a_step_larger_than_the_device_is_refused_naming_what_helps():
@@ -58,6 +61,42 @@ def test_a_step_larger_than_the_device_is_refused_naming_what_helps():
         report.check(config)
     dataclasses.replace(report, device_bytes=100 * 2**30).check(config)  # fits
     dataclasses.replace(report, device_bytes=None).check(config)  # unknown (CPU): nothing to check
+
+
+def test_the_fft_workspace_is_counted_from_the_largest_fft():
+    """Causal long convolution of [2, 1000, 16]: FFTs of 2000 points (1001 complex values), the input's
+    spectrum [2, 16, 1001] complex64 the largest; the float64 version twice the bytes."""
+    from longseq.ops import long_conv
+    from longseq.train.memory import largest_fft_bytes
+
+    def compiled_text(dtype):
+        u, k = jnp.ones((2, 1000, 16), dtype), jnp.ones((16, 1000), dtype)
+        step = jax.jit(jax.grad(lambda u, k: long_conv(u, k, impl="fft").sum(), argnums=(0, 1)))
+        return step.lower(u, k).compile().as_text()
+
+    assert largest_fft_bytes(compiled_text(jnp.float32)) == 2 * 16 * 1001 * 8
+    if hasattr(jax, "enable_x64"):  # a context manager in the jax versions we support
+        with jax.enable_x64(True):
+            assert largest_fft_bytes(compiled_text(jnp.float64)) == 2 * 16 * 1001 * 16
+    assert largest_fft_bytes(jax.jit(lambda x: x @ x).lower(jnp.ones((8, 8))).compile().as_text()) == 0
+
+
+def test_a_step_offloading_more_than_the_host_allows_is_refused(monkeypatch):
+    from longseq.train.memory import HOST_LIMIT_VARIABLE, host_memory_limit
+
+    config = load_config(None, TINY)
+    report = MemoryReport(params=0, optimizer=0, other_inputs=0, temporaries=2**30, outputs=0,
+                          device_bytes=80 * 2**30, device="NVIDIA H100 80GB HBM3", host=96 * 2**30)
+    assert "offloaded to host memory: 96.00 GiB" in report.line()
+    monkeypatch.delenv(HOST_LIMIT_VARIABLE, raising=False)
+    assert host_memory_limit() <= 64 * 2**30
+    with pytest.raises(ConfigError, match=r"train\.remat: the step offloads 96\.0 GiB to host memory, more than the "
+                                          r"[\d.]+ GiB the host allows \(XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB raises"):
+        report.check(config)
+    monkeypatch.setenv(HOST_LIMIT_VARIABLE, "100000")  # the machine's own memory still bounds it
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert host_memory_limit() == physical
+    dataclasses.replace(report, host=physical // 2).check(config)  # fits
 
 
 def test_train_refuses_before_it_writes_or_allocates_anything(monkeypatch, tmp_path):

@@ -106,7 +106,33 @@ def test_offload_is_refused_at_start_where_there_is_no_pinned_host_memory(monkey
     assert not (tmp_path / "run").exists()  # refused before the run directory is written
 
 
+@pytest.mark.parametrize("policy,scan", [("none", "false"), ("full", "true"), ("offload", "false")])
+def test_the_mlp_in_position_blocks_gives_the_same_loss_and_gradients(policy, scan):
+    """train.mlp_chunk: the MLP over 4 blocks of 16 positions equals the MLP over all 64 (float32,
+    dropout on), alone and inside a rematerialised (scanned) block."""
+    reference, params = loss_function("none", f"model.scan_layers={scan}")
+    reference_loss, reference_grads = jax.jit(jax.value_and_grad(reference))(params)
+    loss, params = loss_function(policy, "train.mlp_chunk=16", f"model.scan_layers={scan}", *POLICIES[policy])
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(value, reference_loss, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_the_mlp_in_position_blocks_keeps_no_whole_hidden_layer():
+    """Without remat, autodiff keeps each SwiGLU's [batch, seq, 2·hidden] and [batch, seq, hidden]
+    activations; in position blocks it keeps only the blocks' inputs, so at least one hidden-layer-sized
+    float32 tensor per layer less."""
+    hidden = load_config(None, BASE).model.mlp_hidden or 128
+    whole, _ = saved_activation_bytes("none")
+    blocked, _ = saved_activation_bytes("none", "train.mlp_chunk=16")
+    assert whole - blocked >= LAYERS * B * S * hidden * 4, (whole, blocked)
+
+
 @pytest.mark.parametrize("overrides,message", [
+    (["train.mlp_chunk=24"], r"train\.mlp_chunk: 24 does not divide data\.seq_len=64"),
+    (["train.mlp_chunk=16", "train.remat=save_named", "train.remat_save=[mlp_hidden]"],
+     r"remat_save: mlp_hidden cannot be kept with train\.mlp_chunk"),
     (["train.remat=save_named"], r"remat_save: remat=save_named keeps the activations it names; name at least one"),
     (["train.remat=full", "train.remat_save=[mlp_hidden]"], r"remat_save: only remat=save_named or offload reads it"),
     (["train.remat=save_named", "train.remat_save=[mlp]"], r"train\.remat_save.*mlp"),

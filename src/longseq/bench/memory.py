@@ -10,7 +10,7 @@ poison the next one):
 
 A series stops at its first context that does not fit or fails. Row: mixer, remat, loss_chunk, seq_len,
 status (ok | does not fit | error), predicted_gib (the report's total), peak_gib (the allocator's peak;
-None on CPU), predicted / peak, step_ms, tokens_per_s. Writes memory.json after every row, then memory.md
+None on CPU), predicted / peak, host_gib (offloaded to pinned host memory), step_ms, tokens_per_s. Writes memory.json after every row, then memory.md
 and memory.png (peak memory against context, one line per series).
 """
 
@@ -42,13 +42,14 @@ def measure(config_path: str | None, overrides: list[str], *, iters: int, warmup
     try:
         step = prepare_step(config)
     except DoesNotFit as refused:
-        return {**row, "status": "does not fit", "predicted_gib": refused.report.total / GIB}
+        return {**row, "status": "does not fit", "predicted_gib": refused.report.total / GIB,
+                "host_gib": refused.report.host / GIB}
     seconds = time_calls(step.call, iters=iters, warmup=warmup).median_ms * 1e-3
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None
     predicted = step.memory.total / GIB
     tokens = config.data.batch_size * config.data.seq_len
-    return {**row, "status": "ok", "predicted_gib": predicted, "peak_gib": peak,
+    return {**row, "status": "ok", "predicted_gib": predicted, "peak_gib": peak, "host_gib": step.memory.host / GIB,
             "predicted_over_peak": None if not peak else predicted / peak,
             "temporaries_gib": step.memory.temporaries / GIB, "params": step.num_params,
             "step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds}
@@ -98,11 +99,12 @@ def format_line(row: dict[str, Any]) -> str:
 
     return (f"| {row['mixer']} | {row['remat']} | {row['loss_chunk'] or '—'} | {row['seq_len']:,} | {row['status']} | "
             f"{num('predicted_gib', '.2f')} | {num('peak_gib', '.2f')} | {num('predicted_over_peak', '.3f')} | "
+            f"{num('host_gib', '.2f') if row.get('host_gib') else '—'} | "
             f"{num('step_ms', '.0f')} | {num('tokens_per_s', ',.0f')} |")
 
 
-HEADER = ("| mixer | remat | loss chunk | context | status | predicted GiB | peak GiB | predicted / peak | step ms | "
-          "tokens/s |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| mixer | remat | loss chunk | context | status | predicted GiB | peak GiB | predicted / peak | "
+          "host GiB | step ms | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def longest_contexts(rows: list[dict[str, Any]]) -> dict[str, int]:

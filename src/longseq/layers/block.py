@@ -12,6 +12,7 @@ from longseq.layers.gated_conv import GatedConv
 from longseq.layers.long_conv import LongConvMixer
 from longseq.layers.mlp import SwiGLU
 from longseq.layers.norm import RMSNorm
+from longseq.layers.remat import in_position_blocks
 from longseq.parallel import SequenceParallel
 
 MIXERS = ("attention", "long_conv", "gated_conv")
@@ -81,12 +82,15 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
 
-    def __call__(self, x: jax.Array, *, segment_ids: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, segment_ids: tuple[jax.Array, jax.Array] | None = None,
+                 mlp_chunk: int | None = None) -> jax.Array:
         """
         Args:
           x: [batch, seq, d_model] residual stream.
           segment_ids: (q_ids, kv_ids) [batch, seq] each, for attention mixers; convolution mixers
             ignore them (they mix across segment boundaries).
+          mlp_chunk: run the MLP (and its norm) this many positions at a time, recomputing each block
+            in the backward pass (`longseq.layers.remat.in_position_blocks`); None = all at once.
 
         Returns:
           [batch, seq, d_model] in x's dtype.
@@ -94,4 +98,5 @@ class Block(nnx.Module):
         h = self.mixer_norm(x)
         h = self.mixer(h, segment_ids=segment_ids) if self.mixer_name == "attention" else self.mixer(h)
         x = x + self.dropout(h).astype(x.dtype)
-        return x + self.dropout(self.mlp(self.mlp_norm(x))).astype(x.dtype)
+        h = in_position_blocks(lambda x: self.mlp(self.mlp_norm(x)), x, mlp_chunk)
+        return x + self.dropout(h).astype(x.dtype)

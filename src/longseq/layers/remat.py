@@ -18,6 +18,11 @@ Policies, applied to every block with `nnx.remat` (`Remat.apply`):
     save_named  keep the activations named in `save`; recompute the rest
     offload     as save_named, but the named activations go to pinned host memory and come back for the
                 backward pass (`offload_supported` says whether the devices have such memory)
+
+Independently, `mlp_chunk` runs each block's MLP (with its norm) over blocks of that many positions, each
+recomputed in the backward pass (`in_position_blocks`), so the [batch, seq, mlp_hidden] activations never
+exist whole: the Mini-Sequence Transformer's remedy (Luo et al. 2024) for the widest activations of a long
+sequence. It is exact: the MLP treats every position on its own.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import typing
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from longseq.config import ActivationName, RematPolicy
@@ -42,6 +48,7 @@ class Remat:
 
     policy: str = "none"
     save: tuple[str, ...] = ()
+    mlp_chunk: int | None = None  # positions per block of the MLP (None: the whole sequence at once)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -68,6 +75,31 @@ class Remat:
         if self.policy == "none":
             return call
         return nnx.remat(call, policy=self.jax_policy())
+
+
+def in_position_blocks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int | None) -> jax.Array:
+    """fn(x) for a position-wise fn, computed `chunk` positions at a time, each block recomputed in the
+    backward pass (so only one block's intermediates exist at once, forward or backward).
+
+    Block j holds positions j, j + n, j + 2n, … (n = seq // chunk blocks), so a sequence split over
+    devices in contiguous pieces stays split the same way inside every block.
+
+    Args:
+      fn: maps [batch, positions, ...] to [batch, positions, ...], every position on its own.
+      x: [batch, seq, ...].
+      chunk: positions per block; must divide seq. None or seq: fn(x), unblocked.
+    Returns:
+      fn(x): [batch, seq, ...].
+    """
+    batch, seq = x.shape[:2]
+    if chunk is None or chunk >= seq:
+        return fn(x)
+    if seq % chunk:
+        raise ValueError(f"chunk: {chunk} does not divide the sequence length {seq}")
+    blocks = seq // chunk
+    x_blocks = jnp.moveaxis(x.reshape(batch, chunk, blocks, *x.shape[2:]), 2, 0)  # [blocks, batch, chunk, ...]
+    y_blocks = jax.lax.map(jax.checkpoint(fn), x_blocks)
+    return jnp.moveaxis(y_blocks, 0, 2).reshape(batch, seq, *y_blocks.shape[3:])
 
 
 def offload_supported(devices: list[Any]) -> bool:

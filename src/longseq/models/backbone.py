@@ -103,7 +103,8 @@ class Backbone(nnx.Module):
             h = h * keep
 
         def run_block(block: Block, h: jax.Array) -> jax.Array:
-            h = block(checkpoint_name(h, "block_input"), segment_ids=segment_ids)  # see longseq.layers.remat
+            h = block(checkpoint_name(h, "block_input"), segment_ids=segment_ids,  # see longseq.layers.remat
+                      mlp_chunk=self.remat.mlp_chunk)
             return h if keep is None else h * keep
 
         run_block = self.remat.apply(run_block)

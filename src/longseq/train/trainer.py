@@ -128,7 +128,7 @@ class Steps:
                                 num_classes=task.num_classes, seq_len=config.data.seq_len,
                                 rngs=nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1),
                                 sequence_parallel=sequence_parallel,
-                                remat=Remat(config.train.remat, config.train.remat_save))
+                                remat=Remat(config.train.remat, config.train.remat_save, config.train.mlp_chunk))
             graphdef, kernels, others, rest = nnx.split(model, ConvKernel, nnx.Param, ...)
             return graphdef, {"kernel": kernels, "other": others}, rest
 
