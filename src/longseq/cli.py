@@ -146,6 +146,8 @@ def _add_bench_parser(commands) -> None:
     memory.add_argument("--seq", type=_int_list, default=[8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576],
                         help="contexts, tokens per sequence (A,B,...)")
     memory.add_argument("--remat", type=_comma_list, default=["none", "full"], help="train.remat policies (A,B)")
+    memory.add_argument("--remat-save", type=_comma_list, default=["block_input"],
+                        help="train.remat_save of the save_named and offload policies (A,B; default block_input)")
     memory.add_argument("--loss-chunk", type=_int_list, default=[0, 4096],
                         help="train.loss_chunk values, 0 = the plain loss (A,B)")
     memory.add_argument("--iters", type=_positive_int, default=2, help="timed steps per configuration (median)")
@@ -484,16 +486,19 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.bench_command == "long_conv":
             return _bench_long_conv(args, argv)
         elif args.command == "bench" and args.bench_command == "memory":
-            from longseq.bench.memory import HEADER, markdown, plot, run_memory_sweep
+            from longseq.bench.memory import HEADER, markdown, plot, run_memory_sweep, series_overrides
             from longseq.bench.outputs import save_outputs
 
-            for remat in args.remat:  # a bad config fails here, not in every child
-                load_config(args.config, [*args.overrides, f"train.remat={remat}"])
+            for mixer in args.mixers:  # a bad config fails here, not in every child
+                for remat in args.remat:
+                    for chunk in args.loss_chunk:
+                        load_config(args.config, [*args.overrides, *series_overrides(
+                            mixer, remat, chunk or None, min(args.seq), args.remat_save)])
             out = args.out or f"runs/bench/memory-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
             print(HEADER)
             rows = run_memory_sweep(args.config, args.overrides, mixers=args.mixers, seqs=args.seq,
                                     remats=args.remat, loss_chunks=[c or None for c in args.loss_chunk],
-                                    iters=args.iters, warmup=args.warmup, out_dir=out)
+                                    remat_save=args.remat_save, iters=args.iters, warmup=args.warmup, out_dir=out)
             paths = save_outputs("memory", rows, {"config": args.config, "overrides": args.overrides}, markdown(rows),
                                  plot, out)
             print(markdown(rows).split("\n\n", 1)[1])

@@ -41,13 +41,13 @@ def one_device_losses(tmp_path_factory):
 
 MESHES = {"attention2d": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"], "ring": ["mesh.data=2", "mesh.seq_kv=4"],
           "ulysses": ["mesh.data=1", "mesh.seq_q=4"], "none": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"],
-          "usp": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"], "double_ring": ["mesh.data=2", "mesh.seq_q=2", "mesh.seq_kv=2"],
           "auto": ["mesh.data=2", "mesh.seq_q=4"],  # auto: the cost model picks the strategy and the grid of 4
           "attention2d+kept": ["mesh.data=1", "mesh.seq_q=4", "mesh.seq_kv=2", "model.attention_keep_gathered=true"]}
 
 
-# Every strategy with attention layers; the hybrid (gated conv + attention: the sequence-parallel long
-# convolution beside sharded attention) with the default strategy.
+# The strategies with attention layers (usp and double_ring, compositions of ring and ulysses, are checked
+# against one device at the op level, forward and gradients, on five grids of 8: test_attention.py); the hybrid
+# (gated conv + attention: the sequence-parallel long convolution beside sharded attention) with the default.
 @pytest.mark.parametrize("mixer,strategy", [*(("attention", s) for s in MESHES), ("hybrid", "attention2d")])
 def test_sequence_sharded_training_matches_one_device(tmp_path, one_device_losses, mixer, strategy):
     mesh = MESHES[strategy]

@@ -55,10 +55,21 @@ def measure(config_path: str | None, overrides: list[str], *, iters: int, warmup
             "step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds}
 
 
+def series_overrides(mixer: str, remat: str, chunk: int | None, seq: int, remat_save: list[str]) -> list[str]:
+    """The overrides of one configuration of a series; `remat_save` goes to the policies that read it."""
+    overrides = [f"model.mixer={mixer}", f"data.seq_len={seq}", "data.batch_size=1", f"train.remat={remat}",
+                 f"train.loss_chunk={chunk if chunk else 'null'}"]
+    if remat in ("save_named", "offload"):
+        overrides.append(f"train.remat_save=[{','.join(remat_save)}]")
+    return overrides
+
+
 def run_memory_sweep(config_path: str | None, overrides: list[str], *, mixers: list[str], seqs: list[int],
-                     remats: list[str], loss_chunks: list[int | None], iters: int = 2, warmup: int = 1,
-                     out_dir: str | Path, timeout_s: float = 900) -> list[dict[str, Any]]:
-    """Every series (module docstring), each configuration in a child process; memory.json after every row."""
+                     remats: list[str], loss_chunks: list[int | None], remat_save: list[str] = ("block_input",),
+                     iters: int = 2, warmup: int = 1, out_dir: str | Path,
+                     timeout_s: float = 900) -> list[dict[str, Any]]:
+    """Every series (module docstring), each configuration in a child process; memory.json after every row.
+    `remat_save` names what the save_named and offload series keep (train.remat_save)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -66,8 +77,7 @@ def run_memory_sweep(config_path: str | None, overrides: list[str], *, mixers: l
         for remat in remats:
             for chunk in loss_chunks:
                 for seq in sorted(seqs):
-                    series = [f"model.mixer={mixer}", f"data.seq_len={seq}", "data.batch_size=1",
-                              f"train.remat={remat}", f"train.loss_chunk={chunk if chunk else 'null'}"]
+                    series = series_overrides(mixer, remat, chunk, seq, list(remat_save))
                     row = _child(config_path, [*overrides, *series], iters, warmup, timeout_s)
                     row.update(mixer=mixer, remat=remat, loss_chunk=chunk, seq_len=seq)
                     rows.append(row)
