@@ -115,6 +115,36 @@ def test_fsdp_training_matches_one_device(tmp_path, one_device_losses, mixer, me
     np.testing.assert_allclose(sharded, one_device_losses(mixer), rtol=1e-4)
 
 
+def test_fsdp_splits_the_attention_inputs_as_the_batch(monkeypatch):
+    """Under FSDP (scanned, rematerialised, as on the GPU where this failed), q, k and v reach the attention
+    op split as the batch, all three alike: without the layers' constraint XLA split them by heads, the
+    FSDP-sharded weights' way (gathering activations instead of weights), and cuDNN's partitioner refuses
+    q, k, v split unlike."""
+    from longseq.data import make_task
+    from longseq.layers import attention as attention_layer
+    from longseq.train.trainer import Steps, make_mesh
+
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices")
+    seen = []
+    real = attention_layer.attention_op
+
+    def spy(q, k, v, **kwargs):
+        for x in (q, k, v):
+            jax.debug.inspect_array_sharding(x, callback=lambda sharding: seen.append(sharding.spec))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_layer, "attention_op", spy)
+    config = load_config(None, ["model.mixer=attention", "model.d_model=64", "model.num_layers=2", "model.num_heads=4",
+                                "data.task=mqar", "data.seq_len=32", "data.batch_size=2", "data.mqar.num_kv_pairs=4",
+                                "data.mqar.vocab_size=32", "mesh.data=1", "mesh.fsdp=2", "model.scan_layers=true",
+                                "train.remat=full", "model.compute_dtype=bfloat16"])
+    task = make_task(config.data)
+    mesh = make_mesh(config)
+    Steps(config, task, mesh).compile_train_step(mesh, task.batch("train", 0, 2))
+    assert seen and all(spec[0] in ("fsdp", ("data", "fsdp")) and not any(spec[1:]) for spec in seen), seen
+
+
 def test_fsdp_state_lives_in_shards_and_the_step_holds_a_quarter_of_it(tmp_path):
     """With mesh.fsdp=4 every parameter and Adam moment with a dimension divisible by 4 is split four
     ways from initialisation on, and the compiled step's arguments (state + batch) per device shrink

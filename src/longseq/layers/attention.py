@@ -10,6 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 from longseq.config import FlashAttentionConfig
 from longseq.ops import attention as attention_op
 from longseq.parallel import SequenceParallel
+from longseq.parallel.fsdp import constrain_to_batch
 from longseq.layers.rotary import apply_rotary
 
 
@@ -87,7 +88,8 @@ class Attention(nnx.Module):
         if self.sequence_parallel is not None:
             out = self.sequence_parallel.attention(q, k, v, causal=self.causal, segment_ids=segment_ids,
                                                    window=self.window, impl=self.impl, flash=self.flash)
-        else:
+        else:  # split as the batch, alike (under FSDP; cuDNN's partitioner needs it), then the op on globals
+            q, k, v = (constrain_to_batch(x) for x in (q, k, v))
             out, _ = attention_op(q, k, v, causal=self.causal, segment_ids=segment_ids, window=self.window,
                                   impl=self.impl, flash=self.flash)
         out = checkpoint_name(out, "attention_out")

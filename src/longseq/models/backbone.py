@@ -10,6 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 from longseq.config import KernelsConfig, ModelConfig
 from longseq.layers import Block, RMSNorm, compute_dtype
 from longseq.layers.remat import Remat
+from longseq.parallel.fsdp import constrain_to_batch
 from longseq.parallel import SequenceParallel
 
 # The attribute that holds the scanned layers (model.scan_layers): its parameters have a leading
@@ -103,6 +104,7 @@ class Backbone(nnx.Module):
             h = h * keep
 
         def run_block(block: Block, h: jax.Array) -> jax.Array:
+            h = constrain_to_batch(h)  # under a mesh: split as the batch, so FSDP gathers weights, not activations
             h = block(checkpoint_name(h, "block_input"), segment_ids=segment_ids,  # see longseq.layers.remat
                       mlp_chunk=self.remat.mlp_chunk)
             return h if keep is None else h * keep

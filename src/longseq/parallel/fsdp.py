@@ -36,6 +36,21 @@ def state_shardings(mesh: Mesh, state: Any, axis: str = "fsdp") -> Any:
     return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), size, axis)), state)
 
 
+def constrain_to_batch(x: jax.Array) -> jax.Array:
+    """x: [batch, seq, ...] split as the batch is (batch over data × fsdp, seq over the sequence grid, the
+    rest whole) on the mesh of the enclosing `jax.set_mesh` (the trainer's step sets it); x unchanged
+    outside one.
+
+    Without it XLA's partitioner may give an activation the split of the FSDP-sharded weight that made it
+    (heads over fsdp), different for q and for k, v; cuDNN's attention partitioner refuses q, k, v split
+    differently.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES + SEQUENCE_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES, SEQUENCE_AXES))
+
+
 def batch_spec(ndim: int) -> PartitionSpec:
     """Batch arrays: axis 0 over data × fsdp; [batch, seq] arrays' axis 1 over the sequence grid."""
     return PartitionSpec(BATCH_AXES, SEQUENCE_AXES) if ndim == 2 else PartitionSpec(BATCH_AXES)

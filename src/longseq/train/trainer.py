@@ -117,6 +117,7 @@ class Steps:
         """strategy: the sequence-parallel attention strategy (None = config.model.attention_parallel,
         which must then not be "auto": `longseq.plan.sequence_parallel_choice` resolves that)."""
         self.kind = task.kind
+        self.mesh = mesh
         self.loss_chunk, self.z_loss = config.train.loss_chunk, config.train.z_loss
         sequence_parallel = None
         if mesh is not None and config.mesh.seq_devices > 1:
@@ -164,7 +165,15 @@ class Steps:
         return compiled, memory_report(compiled, self.abstract_state, self.state_sharding)
 
     def _forward(self, params, rest, batch, training: bool):
-        """Loss/accuracy sums of one batch, and the updated non-parameter state."""
+        """Loss/accuracy sums of one batch, and the updated non-parameter state. The model runs with the
+        mesh as JAX's context, where the layers place their activations as the batch is
+        (`longseq.parallel.fsdp.constrain_to_batch`)."""
+        if self.mesh is None:
+            return self._forward_on_mesh(params, rest, batch, training)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return self._forward_on_mesh(params, rest, batch, training)
+
+    def _forward_on_mesh(self, params, rest, batch, training: bool):
         model = nnx.merge(self.graphdef, params["kernel"], params["other"], rest, copy=True)
         model.train() if training else model.eval()
         if self.kind == "lm" and self.loss_chunk:
