@@ -193,11 +193,13 @@ def test_a_run_resumes_on_another_fsdp_split(tmp_path, one_device_losses):
 
 
 def test_scanned_layers_train_the_same_sharded(tmp_path):
-    """model.scan_layers with FSDP, attention2d over 2×2 and full remat equals the scanned model on one device."""
+    """model.scan_layers with FSDP, attention2d over 2×2 and full remat equals the scanned model on one device;
+    the sharded run also runs its MLPs in 4 blocks of 8 positions (train.mlp_chunk: each block spread over the
+    4 sequence devices), which changes nothing either."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (make test simulates them)")
     model = ["model.mixer=hybrid", "model.num_layers=4", "model.scan_layers=true", "train.remat=full"]
     one = losses(tmp_path / "one", "one", *model, "mesh.data=1")
     sharded = losses(tmp_path / "sharded", "sharded", *model, "mesh.data=1", "mesh.fsdp=2", "mesh.seq_q=2",
-                     "mesh.seq_kv=2")
+                     "mesh.seq_kv=2", "train.mlp_chunk=8")
     np.testing.assert_allclose(sharded, one, rtol=1e-4)

@@ -22,7 +22,9 @@ Policies, applied to every block with `nnx.remat` (`Remat.apply`):
 Independently, `mlp_chunk` runs each block's MLP (with its norm) over blocks of that many positions, each
 recomputed in the backward pass (`in_position_blocks`), so the [batch, seq, mlp_hidden] activations never
 exist whole: the Mini-Sequence Transformer's remedy (Luo et al. 2024) for the widest activations of a long
-sequence. It is exact: the MLP treats every position on its own.
+sequence. It is exact: the MLP treats every position on its own. With the sequence split over devices, XLA
+all-reduces each block's share of the MLP's weight gradients inside the loop, so a layer sends
+seq/mlp_chunk − 1 more all-reduces of its MLP weights than unblocked: blocks as large as memory allows.
 """
 
 from __future__ import annotations
