@@ -15,6 +15,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+# JAX's mesh context: in jax.sharding first, at the top level in newer versions
+_get_abstract_mesh = getattr(jax, "get_abstract_mesh", None) or jax.sharding.get_abstract_mesh
+_use_abstract_mesh = getattr(jax, "use_abstract_mesh", None) or jax.sharding.use_abstract_mesh
+
 BATCH_AXES = ("data", "fsdp")
 SEQUENCE_AXES = ("seq_q", "seq_kv")
 
@@ -36,16 +40,21 @@ def state_shardings(mesh: Mesh, state: Any, axis: str = "fsdp") -> Any:
     return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), size, axis)), state)
 
 
+def on_mesh(mesh: Mesh):
+    """Context in which `constrain_to_batch` places activations on `mesh` (usable inside jit)."""
+    return _use_abstract_mesh(mesh.abstract_mesh)
+
+
 def constrain_to_batch(x: jax.Array) -> jax.Array:
     """x: [batch, seq, ...] split as the batch is (batch over data × fsdp, seq over the sequence grid, the
-    rest whole) on the mesh of the enclosing `jax.set_mesh` (the trainer's step sets it); x unchanged
+    rest whole) on the mesh of the enclosing `on_mesh` (the trainer's step runs its model there); x unchanged
     outside one.
 
     Without it XLA's partitioner may give an activation the split of the FSDP-sharded weight that made it
     (heads over fsdp), different for q and for k, v; cuDNN's attention partitioner refuses q, k, v split
     differently.
     """
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh = _get_abstract_mesh()
     if mesh.empty or not set(BATCH_AXES + SEQUENCE_AXES) <= set(mesh.axis_names):
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES, SEQUENCE_AXES))

@@ -41,7 +41,7 @@ from longseq.layers import ConvKernel
 from longseq.layers.remat import Remat, offload_supported
 from longseq.models import build_model
 from longseq.parallel import SequenceParallel
-from longseq.parallel.fsdp import BATCH_AXES, SEQUENCE_AXES, batch_spec, state_shardings
+from longseq.parallel.fsdp import BATCH_AXES, SEQUENCE_AXES, batch_spec, on_mesh, state_shardings
 from longseq.plan import format_choice, sequence_parallel_choice
 from longseq.train.checkpoint import Checkpointer
 from longseq.train.losses import chunked_lm_sums, classification_sums, lm_sums, means
@@ -166,11 +166,11 @@ class Steps:
 
     def _forward(self, params, rest, batch, training: bool):
         """Loss/accuracy sums of one batch, and the updated non-parameter state. The model runs with the
-        mesh as JAX's context, where the layers place their activations as the batch is
+        mesh as JAX's context (`on_mesh`), where the layers place their activations as the batch is
         (`longseq.parallel.fsdp.constrain_to_batch`)."""
         if self.mesh is None:
             return self._forward_on_mesh(params, rest, batch, training)
-        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+        with on_mesh(self.mesh):
             return self._forward_on_mesh(params, rest, batch, training)
 
     def _forward_on_mesh(self, params, rest, batch, training: bool):
