@@ -89,7 +89,7 @@ def in_position_blocks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, chunk
     Args:
       fn: maps [batch, positions, ...] to [batch, positions, ...], every position on its own.
       x: [batch, seq, ...].
-      chunk: positions per block; must divide seq. None or seq: fn(x), unblocked.
+      chunk: positions per block; must divide seq. None or ≥ seq: fn(x), unblocked.
     Returns:
       fn(x): [batch, seq, ...].
     """

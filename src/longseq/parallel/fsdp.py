@@ -9,6 +9,7 @@ replicated. The batch splits over the fsdp devices as over the data-parallel one
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -40,9 +41,9 @@ def state_shardings(mesh: Mesh, state: Any, axis: str = "fsdp") -> Any:
     return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), size, axis)), state)
 
 
-def on_mesh(mesh: Mesh):
-    """Context in which `constrain_to_batch` places activations on `mesh` (usable inside jit)."""
-    return _use_abstract_mesh(mesh.abstract_mesh)
+def on_mesh(mesh: Mesh | None):
+    """Context in which `constrain_to_batch` places activations on `mesh` (usable inside jit); None: none."""
+    return contextlib.nullcontext() if mesh is None else _use_abstract_mesh(mesh.abstract_mesh)
 
 
 def constrain_to_batch(x: jax.Array) -> jax.Array:

@@ -168,21 +168,16 @@ class Steps:
         """Loss/accuracy sums of one batch, and the updated non-parameter state. The model runs with the
         mesh as JAX's context (`on_mesh`), where the layers place their activations as the batch is
         (`longseq.parallel.fsdp.constrain_to_batch`)."""
-        if self.mesh is None:
-            return self._forward_on_mesh(params, rest, batch, training)
-        with on_mesh(self.mesh):
-            return self._forward_on_mesh(params, rest, batch, training)
-
-    def _forward_on_mesh(self, params, rest, batch, training: bool):
         model = nnx.merge(self.graphdef, params["kernel"], params["other"], rest, copy=True)
         model.train() if training else model.eval()
-        if self.kind == "lm" and self.loss_chunk:
-            sums = chunked_lm_sums(model.hidden(batch["inputs"]), model.head_matrix(), batch["targets"],
-                                   batch["weights"], chunk=self.loss_chunk)
-        elif self.kind == "lm":
-            sums = lm_sums(model(batch["inputs"]), batch["targets"], batch["weights"])
-        else:
-            sums = classification_sums(model(batch["inputs"], mask=batch["mask"]), batch["labels"])
+        with on_mesh(self.mesh):
+            if self.kind == "lm" and self.loss_chunk:
+                sums = chunked_lm_sums(model.hidden(batch["inputs"]), model.head_matrix(), batch["targets"],
+                                       batch["weights"], chunk=self.loss_chunk)
+            elif self.kind == "lm":
+                sums = lm_sums(model(batch["inputs"]), batch["targets"], batch["weights"])
+            else:
+                sums = classification_sums(model(batch["inputs"], mask=batch["mask"]), batch["labels"])
         return sums, nnx.split(model, ConvKernel, nnx.Param, ...)[3]
 
     def _train_step(self, state, batch):
