@@ -24,7 +24,8 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --ignore=tests/parallel $(PYTEST_ARGS)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} XLA_FLAGS="$${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" \
-		$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests/parallel "tests/train/test_memory.py::test_the_report_counts_the_state_each_device_holds" $(PYTEST_ARGS)
+		$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests/parallel "tests/train/test_memory.py::test_the_report_counts_the_state_each_device_holds" \
+			"tests/bench/test_bench_train.py::test_utilisation_is_per_device_on_a_mesh" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

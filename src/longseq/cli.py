@@ -204,7 +204,7 @@ def _bench_attention(args: argparse.Namespace, argv: list[str]) -> int:
 # The parallel bench's argument names (BenchArgumentError.argument) as the flags that set them.
 _BENCH_PARALLEL_FLAGS = {"seq_lens": "--seq", "batch": "--batch", "heads": "--heads", "head_dim": "--head-dim",
                          "dtype": "--dtype", "impls": "--impls", "causal": "--causal", "passes": "--passes",
-                         "block_impl": "--block-impl", "iters": "--iters", "warmup": "--warmup"}
+                         "block_impl": "--block-impl", "order": "--order", "iters": "--iters", "warmup": "--warmup"}
 
 
 def _add_bench_parallel_parser(bench_commands) -> None:
@@ -235,6 +235,10 @@ def _add_bench_parallel_parser(bench_commands) -> None:
     parallel.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parallel.add_argument("--passes", type=_comma_list, default=("fwd+bwd",), metavar="fwd,fwd+bwd",
                           help="default fwd+bwd")
+    parallel.add_argument("--order", choices=("model", "natural"), default="model",
+                          help="sequence order of the strategies' inputs: 'model' = the order an LM keeps its "
+                               "tokens in (zigzag for the strategies that balance in place), 'natural' = every "
+                               "call swaps into balance and back (default model)")
     parallel.add_argument("--iters", type=_positive_int, default=5, help="timed calls per row (median)")
     parallel.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed calls first")
     parallel.add_argument("--out", default=None, metavar="DIR",
@@ -253,8 +257,8 @@ def _bench_parallel(args: argparse.Namespace, argv: list[str]) -> int:
         rows = run_parallel_bench(
             args.seq or preset.seq_lens, impls, batch=args.batch or preset.batch, heads=args.heads or preset.heads,
             head_dim=args.head_dim or preset.head_dim, dtype=args.dtype or preset.dtype, causal=causal,
-            passes=args.passes, block_impl=args.block_impl, iters=args.iters, warmup=args.warmup,
-            out_dir=out_dir, command=shlex.join(["longseq", *argv]))
+            passes=args.passes, block_impl=args.block_impl, order=args.order, iters=args.iters,
+            warmup=args.warmup, out_dir=out_dir, command=shlex.join(["longseq", *argv]))
     except BenchArgumentError as error:
         flag = _BENCH_PARALLEL_FLAGS.get(error.argument, error.argument)
         print(f"longseq bench parallel: error: argument {flag}: {error.message}", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from longseq.config import BACKWARD_FROM_STATISTICS, Config, ConfigError
 from longseq.parallel import cost
+from longseq.parallel.plan import keeps_zigzag_order
 
 class SequenceParallelChoice(NamedTuple):
     """The strategy and Pq × Pkv grid a run uses, and the predictions they were chosen from."""
@@ -35,11 +36,13 @@ def attention_problem(config: Config, devices: int = 1) -> cost.Problem:
     fsdp = config.mesh.fsdp
     data = config.mesh.data if config.mesh.data > 0 else max(devices // (config.mesh.seq_devices * fsdp), 1)
     data_devices = data * fsdp
+    causal = TASKS[config.data.task].kind == "lm"
+    zigzag = causal and keeps_zigzag_order(model.layer_mixers(), config.data.seq_len, config.mesh.seq_devices)
     return cost.Problem(batch=max(config.data.batch_size // data_devices, 1), seq=config.data.seq_len,
                         heads=model.num_heads, kv_heads=model.num_kv_heads or model.num_heads,
                         head_dim=model.d_model // model.num_heads,
                         itemsize=2 if model.compute_dtype == "bfloat16" else 4,
-                        causal=TASKS[config.data.task].kind == "lm")
+                        causal=causal, order="zigzag" if zigzag else "natural")
 
 
 def system_preset(device_kind: str, platform: str) -> str:

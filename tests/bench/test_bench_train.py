@@ -58,6 +58,18 @@ def test_row_on_cpu_and_the_cli(tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
+def test_utilisation_is_per_device_on_a_mesh():
+    """On a data-parallel mesh of 2 the step's FLOPs are spread over both chips: the fraction of one chip's
+    ceiling counts half of them."""
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices (make test simulates 8)")
+    row = run_train_bench(load_config("configs/bench_lm_370m.yaml", TINY + ["mesh.data=2"]), iters=1, warmup=1,
+                          matmul_size=128)
+    assert row["devices"] == 2
+    assert row["model_tflops_per_device"] == pytest.approx(row["model_tflops"] / 2)
+    assert row["matmul_fraction"] == pytest.approx(row["model_tflops_per_device"] / row["matmul_tflops"])
+
+
 def test_bad_arguments_and_peaks():
     with pytest.raises(ValueError, match="iters: expected a positive integer, got 0"):
         run_train_bench(load_config("configs/bench_lm_370m.yaml", TINY), iters=0)

@@ -265,13 +265,123 @@ def test_attention_layer_keeps_its_window_when_sequence_parallel(strategy):
 def test_unmasked_neighbouring_key_pieces_join_into_one_block():
     """A P×1 grid's second-half query piece sees the first half of the keys (natural half-chunks, static
     positions) unmasked: one kernel call for them, not one per half-chunk; masked pieces stay apart."""
-    from longseq.parallel.attention import Piece, _natural_halves, _visible_blocks
+    from longseq.parallel.attention import Piece, _natural_halves, _visible_blocks, _zigzag_gathered_pieces
 
     keys = _natural_halves(2, 8)  # 4 half-chunks of 4 rows; halves 0, 0, 1, 1
     late_queries = Piece(0, 4, 12, 1)
     blocks = _visible_blocks(late_queries, keys, causal=True)
-    assert [(b.row, b.rows, covered) for b, covered in blocks] == [(0, 8, [0, 1]), (8, 4, [2]), (12, 4, [3])]
+    assert [(b.row, b.rows, covered, masked) for b, covered, masked in blocks] == [
+        (0, 8, [0, 1], False), (8, 4, [2], True), (12, 4, [3], True)]
     early_queries = Piece(0, 4, 0, 0)
-    assert [covered for _, covered in _visible_blocks(early_queries, keys, causal=True)] == [[0], [1]]
-    # a joined block keeps one half tag, so pieces of different halves stay apart
-    assert [covered for _, covered in _visible_blocks(early_queries, keys, causal=False)] == [[0, 1], [2, 3]]
+    assert [covered for _, covered, _ in _visible_blocks(early_queries, keys, causal=True)] == [[0], [1]]
+    assert [covered for _, covered, _ in _visible_blocks(early_queries, keys, causal=False)] == [[0, 1, 2, 3]]
+    # zigzag-gathered keys of a column of 4 chunks (of 8): the first halves are rows 0-7 but positions 4 apart.
+    keys = _zigzag_gathered_pieces([0, 2, 4, 6], 2, 8)
+    assert [p.offset for p in keys] == [0, 2, 4, 6, 15, 13, 11, 9]
+    late_queries = Piece(0, 1, 12, 1)
+    blocks = _visible_blocks(late_queries, keys, causal=True)
+    assert [(covered, masked) for _, covered, masked in blocks] == [([0, 1, 2, 3], False), ([4], True),
+                                                                     ([5], True), ([6], True), ([7], True)]
+    # with a window positions matter: only consecutive static positions join
+    assert [covered for _, covered, _ in _visible_blocks(late_queries, keys, causal=True, window=4)][:4] == [
+        [0], [1], [2], [3]]
+
+
+def test_zigzag_order_balances_the_chunks_and_reorder_moves_rows_there_and_back():
+    order = parallel.zigzag_order(16, 2)  # 4 pieces of 4: device 0 holds pieces 0 and 3, device 1 pieces 1, 2
+    np.testing.assert_array_equal(order, [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11])
+    causal_work = [sum(p + 1 for p in chunk) for chunk in parallel.zigzag_order(64, 8).reshape(8, 8)]
+    assert len(set(causal_work)) == 1  # every device attends as many (query, key) pairs
+    with pytest.raises(ValueError, match="seq_len: zigzag order over 4 devices needs a multiple of 8"):
+        parallel.zigzag_order(20, 4)
+    mesh = make_mesh((2, 2, 2))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 3)), jnp.float32)
+    zigzag = jax.jit(lambda x: parallel.reorder(x, mesh=mesh, order="zigzag"))(x)
+    np.testing.assert_array_equal(zigzag, x[:, parallel.zigzag_order(64, 4)])
+    np.testing.assert_array_equal(parallel.reorder(zigzag, mesh=mesh, order="natural"), x)
+    with pytest.raises(ValueError, match="order: expected one of 'natural', 'zigzag'"):
+        parallel.reorder(x, mesh=mesh, order="striped")
+
+
+ZIGZAG_CASES = [("attention2d", (1, 1, 8)), ("attention2d", (1, 2, 4)), ("attention2d", (1, 8, 1)),
+                ("attention2d", (2, 2, 2)), ("ring", (1, 2, 4)), ("double_ring", (1, 4, 2)),
+                ("allgather_kv", (2, 2, 2)), ("ulysses", (1, 1, 8)), ("usp", (1, 2, 4))]
+
+
+@pytest.mark.parametrize("strategy,grid", ZIGZAG_CASES, ids=[f"{s}-{'x'.join(map(str, g))}" for s, g in ZIGZAG_CASES])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_strategy_in_zigzag_order_matches_single_device_attention(strategy, grid, causal):
+    """Rows, ids and output in zigzag order: the same attention as one device's in natural order, forward and
+    gradients (GQA, packed segments)."""
+    mesh = make_mesh(grid)
+    (q, k, v), weights, ids = random_inputs(5)
+    order = parallel.zigzag_order(q.shape[1], grid[1] * grid[2])
+    natural = np.argsort(order)
+
+    def sharded(q, k, v):
+        q, k, v = (x[:, order] for x in (q, k, v))
+        out = parallel.attention(q, k, v, mesh=mesh, strategy=strategy, causal=causal, order="zigzag",
+                                 segment_ids=tuple(x[:, order] for x in ids), impl="reference")
+        return out[:, natural]
+
+    def single(q, k, v):
+        return attention(q, k, v, causal=causal, segment_ids=ids, impl="reference")[0]
+
+    out, grads = outputs_and_grads(sharded, (q, k, v), weights)
+    out_ref, grads_ref = outputs_and_grads(single, (q, k, v), weights)
+    np.testing.assert_allclose(out, out_ref, atol=2e-5, rtol=2e-5)
+    for grad, grad_ref, name in zip(grads, grads_ref, "qkv"):
+        np.testing.assert_allclose(grad, grad_ref, atol=4e-5, rtol=4e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("strategy,grid", [("attention2d", (1, 4, 2)), ("ring", (1, 1, 4))], ids=["attention2d", "ring"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sliding_window_in_zigzag_order(strategy, grid, causal):
+    mesh = make_mesh(grid)
+    (q, k, v), weights, _ = random_inputs(6)
+    order = parallel.zigzag_order(q.shape[1], grid[1] * grid[2])
+    natural = np.argsort(order)
+
+    def sharded(q, k, v):
+        out = parallel.attention(*(x[:, order] for x in (q, k, v)), mesh=mesh, strategy=strategy, causal=causal,
+                                 window=11, order="zigzag", impl="reference")
+        return out[:, natural]
+
+    out, grads = outputs_and_grads(sharded, (q, k, v), weights)
+    out_ref, grads_ref = outputs_and_grads(
+        lambda q, k, v: attention(q, k, v, causal=causal, window=11, impl="reference")[0], (q, k, v), weights)
+    np.testing.assert_allclose(out, out_ref, atol=2e-5, rtol=2e-5)
+    for grad, grad_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(grad, grad_ref, atol=4e-5, rtol=4e-5)
+
+
+@pytest.mark.parametrize("strategy,grid", [("attention2d", (1, 2, 1)), ("attention2d", (1, 1, 2)), ("ring", (1, 1, 2))],
+                         ids=["attention2d-2x1", "attention2d-1x2", "ring"])
+def test_zigzag_order_swaps_nothing(strategy, grid):
+    """Causal attention on rows already in zigzag order sends no half-chunk anywhere: no collective-permute in
+    attention2d's compiled forward and backward (the ring keeps only its K/V passes) where natural order swaps."""
+    mesh = make_mesh(grid)
+    (q, k, v), weights, _ = random_inputs(7, seq=32)
+
+    def permutes(order):
+        def loss(q, k, v):
+            out = parallel.attention(q, k, v, mesh=mesh, strategy=strategy, causal=True, order=order,
+                                     impl="reference")
+            return jnp.sum(out * weights)
+
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+        return hlo.count("collective-permute-start") + hlo.count("collective-permute(")
+
+    zigzag, natural = permutes("zigzag"), permutes("natural")
+    if strategy == "attention2d":  # gathers and reduce-scatters only
+        assert zigzag == 0
+    assert natural - zigzag >= 3  # natural order swaps q (or k, v) in, dout in and dq (or dk, dv) back
+
+
+def test_order_is_checked():
+    mesh = make_mesh((1, 2, 2))
+    (q, k, v), _, _ = random_inputs(0, seq=36)
+    with pytest.raises(ValueError, match="order: expected one of"):
+        parallel.attention(q, k, v, mesh=mesh, strategy="ring", order="striped")
+    with pytest.raises(ValueError, match="q: order='zigzag': seq_len: zigzag order over 4 devices needs a multiple of 8"):
+        parallel.attention(q, k, v, mesh=mesh, strategy="ring", order="zigzag")

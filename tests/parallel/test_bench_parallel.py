@@ -81,6 +81,9 @@ def test_every_row_is_measured_or_skipped_with_a_reason(bench):
         assert row["devices"] == DEVICES and math.isfinite(row["tflops"]) and row["tflops"] > 0
         assert row["scaling_efficiency"] == pytest.approx(row["tflops"] / (DEVICES * next(
             r["tflops"] for r in rows if r["impl"] == "single_device_reference" and r["causal"] == row["causal"])))
+        # the order an LM keeps its tokens in: zigzag where the strategy balances in place
+        assert row["order"] == ("zigzag" if row["strategy"] in ("attention2d", "ring", "allgather_kv", "double_ring")
+                                else "natural")
 
 
 def test_allgather_cudnn_anchor_is_non_causal_only(bench):

@@ -59,6 +59,18 @@ def test_causal_adds_the_zigzag_swaps_and_only_the_needed_sides():
     assert cost._zigzag_halves(2) == 1 and cost._zigzag_halves(8) == 2 and cost._zigzag_halves(1) == 0
 
 
+def test_zigzag_order_drops_the_swaps_of_the_strategies_that_balance_in_place():
+    """An LM keeping its tokens in zigzag order: ring, attention2d, allgather_kv and double_ring move what they
+    move non-causal; usp still swaps its row blocks (it attends in natural order), ulysses never did."""
+    zigzag = dataclasses.replace(problem(causal=True), order="zigzag")
+    for strategy, grid in [("ring", (1, 8)), ("allgather_kv", (1, 8)), ("attention2d", (2, 4)), ("attention2d", (8, 1)),
+                           ("double_ring", (2, 4))]:
+        assert cost.bytes_sent(strategy, grid, zigzag) == pytest.approx(cost.bytes_sent(strategy, grid,
+                                                                                        problem(causal=False)))
+    assert cost.bytes_sent("usp", (2, 4), zigzag) == cost.bytes_sent("usp", (2, 4), problem(causal=True))
+    assert cost.predict("ring", (1, 8), zigzag, H200).time < cost.predict("ring", (1, 8), problem(causal=True), H200).time
+
+
 def test_pipelined_ring_hides_its_transfers_when_the_blocks_are_long():
     slow_links = dataclasses.replace(H200, intra_bandwidth=1e9)
     long_blocks = cost.predict("ring", (1, 2), problem(seq=262144), H200)
@@ -121,6 +133,8 @@ def test_config_auto_resolves_to_a_strategy_and_grid():
     problem_ = attention_problem(config)
     assert (problem_.batch, problem_.seq, problem_.heads, problem_.kv_heads, problem_.head_dim, problem_.causal) == (
         8, 1024, 8, 2, 8, True)
+    assert problem_.order == "zigzag"  # an all-attention LM keeps its tokens so (DecoderLM); a hybrid does not
+    assert attention_problem(load_config(None, [*TINY_LM, "model.mixer=hybrid", "mesh.seq_kv=8", "mesh.data=1"])).order == "natural"
     choice = sequence_parallel_choice(config, device_kind="NVIDIA H200", platform="gpu")
     assert choice.system_name == "h200"
     assert (choice.strategy, choice.grid) == (choice.candidates[0].strategy, choice.candidates[0].grid)

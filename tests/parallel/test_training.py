@@ -203,3 +203,41 @@ def test_scanned_layers_train_the_same_sharded(tmp_path):
     sharded = losses(tmp_path / "sharded", "sharded", *model, "mesh.data=1", "mesh.fsdp=2", "mesh.seq_q=2",
                      "mesh.seq_kv=2", "train.mlp_chunk=8")
     np.testing.assert_allclose(sharded, one, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mixer,strategy,order", [("attention", "ring", "zigzag"), ("attention", "attention2d", "zigzag"),
+                                                  ("attention", "ulysses", "natural"), ("hybrid", "ring", "natural")])
+def test_the_lm_keeps_its_tokens_in_zigzag_order_where_every_mixer_balances_in_place(mixer, strategy, order):
+    """An all-attention LM under ring or attention2d reorders its tokens once (zigzag, with their rotary
+    positions) instead of every layer swapping half-chunks; its logits and gradients are the one-device
+    model's. Ulysses, and models with convolutions, stay in natural order."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import Mesh
+
+    from longseq.models import DecoderLM
+    from longseq.parallel import SequenceParallel
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (make test simulates them)")
+    config = load_config(None, [*TINY, f"model.mixer={mixer}", "kernels.attention=reference"])
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "seq_q", "seq_kv"))
+
+    def model(plan):
+        return DecoderLM(config.model, config.kernels, vocab_size=32, seq_len=32, rngs=nnx.Rngs(0),
+                         sequence_parallel=plan)
+
+    sharded, single = model(SequenceParallel(mesh, strategy)), model(None)
+    assert sharded.sequence_parallel.order == order
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (4, 32)), jnp.int32)
+
+    def loss_and_grads(lm):
+        def loss(lm):
+            return jnp.mean(jax.nn.log_softmax(lm(tokens))[..., 0] * jnp.arange(32))
+
+        return nnx.jit(nnx.value_and_grad(loss))(lm)
+
+    (value, grads), (value_ref, grads_ref) = loss_and_grads(sharded), loss_and_grads(single)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    for grad, grad_ref in zip(jax.tree.leaves(nnx.state(grads)), jax.tree.leaves(nnx.state(grads_ref))):
+        np.testing.assert_allclose(grad, grad_ref, rtol=1e-4, atol=1e-5 * np.abs(grad_ref).max())

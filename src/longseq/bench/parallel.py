@@ -39,6 +39,7 @@ A row (a dict; JSON in parallel.json under "rows", beside "meta"):
     impl                      str            as above
     strategy                  str | None     of an sp_* row
     keep_gathered             bool           attention2d keeping its gathered blocks (the +kept rows)
+    order                     str | None     of an sp_* row's sequence: "zigzag" or "natural" (run_parallel_bench's order)
     grid                      str | None     "PqxPkv" of an sp_* row, "1xP" for the all-gather anchor
     devices                   int            devices the row runs on (1 for single_device_*)
     block_impl                str | None     the longseq.ops implementation inside (None for the anchor)
@@ -90,6 +91,7 @@ from longseq.bench.attention import (
     short_reason,
 )
 from longseq.bench.timing import time_calls
+from longseq.parallel.attention import BALANCED_IN_PLACE
 
 ALLGATHER_CUDNN = "anchor_allgather_cudnn"
 RINGATTENTION = "anchor_ringattention"
@@ -238,13 +240,16 @@ def sequence_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, SEQ_AXES, None, None))
 
 
-def attention_function(impl: Implementation, *, causal: bool, mesh: Mesh | None) -> Callable[..., Array]:
-    """(q, k, v) -> out [batch, seq_len, heads, head_dim] for one implementation, not jitted."""
+def attention_function(impl: Implementation, *, causal: bool, mesh: Mesh | None,
+                       order: str | None = None) -> Callable[..., Array]:
+    """(q, k, v) -> out [batch, seq_len, heads, head_dim] for one implementation, not jitted; `order`: of
+    an sp_* row's sequence (random inputs: the order only says which positions the rows hold)."""
     if impl.kind == "sp":
         from longseq import parallel
 
         return lambda q, k, v: parallel.attention(q, k, v, mesh=mesh, strategy=impl.strategy, causal=causal,
-                                                  impl=impl.block_impl, keep_gathered=impl.keep_gathered)
+                                                  impl=impl.block_impl, keep_gathered=impl.keep_gathered,
+                                                  order=order or "natural")
     if impl.kind == "single_device":
         from longseq.ops import attention
 
@@ -331,7 +336,8 @@ def add_ratios(rows: Sequence[dict[str, Any]], baseline: str) -> list[dict[str, 
 def run_parallel_bench(seq_lens: Iterable[int] = SHAPE_PRESETS["default"].seq_lens,
                        impls: Sequence[str] | None = None, *, batch: int = 1, heads: int = 16, head_dim: int = 128,
                        dtype: Any = "bfloat16", causal: bool | Sequence[bool] = (False, True),
-                       passes: Sequence[str] = ("fwd+bwd",), block_impl: str | None = None, iters: int = 5,
+                       passes: Sequence[str] = ("fwd+bwd",), block_impl: str | None = None,
+                       order: str = "model", iters: int = 5,
                        warmup: int = 2, out_dir: str | Path | None = None, seed: int = 0, verbose: bool = True,
                        command: str | None = None) -> list[dict[str, Any]]:
     """Measure every implementation on every sequence length, causal setting and pass; one dict per row.
@@ -346,6 +352,10 @@ def run_parallel_bench(seq_lens: Iterable[int] = SHAPE_PRESETS["default"].seq_le
       passes: a subset of ("fwd", "fwd+bwd").
       block_impl: the longseq.ops implementation of every block (and of the default single-device
         baseline); default "cudnn" on GPU, "reference" elsewhere.
+      order: the sequence order of the sp_* rows' inputs: "model" = the order an LM keeps its tokens
+        in (`DecoderLM`: zigzag for the strategies that balance in place, so a causal call swaps
+        nothing; natural for the rest), "natural" = every strategy's causal call swaps into balance
+        and back.
       iters, warmup: timed and untimed calls per row (see longseq.bench.timing.time_calls).
       out_dir: if given, parallel.json, parallel.md and parallel.png are written there.
       seed: of the random inputs.
@@ -379,6 +389,7 @@ def run_parallel_bench(seq_lens: Iterable[int] = SHAPE_PRESETS["default"].seq_le
     for name, value, least in (("iters", iters, 1), ("warmup", warmup, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise BenchArgumentError(name, f"expected an integer >= {least}, got {value!r}")
+    order = check_choices("order", (order,), ("model", "natural"))[0]
     block_impl = default_block_impl(platform) if block_impl is None else block_impl
     if block_impl not in ATTENTION_IMPLS:
         raise BenchArgumentError("block_impl", f"expected one of {', '.join(ATTENTION_IMPLS)}, got {block_impl!r}")
@@ -403,7 +414,7 @@ def run_parallel_bench(seq_lens: Iterable[int] = SHAPE_PRESETS["default"].seq_le
             args = inputs if mesh is None else tuple(jax.device_put(x, sequence_sharding(mesh)) for x in inputs)
             for is_causal in causal_settings:
                 rows.extend(_measure(impl, shape, dtype, is_causal, passes, args, mesh, platform=platform,
-                                     iters=iters, warmup=warmup, on_row=report))
+                                     order=order, iters=iters, warmup=warmup, on_row=report))
             del args
             gc.collect()
         del inputs
@@ -413,23 +424,26 @@ def run_parallel_bench(seq_lens: Iterable[int] = SHAPE_PRESETS["default"].seq_le
     if out_dir is not None:
         meta = run_metadata(iters=iters, warmup=warmup, seed=seed,
                             command=command if command is not None else shlex.join(sys.argv))
-        meta.update(block_impl=block_impl, efficiency_baseline=baseline,
+        meta.update(block_impl=block_impl, efficiency_baseline=baseline, order=order,
                     devices=[str(device) for device in jax.devices()])
         write_outputs(rows, meta, out_dir)
     return rows
 
 
 def _measure(impl: Implementation, shape: AttentionShape, dtype: jnp.dtype, causal: bool, passes: Sequence[str],
-             inputs: tuple[Array, Array, Array, Array], mesh: Mesh | None, *, platform: str, iters: int,
-             warmup: int, on_row: Callable[[dict], None]) -> list[dict[str, Any]]:
+             inputs: tuple[Array, Array, Array, Array], mesh: Mesh | None, *, platform: str, order: str,
+             iters: int, warmup: int, on_row: Callable[[dict], None]) -> list[dict[str, Any]]:
     """The rows of one implementation on one shape and causal setting, one per pass; failures recorded."""
     q, k, v, dout = inputs
-    rows = [_row(impl, shape, dtype, causal, pass_) for pass_ in passes]
+    sequence_order = None
+    if impl.kind == "sp":
+        sequence_order = "zigzag" if order == "model" and impl.strategy in BALANCED_IN_PLACE else "natural"
+    rows = [dict(_row(impl, shape, dtype, causal, pass_), order=sequence_order) for pass_ in passes]
     reason = skip_reason(impl, shape, causal, platform)
     forward = grads = None
     if reason is None:
         try:
-            fn = attention_function(impl, causal=causal, mesh=mesh)
+            fn = attention_function(impl, causal=causal, mesh=mesh, order=sequence_order)
             forward, grads = jax.jit(fn), jax.jit(forward_and_backward(fn))
         except Exception as error:  # noqa: BLE001 - e.g. a strategy that rejects the mesh
             reason = short_reason(error)

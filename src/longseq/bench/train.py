@@ -6,16 +6,17 @@ timed) and reports, for the steady state:
 
     step_ms          median of `iters` timed steps after `warmup` untimed ones (each waited for)
     tokens_per_s     batch_size × seq_len / step time
-    model_tflops     model FLOPs / step time, counted as MaxText and Megatron do:
+    model_tflops     model FLOPs / step time (all devices of the mesh together), counted as MaxText and Megatron do:
                        6 × matmul parameters × tokens            (every Linear kernel, and the LM head; the
                                                                   embedding lookup and convolutions are not
                                                                   matmuls; recomputation is not counted)
                      + 6 × attention layers × seq_len × heads·head_dim × tokens   (causal attention: half of
                                                                   the 12·L·T·d of full attention)
-    mfu              model_tflops / the chip's datasheet dense bf16 peak (989 TFLOP/s for H100 and H200 SXM;
-                     None on chips without a known peak)
-    matmul_fraction  model_tflops / a bf16 8192² matmul's TFLOP/s measured in the same process (the ceiling
-                     XLA reaches on this chip)
+    model_tflops_per_device  model_tflops / the mesh's devices
+    mfu              model_tflops_per_device / the chip's datasheet dense bf16 peak (989 TFLOP/s for H100 and
+                     H200 SXM; None on chips without a known peak)
+    matmul_fraction  model_tflops_per_device / a bf16 8192² matmul's TFLOP/s measured in the same process (the
+                     ceiling XLA reaches on this chip)
     peak_memory_gib  the device's peak bytes in use (GPU allocator statistics, the process's peak so far: one
                      configuration per process, as the CLI runs it; None on CPU), and
     compiled_gib     the trainer's memory report for the step (`longseq.train.memory`: XLA's arguments +
@@ -96,6 +97,7 @@ class PreparedStep(NamedTuple):
     num_params: int
     strategy: str
     memory: Any  # longseq.train.memory.MemoryReport
+    devices: int  # of the step's mesh
 
 
 def prepare_step(config) -> PreparedStep:
@@ -120,7 +122,7 @@ def prepare_step(config) -> PreparedStep:
         holder["state"], metrics = compiled(holder["state"], batch)
         return metrics
 
-    return PreparedStep(call, compiled, flops, steps.num_params, choice.strategy, memory)
+    return PreparedStep(call, compiled, flops, steps.num_params, choice.strategy, memory, mesh.size)
 
 
 def run_train_bench(config, *, iters: int = 8, warmup: int = 3, matmul_size: int = 8192) -> dict[str, Any]:
@@ -138,16 +140,18 @@ def run_train_bench(config, *, iters: int = 8, warmup: int = 3, matmul_size: int
     tokens = config.data.batch_size * config.data.seq_len
     peak = datasheet_peak(device.device_kind)
     model_flops_per_s = step.flops["flops"] / seconds
+    per_device = model_flops_per_s / step.devices  # MFU and the ceiling are a chip's
     return {
-        "device_kind": device.device_kind, "devices": jax.device_count(), "jax": jax.__version__,
+        "device_kind": device.device_kind, "devices": step.devices, "jax": jax.__version__,
         "mixer": config.model.mixer, "d_model": config.model.d_model, "layers": config.model.num_layers,
         "heads": config.model.num_heads, "params": step.num_params, **step.flops,
         "batch": config.data.batch_size, "seq_len": config.data.seq_len, "tokens": tokens,
         "compute_dtype": config.model.compute_dtype, "attention_kernel": config.kernels.attention,
         "attention_parallel": step.strategy if config.mesh.seq_devices > 1 else None,
         "step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds, "model_tflops": model_flops_per_s / 1e12,
-        "mfu": None if peak is None else model_flops_per_s / peak, "datasheet_peak_tflops": None if peak is None else peak / 1e12,
-        "matmul_tflops": ceiling / 1e12, "matmul_fraction": model_flops_per_s / ceiling,
+        "model_tflops_per_device": per_device / 1e12,
+        "mfu": None if peak is None else per_device / peak, "datasheet_peak_tflops": None if peak is None else peak / 1e12,
+        "matmul_tflops": ceiling / 1e12, "matmul_fraction": per_device / ceiling,
         "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
         "compiled_gib": step.memory.total / 2**30, "remat": config.train.remat, "loss_chunk": config.train.loss_chunk,
         "loss": float(metrics["loss_sum"]) / max(float(metrics["weight_sum"]), 1e-9),

@@ -83,12 +83,13 @@ class Block(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs if config.dropout > 0 else None)
 
     def __call__(self, x: jax.Array, *, segment_ids: tuple[jax.Array, jax.Array] | None = None,
-                 mlp_chunk: int | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, mlp_chunk: int | None = None) -> jax.Array:
         """
         Args:
           x: [batch, seq, d_model] residual stream.
           segment_ids: (q_ids, kv_ids) [batch, seq] each, for attention mixers; convolution mixers
             ignore them (they mix across segment boundaries).
+          positions: [seq] rotary positions of the rows, for attention mixers (None = 0 .. seq−1).
           mlp_chunk: run the MLP (and its norm) this many positions at a time, recomputing each block
             in the backward pass (`longseq.layers.remat.in_position_blocks`); None = all at once.
 
@@ -96,7 +97,10 @@ class Block(nnx.Module):
           [batch, seq, d_model] in x's dtype.
         """
         h = self.mixer_norm(x)
-        h = self.mixer(h, segment_ids=segment_ids) if self.mixer_name == "attention" else self.mixer(h)
+        if self.mixer_name == "attention":
+            h = self.mixer(h, segment_ids=segment_ids, positions=positions)
+        else:
+            h = self.mixer(h)
         x = x + self.dropout(h).astype(x.dtype)
         h = in_position_blocks(lambda x: self.mlp(self.mlp_norm(x)), x, mlp_chunk)
         return x + self.dropout(h).astype(x.dtype)

@@ -81,7 +81,7 @@ class Backbone(nnx.Module):
         self.final_norm = RMSNorm(config.d_model, dtype=self.dtype)
 
     def __call__(self, tokens: jax.Array, *, segment_ids: tuple[jax.Array, jax.Array] | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+                 mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
         """
         Args:
           tokens: [batch, seq] int.
@@ -94,6 +94,8 @@ class Backbone(nnx.Module):
             the outputs at real positions also do not depend on how many padding positions there
             are (at least `short_conv_width // 2` for bidirectional gated_conv, whose centred short
             convolution reaches that far past the last real token; see `GatedConv`).
+          positions: [seq] the positions of the rows, for the attention mixers' rotary embedding
+            (None = 0 .. seq−1; `DecoderLM` passes its zigzag order).
 
         Returns:
           [batch, seq, d_model] normalised hidden states in the compute dtype.
@@ -106,7 +108,7 @@ class Backbone(nnx.Module):
         def run_block(block: Block, h: jax.Array) -> jax.Array:
             h = constrain_to_batch(h)  # under a mesh: split as the batch, so FSDP gathers weights, not activations
             h = block(checkpoint_name(h, "block_input"), segment_ids=segment_ids,  # see longseq.layers.remat
-                      mlp_chunk=self.remat.mlp_chunk)
+                      positions=positions, mlp_chunk=self.remat.mlp_chunk)
             return h if keep is None else h * keep
 
         run_block = self.remat.apply(run_block)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -9,7 +12,9 @@ from flax import nnx
 from longseq.config import KernelsConfig, ModelConfig
 from longseq.layers.remat import Remat
 from longseq.models.backbone import Backbone
+from longseq import parallel
 from longseq.parallel import SequenceParallel
+from longseq.parallel.plan import keeps_zigzag_order
 
 
 class DecoderLM(nnx.Module):
@@ -34,6 +39,12 @@ class DecoderLM(nnx.Module):
           remat: what each block keeps for the backward pass (`longseq.layers.remat`).
         """
         self.tie_embeddings = config.tie_embeddings
+        if (sequence_parallel is not None and sequence_parallel.balances_in_place
+                and keeps_zigzag_order(config.layer_mixers(), seq_len, sequence_parallel.devices)):
+            # Causal load balance once for the whole model: the tokens go into zigzag order at the
+            # input and the hidden states come back at the output, so no attention layer swaps.
+            sequence_parallel = dataclasses.replace(sequence_parallel, order="zigzag")
+        self.sequence_parallel = sequence_parallel
         self.backbone = Backbone(config, kernels, vocab_size=vocab_size, seq_len=seq_len, causal=True,
                                  rngs=rngs, sequence_parallel=sequence_parallel, remat=remat)
         if not config.tie_embeddings:
@@ -57,8 +68,20 @@ class DecoderLM(nnx.Module):
     def hidden(self, tokens: jax.Array, *,
                segment_ids: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         """The final hidden states [batch, seq, d_model] in the compute dtype: logits = hidden @ head_matrix().T
-        (what a chunked loss takes, `longseq.train.losses.chunked_lm_sums`)."""
-        return self.backbone(tokens, segment_ids=segment_ids)
+        (what a chunked loss takes, `longseq.train.losses.chunked_lm_sums`).
+
+        Under a sequence-parallel plan in zigzag order the rows travel through the blocks in that order,
+        with their positions, and come back in natural order here."""
+        plan = self.sequence_parallel
+        if plan is None or plan.order == "natural":
+            return self.backbone(tokens, segment_ids=segment_ids)
+        reorder = functools.partial(parallel.reorder, mesh=plan.mesh, seq_q_axis=plan.seq_q_axis,
+                                    seq_kv_axis=plan.seq_kv_axis)
+        positions = jnp.asarray(parallel.zigzag_order(tokens.shape[1], plan.devices))  # checks the length
+        if segment_ids is not None:
+            segment_ids = tuple(reorder(x, order="zigzag") for x in segment_ids)
+        h = self.backbone(reorder(tokens, order="zigzag"), segment_ids=segment_ids, positions=positions)
+        return reorder(h, order="natural")
 
     def head_matrix(self) -> jax.Array:
         """The output projection as [vocab_size, d_model] float32: the embedding table when tied."""

@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
@@ -61,6 +62,9 @@ from longseq.ops import attention as attention_op
 from longseq.ops import attention_backward, merge_partials
 
 STRATEGIES = ("attention2d", "ring", "ulysses", "allgather_kv", "usp", "double_ring")
+ORDERS = ("natural", "zigzag")
+# The strategies that attend chunks in zigzag order as they come (ulysses and usp swap them back)
+BALANCED_IN_PLACE = ("attention2d", "ring", "allgather_kv", "double_ring")
 
 Array = jax.Array
 
@@ -101,11 +105,13 @@ def _check(q, k, v, segment_ids, mesh: Mesh, strategy: str, seq_axes: tuple[str,
 def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal: bool = False,
               segment_ids=None, window: int | None = None, seq_q_axis: str = "seq_q",
               seq_kv_axis: str = "seq_kv", impl: str = "auto",
-              flash: FlashAttentionConfig | None = None, keep_gathered: bool = False) -> Array:
+              flash: FlashAttentionConfig | None = None, keep_gathered: bool = False,
+              order: str = "natural") -> Array:
     """Sequence-parallel self-attention on global arrays; differentiable.
 
     Args:
-      q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (GQA: kv_heads | heads).
+      q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (GQA: kv_heads | heads),
+        in `order` along seq.
       mesh: a mesh with axes seq_q_axis and seq_kv_axis (either may have size 1); its other axes
         shard the batch.
       strategy: one of STRATEGIES (see the module docstring).
@@ -121,12 +127,25 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
         all-gather + attention does) at the price of holding them: K/V memory O(seq/Pkv) per layer
         instead of O(seq/P). Off by default; under rematerialisation the blocks live for one layer's
         backward only.
+      order: the order of the rows of q, k, v, the segment ids and the output. "natural": row t is
+        position t; causal strategies swap half-chunks into load-balanced (zigzag) order and back on
+        every call. "zigzag": the rows are already in `zigzag_order(seq, P)` (`reorder` puts them
+        there), which every strategy balances with as it is: nothing is swapped in ring, double_ring,
+        attention2d and allgather_kv (ulysses and usp, which attend in natural order, swap when
+        positions matter). A model reorders its tokens once and keeps them so (`DecoderLM`).
 
     Returns:
-      out: [batch, seq, heads, head_dim], sharded like q.
+      out: [batch, seq, heads, head_dim], sharded like q, in `order`.
     """
     seq_axes = (seq_q_axis, seq_kv_axis)
     _check(q, k, v, segment_ids, mesh, strategy, seq_axes)
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+    if order == "zigzag":
+        try:
+            zigzag_order(q.shape[1], math.prod(mesh.shape[a] for a in seq_axes))
+        except ValueError as error:
+            raise ValueError(f"q: order='zigzag': {error}") from None
     if strategy in BACKWARD_FROM_STATISTICS and impl == "xla":
         raise ValueError(f"impl: strategy {strategy!r} runs each block's backward from the merged "
                          "log-sum-exp, which impl='xla' cannot; use 'auto', 'cudnn', 'pallas' or 'reference'")
@@ -139,7 +158,7 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
     tokens = PartitionSpec(batch_axes, seq_axes, None, None)
     ids = PartitionSpec(batch_axes, seq_axes)
     local = dict(causal=causal, window=window, impl=impl, flash=flash, seq_len=q.shape[1],
-                 grid=(mesh.shape[seq_q_axis], mesh.shape[seq_kv_axis]), axes=seq_axes)
+                 grid=(mesh.shape[seq_q_axis], mesh.shape[seq_kv_axis]), axes=seq_axes, order=order)
     if keep_gathered:
         local["keep_gathered"] = True
     body = functools.partial(_STRATEGY_BODIES[strategy], **local)
@@ -174,6 +193,11 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
 
 def _gather(x, axis_name, dim: int = 1):
     return lax.all_gather(x, axis_name, axis=dim, tiled=True)
+
+
+def _scatter(x, axis_name):
+    """Sum over the axis' devices and keep this device's chunk of the rows (the transpose of `_gather`)."""
+    return lax.psum_scatter(x, axis_name, scatter_dimension=1, tiled=True)
 
 
 def _zigzag_perms(devices: int):
@@ -211,6 +235,62 @@ def _to_zigzag(x, axes, devices: int, *, inverse: bool = False):
     return jnp.concatenate([back_first, back_second], axis=1)
 
 
+def zigzag_order(seq_len: int, devices: int) -> np.ndarray:
+    """The causal load-balanced ("zigzag") order of a sequence split over `devices` chunks.
+
+    The sequence is cut into 2·devices equal pieces and chunk r (device r) holds pieces r and
+    2·devices − 1 − r: one early, one late, the same causal work on every device. Row t of a sequence
+    in this order holds position order[t], so x_zigzag = x[:, order] and x = x_zigzag[:, argsort(order)].
+    """
+    if devices < 1 or seq_len % (2 * devices):
+        raise ValueError(f"seq_len: zigzag order over {devices} devices needs a multiple of {2 * devices} "
+                         f"(two pieces per device), got {seq_len}")
+    half = seq_len // (2 * devices)
+    pieces = [piece for r in range(devices) for piece in (r, 2 * devices - 1 - r)]
+    return np.concatenate([np.arange(p * half, (p + 1) * half) for p in pieces])
+
+
+def reorder(x: Array, *, mesh: Mesh, order: str, seq_q_axis: str = "seq_q", seq_kv_axis: str = "seq_kv") -> Array:
+    """x: [batch, seq, ...] from natural order into `order` ("zigzag": `zigzag_order` over the sequence
+    devices of the mesh), or back with order="natural" from zigzag. Each device swaps half its chunk with
+    one other (one ppermute); nothing is gathered. What a model does once at its input and output so
+    that its attention layers need no per-layer exchange (`attention(..., order="zigzag")`)."""
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+    seq_axes = (seq_q_axis, seq_kv_axis)
+    devices = math.prod(mesh.shape[a] for a in seq_axes)
+    zigzag_order(x.shape[1], devices)  # the length check, with its message
+    if devices == 1:
+        return x
+    batch_axes = tuple(a for a in mesh.axis_names if a not in seq_axes) or None
+    spec = PartitionSpec(batch_axes, seq_axes, *([None] * (x.ndim - 2)))
+    swap = functools.partial(_to_zigzag, axes=seq_axes, devices=devices, inverse=order == "natural")
+    return jax.shard_map(swap, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(x)
+
+
+def _gather_zigzag(x, axis_name):
+    """All-gather chunks in zigzag order as [first halves of the axis' devices, in order; then their
+    second halves]: [b, n, ...] → [b, D·n, ...]. Every first-half piece precedes every second-half one,
+    so a late query piece sees the first halves as one run of rows (`_zigzag_gathered_pieces`)."""
+    b, n = x.shape[:2]
+    halves = x.reshape(b, 2, n // 2, *x.shape[2:])
+    return _gather(halves, axis_name, dim=2).reshape(b, -1, *x.shape[2:])
+
+
+def _scatter_zigzag(x, axis_name):
+    """The transpose of `_gather_zigzag`: sum over the axis' devices and keep this device's two halves."""
+    b, rows = x.shape[:2]
+    halves = x.reshape(b, 2, rows // 2, *x.shape[2:])
+    return lax.psum_scatter(halves, axis_name, scatter_dimension=2, tiled=True).reshape(b, -1, *x.shape[2:])
+
+
+def _zigzag_gathered_pieces(chunks, n: int, devices: int) -> list["Piece"]:
+    """The pieces of `_gather_zigzag` of the zigzag chunks `chunks` (flat indices, in gather order)."""
+    half, count = n // 2, len(chunks)
+    return ([Piece(m * half, half, c * half, 0) for m, c in enumerate(chunks)]
+            + [Piece((count + m) * half, half, (2 * devices - 1 - c) * half, 1) for m, c in enumerate(chunks)])
+
+
 class Piece(NamedTuple):
     """A run of a device's rows: local first row, length, global offset of the first, and for zigzag
     pieces which half of the sequence it lies in (0: the first, 1: the second; None: not zigzag)."""
@@ -242,24 +322,26 @@ def _block_causal(q_piece: Piece, kv_piece: Piece, causal: bool) -> bool:
     return causal and not (q_piece.half == 1 and kv_piece.half == 0)
 
 
-def _visible_blocks(q_piece: Piece, kv_pieces: list[Piece], causal: bool) -> list[tuple[Piece, list[int]]]:
-    """The key blocks q_piece attends to, each with the indices of the kv_pieces it covers: pieces it
-    cannot see are dropped, and neighbouring pieces it sees unmasked (consecutive rows at static,
-    consecutive positions, e.g. the natural halves of a key side gathered whole) are joined into one
-    block: fewer, longer kernel calls and fewer partials to merge."""
-    blocks: list[tuple[Piece, list[int]]] = []
+def _visible_blocks(q_piece: Piece, kv_pieces: list[Piece], causal: bool,
+                    window: int | None = None) -> list[tuple[Piece, list[int], bool]]:
+    """The key blocks q_piece attends to: (block, indices of the kv_pieces it covers, whether it needs the
+    causal mask). Pieces it cannot see are dropped, and neighbouring rows it sees unmasked are joined
+    into one block (fewer, longer kernel calls and fewer partials to merge). Without a window, an
+    unmasked block's positions do not matter (attention to it is the same whatever order its keys are
+    in), so any consecutive rows join; with one, only consecutive static positions do."""
+    blocks: list[tuple[Piece, list[int], bool]] = []
     for index, kp in enumerate(kv_pieces):
         if _hidden(q_piece, kp, causal):
             continue
-        if blocks and not _block_causal(q_piece, kp, causal):
-            last, covered = blocks[-1]
-            joins = (not _block_causal(q_piece, kv_pieces[covered[-1]], causal) and last.row + last.rows == kp.row
-                     and isinstance(last.offset, int) and isinstance(kp.offset, int)
-                     and last.offset + last.rows == kp.offset and last.half == kp.half)
-            if joins:
-                blocks[-1] = (last._replace(rows=last.rows + kp.rows), covered + [index])
+        masked = _block_causal(q_piece, kp, causal)
+        if blocks and not masked and not blocks[-1][2]:
+            last, covered, _ = blocks[-1]
+            positions_follow = (isinstance(last.offset, int) and isinstance(kp.offset, int)
+                                and last.offset + last.rows == kp.offset)
+            if last.row + last.rows == kp.row and (window is None or positions_follow):
+                blocks[-1] = (last._replace(rows=last.rows + kp.rows), covered + [index], False)
                 continue
-        blocks.append((kp, [index]))
+        blocks.append((kp, [index], masked))
     return blocks
 
 
@@ -272,10 +354,10 @@ def _attend_pieces(q, k, v, q_ids, kv_ids, q_pieces, kv_pieces, *, causal, windo
     outs, lses = [], []
     for qp in q_pieces:
         parts = []
-        for kp, _ in _visible_blocks(qp, kv_pieces, causal):
+        for kp, _, masked in _visible_blocks(qp, kv_pieces, causal, window):
             ids = None if q_ids is None else (q_ids[:, qp.row:qp.row + qp.rows], kv_ids[:, kp.row:kp.row + kp.rows])
             parts.append(attention_op(q[:, qp.row:qp.row + qp.rows], k[:, kp.row:kp.row + kp.rows],
-                                      v[:, kp.row:kp.row + kp.rows], causal=_block_causal(qp, kp, causal),
+                                      v[:, kp.row:kp.row + kp.rows], causal=masked,
                                       segment_ids=ids,
                                       q_offset=qp.offset, kv_offset=kp.offset, window=window, impl=impl,
                                       flash=flash))
@@ -298,11 +380,11 @@ def _attend_pieces_backward(q, k, v, q_ids, kv_ids, out, lse, dout, q_pieces, kv
     dv_terms = [[] for _ in kv_pieces]
     for qi, qp in enumerate(q_pieces):
         rows = slice(qp.row, qp.row + qp.rows)
-        for kp, covered in _visible_blocks(qp, kv_pieces, causal):
+        for kp, covered, masked in _visible_blocks(qp, kv_pieces, causal, window):
             cols = slice(kp.row, kp.row + kp.rows)
             ids = None if q_ids is None else (q_ids[:, rows], kv_ids[:, cols])
             dq, dk, dv = attention_backward(q[:, rows], k[:, cols], v[:, cols], out[:, rows], lse[:, :, rows],
-                                            dout[:, rows], causal=_block_causal(qp, kp, causal), segment_ids=ids,
+                                            dout[:, rows], causal=masked, segment_ids=ids,
                                             q_offset=qp.offset, kv_offset=kp.offset, window=window, impl=impl,
                                             flash=flash)
             dq_terms[qi].append(dq)
@@ -330,13 +412,18 @@ def _balanced(sides):
     sides(grid) -> (queries, keys): whether this grid's query / key-value chunks are swapped into
     zigzag order. A side whose block is the whole sequence on every device (all-gathered) needs no
     balance and is left in natural order; the output is swapped back only if the queries were.
-    Bodies get `zigzag` = (queries, keys).
+    Chunks that come in zigzag order (order="zigzag") are balanced already: nothing is swapped and
+    both sides are zigzag (without a causal mask or a window, positions do not matter and the order is
+    ignored). Bodies get `zigzag` = (queries, keys).
     """
 
     def wrap(body):
         @functools.wraps(body)
-        def run(q, k, v, segment_ids, *, causal, grid, axes, **kwargs):
+        def run(q, k, v, segment_ids, *, causal, grid, axes, order, **kwargs):
             devices = grid[0] * grid[1]
+            if order == "zigzag" and devices > 1 and (causal or kwargs["window"] is not None):
+                return body(q, k, v, segment_ids, causal=causal, grid=grid, axes=axes, zigzag=(True, True),
+                            **kwargs)
             balance = causal and devices > 1 and q.shape[1] % 2 == 0
             queries, keys = sides(grid) if balance else (False, False)
             swap = functools.partial(_to_zigzag, axes=axes, devices=devices)
@@ -354,6 +441,25 @@ def _balanced(sides):
         return run
 
     return wrap
+
+
+def _in_natural_order(body):
+    """Wrap a body that attends in natural order (ulysses, usp): chunks that come in zigzag order are
+    swapped back around it, unless positions do not matter (no causal mask, no window: attention is
+    then the same whatever the order of the rows, as long as q, k, v and the ids share it)."""
+
+    @functools.wraps(body)
+    def run(q, k, v, segment_ids, *, causal, window, grid, axes, order, **kwargs):
+        devices = grid[0] * grid[1]
+        convert = order == "zigzag" and devices > 1 and (causal or window is not None)
+        if convert:
+            natural = functools.partial(_to_zigzag, axes=axes, devices=devices, inverse=True)
+            q, k, v = natural(q), natural(k), natural(v)
+            segment_ids = None if segment_ids is None else tuple(natural(x) for x in segment_ids)
+        out = body(q, k, v, segment_ids, causal=causal, window=window, grid=grid, axes=axes, **kwargs)
+        return _to_zigzag(out, axes, devices) if convert else out
+
+    return run
 
 
 def _natural_halves(devices: int, n: int) -> list[Piece]:
@@ -386,8 +492,17 @@ def _keeping_own_chunk(forward, backward, q, k, v, segment_ids):
 def _allgather_kv(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
     n, devices = q.shape[1], grid[0] * grid[1]
     chunk = lax.axis_index(axes)
-    k_all, v_all = _gather(k, axes), _gather(v, axes)
-    kv_ids = None if segment_ids is None else _gather(segment_ids[1], axes)
+
+    def gather_whole(x):  # the whole sequence, in natural order
+        if not zigzag[1]:
+            return _gather(x, axes)
+        x = _gather_zigzag(x, axes)  # pieces 0 … P − 1, then 2P − 1 … P: put the second run back in order
+        first, second = x[:, :seq_len // 2], x[:, seq_len // 2:]
+        second = second.reshape(x.shape[0], devices, n // 2, *x.shape[2:])[:, ::-1]
+        return jnp.concatenate([first, second.reshape(first.shape)], axis=1)
+
+    k_all, v_all = gather_whole(k), gather_whole(v)
+    kv_ids = None if segment_ids is None else gather_whole(segment_ids[1])
     q_ids = None if segment_ids is None else segment_ids[0]
     # One block per query piece, against the whole sequence: autodiff needs no lse gradient. Causal,
     # its mask cuts the block at a traced offset, which cuDNN cannot mask (impl "cudnn" runs it on the
@@ -395,6 +510,7 @@ def _allgather_kv(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len,
     out, _ = _attend_pieces(q, k_all, v_all, q_ids, kv_ids, _pieces(chunk, n, devices, zigzag[0]),
                             [Piece(0, seq_len, 0)], causal=causal, window=window, impl=impl, flash=flash)
     return out
+
 
 @_balanced(lambda grid: (True, True))
 def _ring(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes, zigzag):
@@ -551,12 +667,14 @@ def _to_sequence(out, axis):
     return lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 
+@_in_natural_order
 def _ulysses(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes):
     q, k, v, ids = _to_heads(q, k, v, segment_ids, axes, grid[0] * grid[1])
     out, _ = attention_op(q, k, v, causal=causal, segment_ids=ids, window=window, impl=impl, flash=flash)
     return _to_sequence(out, axes)
 
 
+@_in_natural_order
 def _usp(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, axes):
     """Ulysses over seq_kv turns device (i, j)'s chunk into grid row i's Pkv chunks (one contiguous
     block of the sequence) on heads / Pkv; ring attention over seq_q then passes those blocks around
@@ -565,7 +683,7 @@ def _usp(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, grid, ax
     row_axis, col_axis = axes
     q, k, v, ids = _to_heads(q, k, v, segment_ids, col_axis, cols)
     out = _ring(q, k, v, ids, causal=causal, window=window, impl=impl, flash=flash, seq_len=seq_len,
-                grid=(rows, 1), axes=(row_axis,))
+                grid=(rows, 1), axes=(row_axis,), order="natural")
     return _to_sequence(out, col_axis)
 
 
@@ -580,29 +698,35 @@ def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
     (rows, cols), (row_axis, col_axis) = grid, axes  # Pq × Pkv; row i = seq_q index, column j = seq_kv
     n, devices = q.shape[1], rows * cols
     blocks = dict(causal=causal, window=window, impl=impl, flash=flash)
+    # A zigzag side is gathered as its chunks' first halves, then their second halves; a natural one
+    # in chunk order. The reduce-scatters are their transposes.
+    gather_q, scatter_q = (_gather_zigzag, _scatter_zigzag) if zigzag[0] else (_gather, _scatter)
+    gather_kv, scatter_kv = (_gather_zigzag, _scatter_zigzag) if zigzag[1] else (_gather, _scatter)
+
+    def index(axis, size):  # static on an axis of one device, so offsets there stay static
+        return 0 if size == 1 else lax.axis_index(axis)
 
     def pieces():
         if not causal and window is None:  # positions do not matter: one block each way
             return [Piece(0, cols * n, 0)], [Piece(0, rows * n, 0)]
-        i, j = lax.axis_index(row_axis), lax.axis_index(col_axis)
+        i, j = index(row_axis, rows), index(col_axis, cols)
         if not any(zigzag):  # contiguous chunks: the query block is one run, and so is the kv block when Pkv = 1
             q_pieces = [Piece(0, cols * n, i * cols * n)]
             kv_pieces = ([Piece(0, rows * n, 0)] if cols == 1 else
                          [Piece(r * n, n, (r * cols + j) * n) for r in range(rows)])
             return q_pieces, kv_pieces
-        # Query block i: the row's devices i·Pkv + c, c = 0 … Pkv − 1, in order; key/value block j:
-        # the column's devices i'·Pkv + j, i' = 0 … Pq − 1. A side gathered whole (Pq = 1 for the
-        # queries, Pkv = 1 for the keys) stays in natural order, cut in half-chunks to match the
-        # other side's zigzag pieces.
-        q_pieces = ([p._replace(row=c * n + p.row) for c in range(cols)
-                     for p in _pieces(i * cols + c, n, devices, True)] if zigzag[0] else _natural_halves(devices, n))
-        kv_pieces = ([p._replace(row=r * n + p.row) for r in range(rows)
-                      for p in _pieces(r * cols + j, n, devices, True)] if zigzag[1] else _natural_halves(devices, n))
+        # Query block i: the row's devices i·Pkv + c, c = 0 … Pkv − 1; key/value block j: the column's
+        # devices i'·Pkv + j, i' = 0 … Pq − 1. A side gathered whole in natural order (swapped balance:
+        # Pq = 1 for the queries, Pkv = 1 for the keys) is cut in half-chunks to match the other's pieces.
+        q_pieces = (_zigzag_gathered_pieces([i * cols + c for c in range(cols)], n, devices) if zigzag[0]
+                    else _natural_halves(devices, n))
+        kv_pieces = (_zigzag_gathered_pieces([r * cols + j for r in range(rows)], n, devices) if zigzag[1]
+                     else _natural_halves(devices, n))
         return q_pieces, kv_pieces
 
     def gather(q, k, v, q_ids, kv_ids):  # the row's queries, the column's keys and values
-        q_ids, kv_ids = (None, None) if q_ids is None else (_gather(q_ids, col_axis), _gather(kv_ids, row_axis))
-        return _gather(q, col_axis), _gather(k, row_axis), _gather(v, row_axis), q_ids, kv_ids
+        q_ids, kv_ids = (None, None) if q_ids is None else (gather_q(q_ids, col_axis), gather_kv(kv_ids, row_axis))
+        return gather_q(q, col_axis), gather_kv(k, row_axis), gather_kv(v, row_axis), q_ids, kv_ids
 
     def attend(q, k, v, q_ids, kv_ids):  # on the gathered blocks
         out, lse = _attend_pieces(q, k, v, q_ids, kv_ids, *pieces(), **blocks)
@@ -614,15 +738,14 @@ def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
         row_lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
         weight = weight / jnp.where(total > 0, total, 1.0)  # [b, heads, Pkv·n]
         weighted = (out.astype(jnp.float32) * jnp.swapaxes(weight, 1, 2)[..., None]).astype(q.dtype)
-        # Sum over the row and keep this device's chunk (rows j·n … j·n + n of the query block); the
-        # terms travel in q's dtype, like the gradients below (bfloat16: half the bytes of float32).
-        out = lax.psum_scatter(weighted, col_axis, scatter_dimension=1, tiled=True)
-        return out, row_lse
+        # Sum over the row and keep this device's chunk of the query block; the terms travel in q's
+        # dtype, like the gradients below (bfloat16: half the bytes of float32).
+        return scatter_q(weighted, col_axis), row_lse
 
     def attend_backward(residuals, dout):  # gradients of the gathered blocks, not yet summed
         q, k, v, q_ids, kv_ids, out, row_lse = residuals
-        return _attend_pieces_backward(q, k, v, q_ids, kv_ids, _gather(out, col_axis), row_lse,
-                                       _gather(dout, col_axis), *pieces(), **blocks, dtype=q.dtype)
+        return _attend_pieces_backward(q, k, v, q_ids, kv_ids, gather_q(out, col_axis), row_lse,
+                                       gather_q(dout, col_axis), *pieces(), **blocks, dtype=q.dtype)
 
     if keep_gathered:  # autodiff transposes the gathers into the reduce-scatters
         q, k, v, q_ids, kv_ids = gather(q, k, v, *((None, None) if segment_ids is None else segment_ids))
@@ -639,11 +762,8 @@ def _attention2d(q, k, v, segment_ids, *, causal, window, impl, flash, seq_len, 
     def backward(residuals, dout):
         *own, out, row_lse = residuals
         dq, dk, dv = attend_backward((*gather(*own), out, row_lse), dout)
-
-        def scatter(x, axis):  # sum the partial gradients (in q's dtype), keep this device's chunk
-            return lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True)
-
-        return scatter(dq, col_axis), scatter(dk, row_axis), scatter(dv, row_axis), None, None
+        # sum the partial gradients (in q's dtype), keep this device's chunk
+        return scatter_q(dq, col_axis), scatter_kv(dk, row_axis), scatter_kv(dv, row_axis), None, None
 
     return _keeping_own_chunk(forward, backward, q, k, v, segment_ids)
 

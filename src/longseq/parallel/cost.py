@@ -33,7 +33,7 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-from longseq.parallel.attention import STRATEGIES
+from longseq.parallel.attention import BALANCED_IN_PLACE, STRATEGIES
 
 FLOAT32 = 4
 TWO_AXIS = ("attention2d", "usp", "double_ring")  # the strategies whose grid shape matters
@@ -84,7 +84,11 @@ SYSTEMS = {
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One attention call: q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads, head_dim]."""
+    """One attention call: q [batch, seq, heads, head_dim], k, v [batch, seq, kv_heads, head_dim].
+
+    order: the sequence order the caller keeps (`parallel.attention`'s): in "zigzag" order the strategies
+    that balance in place (`BALANCED_IN_PLACE`) swap nothing; the others are counted in natural order.
+    """
 
     batch: int
     seq: int
@@ -93,6 +97,7 @@ class Problem:
     head_dim: int
     itemsize: int = 2
     causal: bool = True
+    order: str = "natural"
 
     def flops(self) -> float:
         """Forward+backward FLOPs of the whole problem, in the anchors' convention."""
@@ -183,7 +188,7 @@ def transfers(strategy: str, grid: tuple[int, int], problem: Problem, system: Sy
     def zigzag(forward_width, backward_width, ring_devices, chunk):
         """Half-chunk swaps into and out of zigzag order (causal only) of arrays this wide in all: the
         forward's inputs in and output back, the backward's output gradient in and input gradients back."""
-        if problem.causal and ring_devices > 1:
+        if problem.causal and ring_devices > 1 and not (problem.order == "zigzag" and strategy in BALANCED_IN_PLACE):
             halves = _zigzag_halves(ring_devices) * chunk / 2 * s
             exposed(halves * forward_width, "flat", "fwd")
             exposed(halves * backward_width, "flat", "bwd")
