@@ -188,7 +188,8 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
 # blocks differ between devices are swapped: a side every device gathers whole (the keys of
 # allgather_kv and of attention2d on a P×1 grid, the queries of attention2d on 1×P) stays in natural
 # order and is cut into half-chunks to match. A device's rows are then "pieces": runs of
-# consecutive positions, each attended with its own global offset.
+# consecutive positions, each attended with its own global offset. Rows that come in zigzag order
+# (order="zigzag", what DecoderLM keeps) need no swap at all: both sides are zigzag chunks.
 
 
 def _gather(x, axis_name, dim: int = 1):
