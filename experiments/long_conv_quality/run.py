@@ -44,6 +44,7 @@ VARIANTS = {
     "learned_butterfly": ["model.mixer=long_conv", *REGULARISED, "model.long_conv.learned_butterfly=true"],
 }
 TASKS = {
+    "mqar_64": ["data.task=mqar", "data.seq_len=64", "data.mqar.num_kv_pairs=4", "data.mqar.vocab_size=64"],
     "mqar_128": ["data.task=mqar", "data.seq_len=128", "data.mqar.num_kv_pairs=8", "data.mqar.vocab_size=64"],
     "mqar_256": ["data.task=mqar", "data.seq_len=256", "data.mqar.num_kv_pairs=16", "data.mqar.vocab_size=64"],
     "mqar_512": ["data.task=mqar", "data.seq_len=512", "data.mqar.num_kv_pairs=32", "data.mqar.vocab_size=128"],
