@@ -259,3 +259,19 @@ def test_pallas_attention_trains_like_the_reference(tmp_path):
     assert curves["pallas"].keys() == curves["reference"].keys() == {3, 6, 9, 12}
     np.testing.assert_allclose(list(curves["pallas"].values()), list(curves["reference"].values()), rtol=1e-4)
     assert curves["pallas"][12] < curves["pallas"][3]
+
+
+def test_the_train_state_is_plain_dicts_of_arrays(tmp_path):
+    """The state crosses jit on every step. nnx.State flattens in Python (~20 µs a leaf: milliseconds per step
+    for a 24-layer model); plain dicts and optax's namedtuples flatten in C++. The model still round-trips."""
+    from flax import nnx
+
+    from longseq import data as data_lib
+    from longseq.train.trainer import Steps
+
+    config = tiny(tmp_path)
+    steps = Steps(config, data_lib.make_task(config.data))
+    states = [node for node in jax.tree.leaves(steps.abstract_state, is_leaf=lambda x: isinstance(x, nnx.State))
+              if isinstance(node, nnx.State)]
+    assert not states
+    assert type(steps.abstract_state["params"]["other"]) is dict and type(steps.abstract_state["rest"]) is dict
