@@ -139,8 +139,7 @@ def attention(q: Array, k: Array, v: Array, *, mesh: Mesh, strategy: str, causal
     """
     seq_axes = (seq_q_axis, seq_kv_axis)
     _check(q, k, v, segment_ids, mesh, strategy, seq_axes)
-    if order not in ORDERS:
-        raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+    _check_order(order)
     if order == "zigzag":
         try:
             zigzag_order(q.shape[1], math.prod(mesh.shape[a] for a in seq_axes))
@@ -256,8 +255,7 @@ def reorder(x: Array, *, mesh: Mesh, order: str, seq_q_axis: str = "seq_q", seq_
     devices of the mesh), or back with order="natural" from zigzag. Each device swaps half its chunk with
     one other (one ppermute); nothing is gathered. What a model does once at its input and output so
     that its attention layers need no per-layer exchange (`attention(..., order="zigzag")`)."""
-    if order not in ORDERS:
-        raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+    _check_order(order)
     seq_axes = (seq_q_axis, seq_kv_axis)
     devices = math.prod(mesh.shape[a] for a in seq_axes)
     zigzag_order(x.shape[1], devices)  # the length check, with its message
@@ -267,6 +265,11 @@ def reorder(x: Array, *, mesh: Mesh, order: str, seq_q_axis: str = "seq_q", seq_
     spec = PartitionSpec(batch_axes, seq_axes, *([None] * (x.ndim - 2)))
     swap = functools.partial(_to_zigzag, axes=seq_axes, devices=devices, inverse=order == "natural")
     return jax.shard_map(swap, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(x)
+
+
+def _check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
 
 
 def _gather_zigzag(x, axis_name):
@@ -304,10 +307,7 @@ class Piece(NamedTuple):
 
 def _pieces(chunk, n: int, devices: int, zigzag: bool) -> list[Piece]:
     """The pieces of a device's local rows (chunk = its flat index)."""
-    if not zigzag:
-        return [Piece(0, n, chunk * n)]
-    half = n // 2
-    return [Piece(0, half, chunk * half, 0), Piece(half, half, (2 * devices - 1 - chunk) * half, 1)]
+    return _zigzag_gathered_pieces([chunk], n, devices) if zigzag else [Piece(0, n, chunk * n)]
 
 
 def _hidden(q_piece: Piece, kv_piece: Piece, causal: bool) -> bool:
