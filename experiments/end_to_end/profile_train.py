@@ -5,13 +5,19 @@ traces one under `jax.profiler` and sums the GPU kernel time by kind: attention 
 matmul kernels (cuBLAS / cuBLASLt / CUTLASS GEMMs), and the rest (XLA fusions: norms, activations, casts,
 the loss, the optimizer), with the 20 longest of the rest by name.
 
-    PYTHONPATH=src python3 experiments/end_to_end/profile_train.py configs/bench_lm_370m.yaml [overrides]
+    PYTHONPATH=src python3 experiments/end_to_end/profile_train.py configs/bench_lm_370m.yaml [overrides] [--out DIR]
+
+With `--out DIR` it also writes DIR/kernels.json (every GPU kernel of the traced step: name, kind, total ns,
+launches) and DIR/step.hlo.txt (the compiled step's optimized HLO, where a fusion's kernel name is its
+instruction's name), for reading offline which fusions take the time.
 """
 
 from __future__ import annotations
 
 import collections
 import glob
+import json
+import os
 import sys
 import tempfile
 import time
@@ -37,6 +43,11 @@ def kind(name: str) -> str:
 
 
 def main(argv: list[str]) -> None:
+    out = None
+    if "--out" in argv:
+        at = argv.index("--out")
+        out, argv = argv[at + 1], argv[:at] + argv[at + 2:]
+        os.makedirs(out, exist_ok=True)
     config = load_config(argv[0], argv[1:])
     step = prepare_step(config)
     for _ in range(3):
@@ -54,12 +65,15 @@ def main(argv: list[str]) -> None:
         if not plane.name.startswith("/device:GPU"):
             continue
         totals, others, first, last = collections.Counter(), collections.Counter(), float("inf"), 0.0
+        every, launches = collections.Counter(), collections.Counter()
         for line in plane.lines:
             if not line.name.lower().startswith("stream"):
                 continue
             for event in line.events:
                 what = kind(event.name)
                 totals[what] += event.duration_ns
+                every[event.name] += event.duration_ns
+                launches[event.name] += 1
                 first, last = min(first, event.start_ns), max(last, event.start_ns + event.duration_ns)
                 if what == "other":
                     others[event.name[:100]] += event.duration_ns
@@ -73,6 +87,14 @@ def main(argv: list[str]) -> None:
               f"{step.flops['matmul_flops'] / max(totals['matmul'], 1):.0f} GFLOP/s of matmul kernel time")
         for name, ns in others.most_common(20):
             print(f"      {ns / 1e6:7.3f} ms  {name}")
+        if out:
+            rows = [{"name": name, "kind": kind(name), "ns": ns, "launches": launches[name]}
+                    for name, ns in every.most_common()]
+            with open(os.path.join(out, "kernels.json"), "w") as f:
+                json.dump({"wall_ms": wall_ms, "span_ms": (last - first) / 1e6, "kernels": rows}, f, indent=0)
+    if out:
+        with open(os.path.join(out, "step.hlo.txt"), "w") as f:
+            f.write(step.compiled.as_text())
 
 
 if __name__ == "__main__":

@@ -1,3 +1,7 @@
+import contextlib
+import io
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,8 +47,8 @@ def test_swiglu_shape_dtype_and_formula(dtype):
     x = jax.random.normal(jax.random.key(1), (2, 3, 16))
     y = apply(mlp, x.astype(dtype))
     assert y.shape == (2, 3, 16) and y.dtype == dtype
-    w = np.asarray(mlp.gate_up.kernel[...], np.float64)
-    gate, up = np.split(np.asarray(x, np.float64) @ w, 2, axis=-1)
+    x64 = np.asarray(x, np.float64)
+    gate, up = (x64 @ np.asarray(w.kernel[...], np.float64) for w in (mlp.gate, mlp.up))
     expected = (gate / (1 + np.exp(-gate)) * up) @ np.asarray(mlp.down.kernel[...], np.float64)
     tol = 1e-4 if dtype == jnp.float32 else 5e-2
     np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=tol, atol=tol)
@@ -89,3 +93,54 @@ def test_rotary_shapes_positions_and_norm():
                                np.linalg.norm(np.asarray(x32), axis=-1), rtol=1e-5)
     with pytest.raises(ValueError, match="even"):
         apply_rotary(jnp.zeros((1, 2, 1, 5)), jnp.arange(2))
+
+
+def _residuals(module, x):
+    """The activations the backward pass of module(x) keeps, as (shape, dtype name), arguments excluded
+    (read from `jax.ad_checkpoint.print_saved_residuals`, JAX's public listing of them)."""
+    graph, params = nnx.split(module)
+    listing = io.StringIO()
+    with contextlib.redirect_stdout(listing):
+        jax.ad_checkpoint.print_saved_residuals(lambda p, x: nnx.merge(graph, p)(x), params, x)
+    saved = []
+    for line in listing.getvalue().splitlines():
+        match = re.match(r"(\w+)\[([\d,]*)\] (.*)", line.strip())
+        if match and "argument" not in match.group(3):
+            saved.append((tuple(int(n) for n in match.group(2).split(",") if n), match.group(1)))
+    return saved
+
+
+def test_swiglu_backward_keeps_gate_up_and_hidden_only():
+    mlp = SwiGLU(16, 32, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 3, 16), jnp.bfloat16)
+    wide = [r for r in _residuals(mlp, x) if r[0][-1] == 32 and len(r[0]) == 3]
+    assert wide == [((2, 3, 32), "bf16")] * 3  # gate, up, silu(gate) ⊙ up; the sigmoid is recomputed
+
+
+def test_rmsnorm_backward_keeps_no_float32_activation():
+    x = jax.random.normal(jax.random.key(1), (2, 3, 16))
+    saved = _residuals(RMSNorm(16, dtype=jnp.bfloat16), x)
+    assert not [r for r in saved if r[1] == "f32" and r[0][:2] == (2, 3)]
+
+
+@pytest.mark.parametrize("module", ["norm", "mlp"])
+def test_recomputed_backward_matches_plain_autodiff(module):
+    key_x, key_dy = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(key_x, (2, 5, 16))
+    if module == "norm":
+        layer = RMSNorm(16)
+        layer.scale[...] = jnp.linspace(0.5, 2.0, 16)
+        plain = lambda p, x: x / jnp.sqrt(jnp.mean(x ** 2, -1, keepdims=True) + 1e-6) * p["scale"]
+    else:
+        layer = SwiGLU(16, 32, rngs=nnx.Rngs(0))
+        plain = lambda p, x: (jax.nn.silu(x @ p["gate"]["kernel"]) * (x @ p["up"]["kernel"])) @ p["down"]["kernel"]
+    graph, params = nnx.split(layer)
+    pure = nnx.to_pure_dict(params)
+    dy = jax.random.normal(key_dy, (2, 5, 16))
+
+    def loss(fn):
+        return jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) * dy), argnums=(0, 1)))(pure, x)
+
+    ours = loss(lambda p, x: nnx.merge(graph, p)(x))
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(loss(plain))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
