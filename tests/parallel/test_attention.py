@@ -20,11 +20,12 @@ from longseq.parallel import cost
 from longseq.config import FlashAttentionConfig
 from longseq.ops import attention
 
-# (data, seq_q, seq_kv): every grid of 8 first (usp and double_ring run those), then those of 2 and 1
+# (data, seq_q, seq_kv): every grid of 8 first (usp and double_ring run those with both levels split, and
+# 1x8x1), then those of 2 and 1
 GRIDS_2D = [(1, 1, 8), (1, 2, 4), (1, 4, 2), (1, 8, 1), (2, 2, 2), (1, 1, 2), (1, 2, 1), (1, 1, 1)]
 GRIDS_FLAT = [(1, 2, 4), (2, 2, 2), (1, 1, 2), (1, 1, 1)]
 CASES = [(strategy, grid) for grid in GRIDS_2D for strategy in ["attention2d"]] + \
-        [(strategy, grid) for grid in GRIDS_2D[:5] for strategy in ["usp", "double_ring"]] + \
+        [(strategy, grid) for grid in GRIDS_2D[1:5] for strategy in ["usp", "double_ring"]] + \
         [(strategy, grid) for grid in GRIDS_FLAT for strategy in ["ring", "ulysses", "allgather_kv"]]
 
 
@@ -133,7 +134,7 @@ def test_attention2d_keeps_only_its_own_chunk_for_the_backward():
     assert saved <= 2 * q.nbytes + k.nbytes + v.nbytes + row_lse + 64  # + a few bytes of flags
 
 
-@pytest.mark.parametrize("grid", GRIDS_2D[:5] + [(1, 2, 1)], ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("grid", [(1, 2, 4), (1, 4, 2), (2, 2, 2), (1, 2, 1)], ids=lambda g: "x".join(map(str, g)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_attention2d_keeping_the_gathered_blocks_matches_single_device(grid, causal):
     mesh = make_mesh(grid)
