@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from longseq.bench.outputs import attention_problem_lines, save_outputs
-from longseq.bench.timing import time_calls
+from longseq.bench.timing import short_reason, time_rows
 
 ANCHOR_IMPLS = ("anchor_cudnn", "anchor_xla", "anchor_jax_pallas_mha")
 PASSES = ("fwd", "fwd+bwd")
@@ -235,16 +235,6 @@ def skip_reason(impl: str, shape: AttentionShape, platform: str) -> str | None:
     if impl in DENSE_IMPLS and shape.seq_len > DENSE_MAX_SEQ_LEN:
         return f"dense N² scores, N > {DENSE_MAX_SEQ_LEN}"
     return None
-
-
-def short_reason(error: BaseException) -> str:
-    """One short line for the row's `error`: out-of-memory recognised, else the type and first line."""
-    text = str(error).strip()
-    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
-        return "out of memory"
-    first_line = text.splitlines()[0] if text else ""
-    reason = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
-    return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,23 +435,9 @@ def _measure_impl(impl: str, shape: AttentionShape, dtype: jnp.dtype, causal: bo
         except Exception:  # noqa: BLE001 - the fwd row below records why
             pass
 
-    for row in rows:
-        if reason is not None:
-            row["error"] = f"skipped: {reason}"
-        else:
-            row["rel_err"] = rel_err
-            try:
-                if row["pass"] == "fwd":
-                    timing = time_calls(forward, q, k, v, iters=iters, warmup=warmup)
-                else:
-                    timing = time_calls(grads, q, k, v, dout, iters=iters, warmup=warmup)
-                row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms,
-                           tflops=row["flops"] / (timing.median_ms * 1e-3) / 1e12)
-            except Exception as error:  # noqa: BLE001 - OOM, "not supported", ...
-                row["error"] = f"skipped: {short_reason(error)}"
-            gc.collect()  # drop this row's outputs before the next row allocates
-        on_row(row)
-    return rows
+    return time_rows(rows, {"fwd": (forward, (q, k, v)), "fwd+bwd": (grads, (q, k, v, dout))}, reason=reason,
+                     iters=iters, warmup=warmup, on_row=on_row, measured={"rel_err": rel_err},
+                     rate=lambda row, seconds: {"tflops": row["flops"] / seconds / 1e12})
 
 
 # ----------------------------------------------------------------------------------------------

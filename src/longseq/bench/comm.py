@@ -90,13 +90,13 @@ from pathlib import Path
 from typing import Any
 
 from longseq.bench.outputs import json_safe, save_outputs
+from longseq.bench.timing import short_reason
 from longseq.bench.attention import (
     PASSES,
     BenchArgumentError,
     _format_number,
     check_choices,
     check_dtype,
-    short_reason,
 )
 from longseq.parallel import STRATEGIES, cost
 

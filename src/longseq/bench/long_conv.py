@@ -86,9 +86,8 @@ from longseq.bench.attention import (
     relative_error,
     run_metadata,
     skipped_lines,
-    short_reason,
 )
-from longseq.bench.timing import time_calls
+from longseq.bench.timing import short_reason, time_calls, time_rows
 
 ANCHOR = "anchor_jnp_fft"
 GATED = "gated_"
@@ -440,23 +439,9 @@ def _measure_impl(impl: str, shape: LongConvShape, causal: bool, passes: Sequenc
         except Exception:  # noqa: BLE001 - the fwd row below records why
             pass
 
-    for row in rows:
-        if reason is not None:
-            row["error"] = f"skipped: {reason}"
-        else:
-            row["rel_err"] = rel_err
-            try:
-                if row["pass"] == "fwd":
-                    timing = time_calls(forward, u, k, iters=iters, warmup=warmup)
-                else:
-                    timing = time_calls(grads, u, k, dy, iters=iters, warmup=warmup)
-                row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms,
-                           eff_tbps=row["bytes"] / (timing.median_ms * 1e-3) / 1e12)
-            except Exception as error:  # noqa: BLE001 - OOM, "not supported", ...
-                row["error"] = f"skipped: {short_reason(error)}"
-            gc.collect()  # drop this row's outputs before the next row allocates
-        on_row(row)
-    return rows
+    return time_rows(rows, {"fwd": (forward, (u, k)), "fwd+bwd": (grads, (u, k, dy))}, reason=reason,
+                     iters=iters, warmup=warmup, on_row=on_row, measured={"rel_err": rel_err},
+                     rate=lambda row, seconds: {"eff_tbps": row["bytes"] / seconds / 1e12})
 
 
 # ----------------------------------------------------------------------------------------------

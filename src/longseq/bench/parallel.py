@@ -88,9 +88,8 @@ from longseq.bench.attention import (
     plot,
     run_metadata,
     skipped_lines,
-    short_reason,
 )
-from longseq.bench.timing import time_calls
+from longseq.bench.timing import short_reason, time_rows
 from longseq.parallel.attention import BALANCED_IN_PLACE
 
 ALLGATHER_CUDNN = "anchor_allgather_cudnn"
@@ -447,22 +446,9 @@ def _measure(impl: Implementation, shape: AttentionShape, dtype: jnp.dtype, caus
             forward, grads = jax.jit(fn), jax.jit(forward_and_backward(fn))
         except Exception as error:  # noqa: BLE001 - e.g. a strategy that rejects the mesh
             reason = short_reason(error)
-    for row in rows:
-        if reason is not None:
-            row["error"] = f"skipped: {reason}"
-        else:
-            try:
-                if row["pass"] == "fwd":
-                    timing = time_calls(forward, q, k, v, iters=iters, warmup=warmup)
-                else:
-                    timing = time_calls(grads, q, k, v, dout, iters=iters, warmup=warmup)
-                row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms,
-                           tflops=row["flops"] / (timing.median_ms * 1e-3) / 1e12)
-            except Exception as error:  # noqa: BLE001 - OOM, "not supported", ...
-                row["error"] = f"skipped: {short_reason(error)}"
-            gc.collect()
-        on_row(row)
-    return rows
+    return time_rows(rows, {"fwd": (forward, (q, k, v)), "fwd+bwd": (grads, (q, k, v, dout))}, reason=reason,
+                     iters=iters, warmup=warmup, on_row=on_row,
+                     rate=lambda row, seconds: {"tflops": row["flops"] / seconds / 1e12})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ the next ones let caches and clocks settle. The median of the timed calls is the
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,3 +59,48 @@ def time_calls(fn: Callable[..., Any], *args: Any, iters: int = 10, warmup: int 
         times_ms.append((time.perf_counter() - start) * 1e3)
     return Timing(median_ms=statistics.median(times_ms), min_ms=min(times_ms), max_ms=max(times_ms),
                   iters=iters)
+
+
+def short_reason(error: BaseException) -> str:
+    """One short line for a row's `error`: out-of-memory recognised, else the type and first line."""
+    text = str(error).strip()
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        return "out of memory"
+    first_line = text.splitlines()[0] if text else ""
+    reason = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
+def time_rows(rows: Sequence[dict[str, Any]], calls: Mapping[str, tuple[Callable[..., Any], tuple]], *,
+              reason: str | None, iters: int, warmup: int, rate: Callable[[dict[str, Any], float], dict[str, Any]],
+              on_row: Callable[[dict[str, Any]], None], measured: Mapping[str, Any] | None = None
+              ) -> Sequence[dict[str, Any]]:
+    """Time the rows of one problem, one row per pass, as every benchmark does.
+
+    Args:
+      rows: dicts with a "pass" key ("fwd", "fwd+bwd", ...), updated in place.
+      calls: {pass: (fn, args)}: what a row of that pass times, `time_calls(fn, *args)`.
+      reason: why the whole problem is skipped (None = measure it): each row gets error "skipped: reason".
+      iters, warmup: as `time_calls`.
+      rate: rate(row, seconds per call) -> the row's rate columns (e.g. {"tflops": ...}).
+      on_row: called with each row once it is finished (progress lines).
+      measured: columns every measured row gets (e.g. the forward's error against the reference).
+
+    A row whose call raises (out of memory, an unsupported shape) gets error "skipped: <short reason>" and the
+    next row is still measured; each row's outputs are collected before the next row allocates.
+    """
+    for row in rows:
+        if reason is not None:
+            row["error"] = f"skipped: {reason}"
+        else:
+            row.update(measured or {})
+            try:
+                fn, args = calls[row["pass"]]
+                timing = time_calls(fn, *args, iters=iters, warmup=warmup)
+                row.update(ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms,
+                           **rate(row, timing.median_ms * 1e-3))
+            except Exception as error:  # noqa: BLE001 - OOM, "not supported", ...
+                row["error"] = f"skipped: {short_reason(error)}"
+            gc.collect()  # drop this row's outputs before the next row allocates
+        on_row(row)
+    return rows
