@@ -50,7 +50,7 @@ def test_row_on_cpu_and_the_cli(tmp_path, capsys):
     assert row["tokens_per_s"] == pytest.approx(256 / (row["step_ms"] / 1e3))
     assert row["model_tflops"] == pytest.approx(row["flops"] / (row["step_ms"] / 1e3) / 1e12)
     assert row["mfu"] is None and row["peak_memory_gib"] is None  # CPU: no datasheet peak, no allocator stats
-    assert row["compiled_gib"] > 0 and 0 < row["loss"] < 10
+    assert row["compiled_gib"] > 0 and 0 < row["loss"] < 10 and row["compile_s"] > 0
     assert "| attention |" in format_row(row)
     assert main(["bench", "train", "configs/bench_lm_370m.yaml", *TINY, "--iters", "1", "--warmup", "0",
                  "--matmul-size", "64", "--out", str(tmp_path)]) == 0

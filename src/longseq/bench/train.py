@@ -19,6 +19,8 @@ timed) and reports, for the steady state:
                      ceiling XLA reaches on this chip)
     peak_memory_gib  the device's peak bytes in use (GPU allocator statistics, the process's peak so far: one
                      configuration per process, as the CLI runs it; None on CPU), and
+    compile_s        seconds to trace, lower and compile the step (XLA's autotuning and, on GPUs, cuDNN's graph
+                     building included: the 24-layer 370M LM unrolled takes minutes on an H200, scanned seconds)
     compiled_gib     the trainer's memory report for the step (`longseq.train.memory`: XLA's arguments +
                      outputs + temporaries − aliased); a step that cannot fit the device is refused before
                      anything is allocated
@@ -31,6 +33,7 @@ call for the ratio.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -98,6 +101,7 @@ class PreparedStep(NamedTuple):
     strategy: str
     memory: Any  # longseq.train.memory.MemoryReport
     devices: int  # of the step's mesh
+    compile_s: float  # tracing, lowering and compiling the step
 
 
 def prepare_step(config) -> PreparedStep:
@@ -112,7 +116,9 @@ def prepare_step(config) -> PreparedStep:
     mesh = make_mesh(config, choice.grid)
     steps = Steps(config, task, mesh, strategy=choice.strategy)
     example = task.batch("train", 0, config.data.batch_size)
+    start = time.perf_counter()
     compiled, memory = steps.compile_train_step(mesh, example)
+    compile_s = time.perf_counter() - start
     memory.check(config)
     holder = {"state": steps.init()}
     batch = _put_batch(example, mesh)
@@ -122,7 +128,7 @@ def prepare_step(config) -> PreparedStep:
         holder["state"], metrics = compiled(holder["state"], batch)
         return metrics
 
-    return PreparedStep(call, compiled, flops, steps.num_params, choice.strategy, memory, mesh.size)
+    return PreparedStep(call, compiled, flops, steps.num_params, choice.strategy, memory, mesh.size, compile_s)
 
 
 def run_train_bench(config, *, iters: int = 8, warmup: int = 3, matmul_size: int = 8192) -> dict[str, Any]:
@@ -153,7 +159,7 @@ def run_train_bench(config, *, iters: int = 8, warmup: int = 3, matmul_size: int
         "mfu": None if peak is None else per_device / peak, "datasheet_peak_tflops": None if peak is None else peak / 1e12,
         "matmul_tflops": ceiling / 1e12, "matmul_fraction": per_device / ceiling,
         "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
-        "compiled_gib": step.memory.total / 2**30, "remat": config.train.remat, "loss_chunk": config.train.loss_chunk,
+        "compile_s": step.compile_s, "compiled_gib": step.memory.total / 2**30, "remat": config.train.remat, "loss_chunk": config.train.loss_chunk,
         "loss": float(metrics["loss_sum"]) / max(float(metrics["weight_sum"]), 1e-9),
         "iters": iters, "warmup": warmup,
     }
@@ -164,12 +170,12 @@ def format_row(row: dict[str, Any]) -> str:
         return "—" if value is None else format(value, spec)
 
     header = ("| mixer | params | batch × seq | step ms | tokens/s | model TFLOP/s | MFU | of matmul ceiling | "
-              "peak GiB | compiled GiB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+              "peak GiB | compiled GiB | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     return header + (f"| {row['mixer']} | {row['params'] / 1e6:.0f}M | {row['batch']} × {row['seq_len']} | "
                      f"{row['step_ms']:.1f} | {row['tokens_per_s']:,.0f} | {row['model_tflops']:.1f} | "
                      f"{num(row['mfu'] and 100 * row['mfu'], '.1f')}% | {100 * row['matmul_fraction']:.1f}% "
                      f"({row['matmul_tflops']:.0f} TFLOP/s) | {num(row['peak_memory_gib'], '.1f')} | "
-                     f"{num(row['compiled_gib'], '.1f')} |")
+                     f"{num(row['compiled_gib'], '.1f')} | {row['compile_s']:.1f} |")
 
 
 def write_row(row: dict[str, Any], out_dir: str | Path) -> Path:
