@@ -17,7 +17,8 @@ printed beside the results (they differ by the mixers' own weights, see the tabl
 
 Writes OUT/results.json after every run (so a run cut short keeps what finished), OUT/results.md and
 OUT/results.png at the end. `--jobs N` trains N runs at once in separate processes (on a GPU they share it:
-the models are small; JAX's memory preallocation is switched off for them).
+the models are small; JAX's memory preallocation is switched off for them); `--gpus G` spreads those
+processes over G GPUs of the host, round robin (each sees one through CUDA_VISIBLE_DEVICES).
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ def run_one(task: str, variant: str, seed: int, steps: int, run_root: str) -> di
     return {"task": task, "variant": variant, "seed": seed, "steps": steps, "accuracy": result["accuracy"],
             "loss": result["loss"], "chance": result["chance_accuracy"], "seconds": time.perf_counter() - start,
             "params": _param_count(config)}
+
+
+def _pin_worker(counter, gpus: int) -> None:
+    """Process-pool initializer: this worker sees GPU (its start order mod gpus) only; runs before jax loads."""
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
 
 
 def _param_count(config) -> int:
@@ -130,16 +139,21 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
+    parser.add_argument("--gpus", type=int, default=0, help="spread the jobs over this many GPUs (0: leave as is)")
     parser.add_argument("--out", default="runs/long_conv_quality")
     args = parser.parse_args()
+    if args.gpus < 0 or args.jobs < 1:
+        parser.error(f"--jobs must be >= 1 and --gpus >= 0, got --jobs {args.jobs} --gpus {args.gpus}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [(task, variant, seed) for task in args.tasks for seed in args.seeds for variant in args.variants]
     rows: list[dict] = []
     if args.jobs > 1:
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # before the workers start: they inherit it
+    context = multiprocessing.get_context("spawn")
+    pinning = dict(initializer=_pin_worker, initargs=(context.Value("i", 0), args.gpus)) if args.gpus else {}
     with tempfile.TemporaryDirectory() as run_root, concurrent.futures.ProcessPoolExecutor(
-            max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            max_workers=args.jobs, mp_context=context, **pinning) as pool:
         futures = [pool.submit(run_one, task, variant, seed, args.steps, run_root) for task, variant, seed in runs]
         for future in concurrent.futures.as_completed(futures):
             row = future.result()
