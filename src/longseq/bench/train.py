@@ -159,7 +159,8 @@ def run_train_bench(config, *, iters: int = 8, warmup: int = 3, matmul_size: int
         "mfu": None if peak is None else per_device / peak, "datasheet_peak_tflops": None if peak is None else peak / 1e12,
         "matmul_tflops": ceiling / 1e12, "matmul_fraction": per_device / ceiling,
         "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
-        "compile_s": step.compile_s, "compiled_gib": step.memory.total / 2**30, "remat": config.train.remat, "loss_chunk": config.train.loss_chunk,
+        "compile_s": step.compile_s, "compiled_gib": step.memory.total / 2**30,
+        "remat": config.train.remat, "loss_chunk": config.train.loss_chunk,
         "loss": float(metrics["loss_sum"]) / max(float(metrics["weight_sum"]), 1e-9),
         "iters": iters, "warmup": warmup,
     }
