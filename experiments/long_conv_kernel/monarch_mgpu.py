@@ -1,0 +1,314 @@
+"""Prototype (issue #5): the causal Monarch long convolution as one Mosaic GPU (Hopper) kernel.
+
+Not wired into `longseq.ops` yet: forward only, bf16, causal, N = 1K … 4K. It is here to be measured
+(`bench_mgpu.py` beside it) before it grows a backward pass and moves to src/.
+
+Shapes: u: [rows, N] with rows = batch · channels in the [batch, channels, seq] layout (channel = row mod
+channels); k: [channels, N]; y like u. L = 2N = R1 · r2 with R1 = 128 and r2 = L / 128 ∈ {16, 32, 64}.
+
+The math (checked in float64 in `_numpy_model`): x viewed as X[n1, n2] (n = r2·n1 + n2, rows n1 >= 64 are
+the causal zero padding), frequencies k = k1 + 128·k2:
+
+    Y1 = (F1[:, :64] @ X) ⊙ T           F1: [128, 128] DFT, T[k1, n2] = ω_L^(k1·n2)   (left multiply)
+    Z  = Y1 @ F2                        F2: [r2, r2] DFT (symmetric)                   (right multiply)
+    P  = Z ⊙ K̂                          K̂[k1, k2] = DFT_L(k)[k1 + 128·k2] / L
+    W  = (P @ conj(F2)) ⊙ conj(T)
+    y  = Re(conj(F1)[:64, :] @ W)        the first N outputs, as [64, r2]
+
+Every matmul is a wgmma with its operands in shared memory in their natural row-major layout: the left
+multiplies take the data as the B operand, the right multiplies as the A operand, so nothing is transposed.
+The 128 rows of k1 run as two halves of 64 (one wgmma M). Complex values are (re, im) planes; the right
+multiplies need −Im F2 as a third matrix because a wgmma cannot negate.
+
+One kernel launch: `ctas` persistent CTAs of `wgs` warpgroups; each warpgroup takes every (ctas · wgs)-th
+row, and prefetches its next row of u by TMA while it computes the current one. The DFT matrices are
+loaded into shared memory once per CTA; the twiddles and K̂ are read from global memory (L2) per row.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+R1 = 128
+HALF = R1 // 2
+
+
+def _smem(shape, r2):
+    """bf16 shared memory in wgmma's tiled, swizzled layout. Both operands of a wgmma need the same swizzle,
+    so every buffer takes the one of the narrowest (r2 columns)."""
+    swizzle = min(128, 2 * r2)
+    return plgpu.SMEM(shape, jnp.bfloat16,
+                      transforms=(plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)))
+
+
+def _halves(z: np.ndarray) -> np.ndarray:
+    """[128, cols] complex -> [re/im, half, 64, cols]."""
+    return np.stack([z.real, z.imag]).reshape(2, 2, HALF, -1)
+
+
+def constants(n: int):
+    """The DFT matrices and twiddles of length L = 2n: (f1 [2,2,64,64] bf16, twiddle [2,2,64,r2] f32,
+    f2 [3,r2,r2] bf16 (re, im, −im), g1 [2,2,64,64] bf16 (re, im of F1[:64, :] by halves of k1))."""
+    length = 2 * n
+    r2 = length // R1
+    k1 = np.arange(R1)
+    f1 = np.exp(-2j * np.pi * np.outer(k1, np.arange(HALF)) / R1)
+    twiddle = np.exp(-2j * np.pi * np.outer(k1, np.arange(r2)) / length)
+    f2 = np.exp(-2j * np.pi * np.outer(np.arange(r2), np.arange(r2)) / r2)
+    g1 = np.stack([f1.T.real, f1.T.imag]).reshape(2, HALF, 2, HALF).transpose(0, 2, 1, 3)
+    return (jnp.asarray(_halves(f1), jnp.bfloat16), jnp.asarray(_halves(twiddle), jnp.float32),
+            jnp.asarray(np.stack([f2.real, f2.imag, -f2.imag]), jnp.bfloat16), jnp.asarray(g1, jnp.bfloat16))
+
+
+def kernel_spectrum(k: jax.Array, n: int) -> jax.Array:
+    """k: [channels, kernel_len <= n] -> K̂: [channels, re/im, half, 64, r2] float32 in the kernel's order, / L."""
+    length = 2 * n
+    r2 = length // R1
+    spectrum = jnp.fft.fft(k.astype(jnp.float32), length, axis=-1) / length   # index k1 + 128·k2
+    spectrum = spectrum.reshape(k.shape[0], r2, R1).transpose(0, 2, 1)       # [channels, k1, k2]
+    return jnp.stack([spectrum.real, spectrum.imag], 1).reshape(k.shape[0], 2, 2, HALF, r2)
+
+
+def supports(n: int) -> bool:
+    return n in (1024, 2048, 4096)
+
+
+@functools.partial(jax.jit, static_argnames=("channels", "ctas", "wgs", "interpret"))
+def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int = 2, interpret=None):
+    """y[r] = causal conv of u[r] with the kernel of channel r mod channels. u: [rows, n] bf16."""
+    rows, n = u.shape
+    if not supports(n):
+        raise ValueError(f"u: the prototype takes n in 1024, 2048, 4096, got {n}")
+    r2 = 2 * n // R1
+    ctas = min(ctas, -(-rows // wgs))
+    f1c, twc, f2c, g1c = consts
+    wgmma_layout = plgpu.Layout.WGMMA
+
+    def load(ref):  # the GPU interpreter has no plgpu.load (and no layouts)
+        return ref[...] if interpret is not None else plgpu.load(ref, (), layout=wgmma_layout, optimized=False)
+
+    def matmuls(*sums):
+        """For each sum, a list of (a, b) ref pairs: Σ a @ b as float32 [64, r2]. All the wgmmas are issued
+        before the first result is awaited."""
+        def body(*accs):
+            for acc, pairs in zip(accs, sums):
+                for a, b in pairs:
+                    plgpu.wgmma(acc, a, b)
+            return tuple(acc[...] for acc in accs)
+        return pl.run_scoped(body, *[plgpu.ACC((HALF, r2), jnp.float32) for _ in sums])
+
+    def body(u_ref, kh_ref, f1_ref, tw_ref, f2_ref, g1_ref, y_ref,
+             x_s, f1_s, f2_s, g1_s, y1_s, out_s, const_bar, x_bar):
+        wg = lax.axis_index("wg")
+        first = lax.axis_index("cta") * wgs + wg
+        stride = ctas * wgs
+        count = (rows - first + stride - 1) // stride
+
+        @pl.when(wg == 0)
+        def _():
+            for i in range(2):
+                for j in range(2):
+                    plgpu.copy_gmem_to_smem(f1_ref.at[i, j], f1_s.at[i, j], const_bar)
+                    plgpu.copy_gmem_to_smem(g1_ref.at[i, j], g1_s.at[i, j], const_bar)
+            for i in range(3):
+                plgpu.copy_gmem_to_smem(f2_ref.at[i], f2_s.at[i], const_bar)
+
+        @pl.when(count > 0)
+        def _():
+            plgpu.copy_gmem_to_smem(u_ref.at[first], x_s.at[wg, 0], x_bar.at[2 * wg])
+
+        plgpu.barrier_wait(const_bar)
+        y1 = y1_s.at[wg]
+
+        @pl.loop(0, count)
+        def _(i):
+            row = first + i * stride
+            slot = lax.rem(i, 2)
+
+            @pl.when(i + 1 < count)
+            def _():
+                plgpu.copy_gmem_to_smem(u_ref.at[row + stride], x_s.at[wg, 1 - slot], x_bar.at[2 * wg + 1 - slot])
+
+            plgpu.barrier_wait(x_bar.at[2 * wg + slot])
+            x = x_s.at[wg, slot]
+            channel = lax.rem(row, channels)
+            for half in range(2):
+                t_re, t_im = load(tw_ref.at[0, half]), load(tw_ref.at[1, half])
+                k_re, k_im = load(kh_ref.at[channel, 0, half]), load(kh_ref.at[channel, 1, half])
+                a_re, a_im = matmuls([(f1_s.at[0, half], x)], [(f1_s.at[1, half], x)])
+                y1[0, half] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
+                y1[1, half] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
+                plgpu.commit_smem()
+                z_re, z_im = matmuls([(y1.at[0, half], f2_s.at[0]), (y1.at[1, half], f2_s.at[2])],
+                                     [(y1.at[0, half], f2_s.at[1]), (y1.at[1, half], f2_s.at[0])])
+                y1[0, half] = (z_re * k_re - z_im * k_im).astype(jnp.bfloat16)
+                y1[1, half] = (z_re * k_im + z_im * k_re).astype(jnp.bfloat16)
+                plgpu.commit_smem()
+                w_re, w_im = matmuls([(y1.at[0, half], f2_s.at[0]), (y1.at[1, half], f2_s.at[1])],
+                                     [(y1.at[1, half], f2_s.at[0]), (y1.at[0, half], f2_s.at[2])])
+                y1[0, half] = (w_re * t_re + w_im * t_im).astype(jnp.bfloat16)
+                y1[1, half] = (w_im * t_re - w_re * t_im).astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            y, = matmuls([(g1_s.at[c, half], y1.at[c, half]) for half in range(2) for c in range(2)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_s's last copy has read it
+            out_s[wg] = y.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_s.at[wg], y_ref.at[row])
+
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((rows, HALF, r2), u.dtype),
+        grid=(ctas,), grid_names=("cta",), num_threads=wgs, thread_name="wg",
+        scratch_types=[_smem((wgs, 2, HALF, r2), r2), _smem((2, 2, HALF, HALF), r2), _smem((3, r2, r2), r2),
+                       _smem((2, 2, HALF, HALF), r2), _smem((wgs, 2, 2, HALF, r2), r2), _smem((wgs, HALF, r2), r2),
+                       plgpu.Barrier(num_arrivals=11), plgpu.Barrier(num_barriers=2 * wgs)],
+        interpret=interpret)
+    return kernel(u.reshape(rows, HALF, r2), khat, f1c, twc, f2c, g1c).reshape(rows, n)
+
+
+@functools.partial(jax.jit, static_argnames=("channels", "ctas", "wgs", "interpret"))
+def spectrum_cotangent_rows(u, dy, consts, *, channels: int, ctas: int = 132, wgs: int = 2, interpret=None):
+    """The cotangent of K̂ (kernel order, as `kernel_spectrum` lays it out) for y = long_conv_rows(u, K̂):
+    Σ over the rows of a channel of (Re, −Im) of Û ⊙ conj(D̂), Û and D̂ the kernel-order spectra of u and dy.
+
+    u, dy: [rows, n] bf16 (rows = batch · channels) -> [channels, re/im, half, 64, r2] float32.
+    One unit of work is (channel, half of k1): the two halves of the forward transform are independent.
+    """
+    rows, n = u.shape
+    r2 = 2 * n // R1
+    batch = rows // channels
+    units = 2 * channels
+    ctas = min(ctas, -(-units // wgs))
+    f1c, twc, f2c, _ = consts
+    wgmma_layout = plgpu.Layout.WGMMA
+
+    def load(ref):
+        return ref[...] if interpret is not None else plgpu.load(ref, (), layout=wgmma_layout, optimized=False)
+
+    def matmuls(*sums):
+        def body(*accs):
+            for acc, pairs in zip(accs, sums):
+                for a, b in pairs:
+                    plgpu.wgmma(acc, a, b)
+            return tuple(acc[...] for acc in accs)
+        return pl.run_scoped(body, *[plgpu.ACC((HALF, r2), jnp.float32) for _ in sums])
+
+    def body(u_ref, dy_ref, f1_ref, tw_ref, f2_ref, out_ref, x_s, f1_s, f2_s, y1_s, out_s, const_bar, x_bar):
+        wg = lax.axis_index("wg")
+        first = lax.axis_index("cta") * wgs + wg
+        stride = ctas * wgs
+        count = (units - first + stride - 1) // stride
+
+        @pl.when(wg == 0)
+        def _():
+            for i in range(2):
+                for j in range(2):
+                    plgpu.copy_gmem_to_smem(f1_ref.at[i, j], f1_s.at[i, j], const_bar)
+            for i in range(3):
+                plgpu.copy_gmem_to_smem(f2_ref.at[i], f2_s.at[i], const_bar)
+
+        plgpu.barrier_wait(const_bar)
+        y1 = y1_s.at[wg]
+
+        def transform(x, half, t_re, t_im):
+            """The kernel-order spectrum's half of row x: (re, im) float32 [64, r2]."""
+            a_re, a_im = matmuls([(f1_s.at[0, half], x)], [(f1_s.at[1, half], x)])
+            y1[0] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
+            y1[1] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            return matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])],
+                           [(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])])
+
+        @pl.loop(0, count)
+        def _(i):
+            unit = first + i * stride
+            channel, half = unit // 2, lax.rem(unit, 2)
+            t_re, t_im = load(tw_ref.at[0, half]), load(tw_ref.at[1, half])
+            zero = jnp.zeros((HALF, r2), jnp.float32)
+            if interpret is None:
+                zero = plgpu.layout_cast(zero, wgmma_layout)
+
+            def per_row(b, acc):
+                row = b * channels + channel
+                plgpu.copy_gmem_to_smem(u_ref.at[row], x_s.at[wg, 0], x_bar.at[wg])
+                plgpu.copy_gmem_to_smem(dy_ref.at[row], x_s.at[wg, 1], x_bar.at[wg])
+                plgpu.barrier_wait(x_bar.at[wg])
+                u_re, u_im = transform(x_s.at[wg, 0], half, t_re, t_im)
+                d_re, d_im = transform(x_s.at[wg, 1], half, t_re, t_im)
+                return acc[0] + u_re * d_re + u_im * d_im, acc[1] + u_re * d_im - u_im * d_re
+
+            acc_re, acc_im = lax.fori_loop(0, batch, per_row, (zero, zero))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_s[wg, 0] = acc_re
+            out_s[wg, 1] = acc_im
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_s.at[wg, 0], out_ref.at[channel, 0, half])
+            plgpu.copy_smem_to_gmem(out_s.at[wg, 1], out_ref.at[channel, 1, half])
+
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((channels, 2, 2, HALF, r2), jnp.float32),
+        grid=(ctas,), grid_names=("cta",), num_threads=wgs, thread_name="wg",
+        scratch_types=[_smem((wgs, 2, HALF, r2), r2), _smem((2, 2, HALF, HALF), r2), _smem((3, r2, r2), r2),
+                       _smem((wgs, 2, HALF, r2), r2), plgpu.SMEM((wgs, 2, HALF, r2), jnp.float32),
+                       plgpu.Barrier(num_arrivals=7), plgpu.Barrier(num_arrivals=2, num_barriers=wgs)],
+        interpret=interpret)
+    return kernel(u.reshape(rows, HALF, r2), dy.reshape(rows, HALF, r2), f1c, twc, f2c)
+
+
+def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int = 2, interpret=None):
+    """Causal long conv in the [batch, channels, seq] layout. u: [B, H, N] bf16, k: [H, N] -> y [B, H, N] bf16.
+    Differentiable in u and k: du is the same kernel with conj(K̂), K̂'s cotangent comes from
+    `spectrum_cotangent_rows`, and k's from XLA's transpose of `kernel_spectrum`."""
+    batch, channels, n = u.shape
+    options = dict(channels=channels, ctas=ctas, wgs=wgs, interpret=interpret)
+    consts = constants(n)
+
+    @jax.custom_vjp
+    def conv(u_rows, khat):
+        return long_conv_rows(u_rows, khat, consts, **options)
+
+    def conv_fwd(u_rows, khat):
+        return conv(u_rows, khat), (u_rows, khat)
+
+    def conv_bwd(residuals, dy):
+        u_rows, khat = residuals
+        conj = khat.at[:, 1].multiply(-1.0)
+        du = long_conv_rows(dy, conj, consts, **options)
+        return du, spectrum_cotangent_rows(u_rows, dy, consts, **options)
+
+    conv.defvjp(conv_fwd, conv_bwd)
+    y = conv(u.reshape(batch * channels, n), kernel_spectrum(k, n))
+    return y.reshape(batch, channels, n)
+
+
+def reference_bhn(u, k):
+    """The anchor's formula: irfft(rfft(u, 2N) · rfft(k, 2N))[:N] in float32."""
+    n = u.shape[-1]
+    spectrum = jnp.fft.rfft(u.astype(jnp.float32), 2 * n) * jnp.fft.rfft(k.astype(jnp.float32), 2 * n)
+    return jnp.fft.irfft(spectrum, 2 * n)[..., :n].astype(u.dtype)
+
+
+def _numpy_model(n: int = 2048) -> float:
+    """The factorisation above in float64 against np.convolve: the largest error over the largest output."""
+    rng = np.random.default_rng(0)
+    u, k = rng.standard_normal(n), rng.standard_normal(n)
+    length, r2 = 2 * n, 2 * n // R1
+    f1 = np.exp(-2j * np.pi * np.outer(np.arange(R1), np.arange(R1)) / R1)
+    twiddle = np.exp(-2j * np.pi * np.outer(np.arange(R1), np.arange(r2)) / length)
+    f2 = np.exp(-2j * np.pi * np.outer(np.arange(r2), np.arange(r2)) / r2)
+    k_hat = (np.fft.fft(k, length) / length).reshape(r2, R1).T
+    z = (f1[:, :HALF] @ u.reshape(HALF, r2) * twiddle) @ f2
+    w = (z * k_hat) @ np.conj(f2) * np.conj(twiddle)
+    y = np.real(np.conj(f1)[:HALF] @ w).reshape(-1)
+    expected = np.convolve(u, k)[:n]
+    return float(np.abs(y - expected).max() / np.abs(expected).max())
