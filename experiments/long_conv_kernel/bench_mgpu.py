@@ -9,6 +9,7 @@ float32. Both sides include the kernel's spectrum. Errors are against the float3
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -46,23 +47,30 @@ def main():
         u = jax.random.normal(jax.random.key(n), (3, 5, n), jnp.float32).astype(jnp.bfloat16)
         k = jax.random.normal(jax.random.key(n + 1), (5, n), jnp.float32) / np.sqrt(n)
         ref = monarch_mgpu.reference_bhn(u.astype(jnp.float32), k)
-        for ctas, wgs in ((2, 2), (132, 2), (132, 1)):
+        khat, consts = monarch_mgpu.kernel_spectrum(k, n), monarch_mgpu.constants(n)
+        for ctas, wgs, transposed_g1 in ((2, 2, True), (132, 2, False), (132, 3, True)):
+            label = f"check n={n} ctas={ctas} wgs={wgs} transposed_g1={transposed_g1}"
             try:
-                y = monarch_mgpu.long_conv_bhn(u, k, ctas=ctas, wgs=wgs).astype(jnp.float32)
+                y = monarch_mgpu.long_conv_rows(u.reshape(15, n), khat, consts, channels=5, ctas=ctas, wgs=wgs,
+                                                transposed_g1=transposed_g1)
+                y = y.reshape(3, 5, n).astype(jnp.float32)
                 err = float(jnp.abs(y - ref).max() / jnp.abs(ref).max())
-                print(f"check n={n} ctas={ctas} wgs={wgs}: rel err {err:.2e}", flush=True)
+                print(f"{label}: rel err {err:.2e}", flush=True)
             except Exception as e:  # noqa: BLE001
-                print(f"check n={n} ctas={ctas} wgs={wgs}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+                print(f"{label}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
     for shape in args.shapes.split(","):
         b, h, n = map(int, shape.split("x"))
         u = jax.random.normal(jax.random.key(0), (b, h, n), jnp.float32).astype(jnp.bfloat16)
         k = jax.random.normal(jax.random.key(1), (h, n), jnp.float32) / np.sqrt(n)
         row = {"shape": shape, "fft_ms": median_ms(fft, u, k)}
         ref = fft(u.astype(jnp.float32), k)
-        for ctas, wgs in ((132, 2), (132, 1), (264, 1), (66, 2)):
-            name = f"mgpu_c{ctas}_w{wgs}"
+        variants = [(f"mgpu_c{c}_w{w}", functools.partial(monarch_mgpu.long_conv_bhn, ctas=c, wgs=w))
+                    for c, w in ((132, 2), (132, 3), (264, 1))]
+        variants.append(("mgpu_c264_w1_v2", functools.partial(monarch_mgpu.long_conv_bhn, ctas=264, wgs=1,
+                                                                rows_fn=monarch_mgpu.long_conv_rows_v2)))
+        for name, conv in variants:
             try:
-                f = jax.jit(lambda u, k, c=ctas, w=wgs: monarch_mgpu.long_conv_bhn(u, k, ctas=c, wgs=w))
+                f = jax.jit(conv)
                 y = f(u, k).astype(jnp.float32)
                 row[name + "_err"] = float(jnp.abs(y - ref).max() / jnp.abs(ref).max())
                 row[name + "_ms"] = median_ms(f, u, k)
@@ -77,7 +85,7 @@ def main():
 
         row["fft_fb_ms"] = median_ms(fwd_bwd(monarch_mgpu.reference_bhn), u, k)
         ref_du, ref_dk = fwd_bwd(lambda u, k: monarch_mgpu.reference_bhn(u.astype(jnp.float32), k))(u, k)
-        for ctas, wgs in ((132, 2), (132, 1)):
+        for ctas, wgs in ((132, 2), (132, 3)):
             name = f"mgpu_fb_c{ctas}_w{wgs}"
             try:
                 g = fwd_bwd(lambda u, k, c=ctas, w=wgs: monarch_mgpu.long_conv_bhn(u, k, ctas=c, wgs=w))

@@ -81,7 +81,7 @@ def supports(n: int) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("channels", "ctas", "wgs", "interpret"))
-def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int = 2, interpret=None):
+def long_conv_rows_v2(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int = 2, interpret=None):
     """y[r] = causal conv of u[r] with the kernel of channel r mod channels. u: [rows, n] bf16."""
     rows, n = u.shape
     if not supports(n):
@@ -170,6 +170,146 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
         scratch_types=[_smem((wgs, 2, HALF, r2), r2), _smem((2, 2, HALF, HALF), r2), _smem((3, r2, r2), r2),
                        _smem((2, 2, HALF, HALF), r2), _smem((wgs, 2, 2, HALF, r2), r2), _smem((wgs, HALF, r2), r2),
                        plgpu.Barrier(num_arrivals=11), plgpu.Barrier(num_barriers=2 * wgs)],
+        interpret=interpret)
+    return kernel(u.reshape(rows, HALF, r2), khat, f1c, twc, f2c, g1c).reshape(rows, n)
+
+
+def _smem_f32(shape, r2):
+    """float32 shared memory tiled and swizzled for loads in the wgmma accumulator layout."""
+    swizzle = min(128, 4 * r2)
+    return plgpu.SMEM(shape, jnp.float32,
+                      transforms=(plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle)))
+
+
+@functools.partial(jax.jit, static_argnames=("channels", "ctas", "wgs", "transposed_g1", "interpret", "ablate"))
+def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int = 2, transposed_g1: bool = True,
+                   interpret=None, ablate=()):
+    """y[r] = causal conv of u[r] with the kernel of channel r mod channels. u: [rows, n] bf16.
+
+    Per row and half of k1: stage 1, twiddles, stage 2, × K̂, inverse stage 2, conjugate twiddles, and that
+    half's share of the inverse stage 1 accumulated into y, so one half of the spectrum is in shared
+    memory at a time. The twiddles live in shared memory (float32); the output goes out through the
+    row's own input slot. transposed_g1: the inverse stage 1 reads F1's halves transposed (saves 32 KB of
+    shared memory; the Pallas GPU interpreter cannot transpose, so tests there pass False).
+    """
+    rows, n = u.shape
+    if not supports(n):
+        raise ValueError(f"u: the prototype takes n in 1024, 2048, 4096, got {n}")
+    r2 = 2 * n // R1
+    ctas = min(ctas, -(-rows // wgs))
+    f1c, twc, f2c, g1c = consts
+    wgmma_layout = plgpu.Layout.WGMMA
+
+    def load(ref, optimized=True):  # the GPU interpreter has no plgpu.load (and no layouts)
+        return ref[...] if interpret is not None else plgpu.load(ref, (), layout=wgmma_layout, optimized=optimized)
+
+    def matmuls(*sums):
+        """For each sum, a list of (a, b) ref pairs: Σ a @ b as float32 [64, r2]. All the wgmmas are issued
+        before the first result is awaited."""
+        def body(*accs):
+            for acc, pairs in zip(accs, sums):
+                for a, b in pairs:
+                    plgpu.wgmma(acc, a, b)
+            return tuple(acc[...] for acc in accs)
+        return pl.run_scoped(body, *[plgpu.ACC((HALF, r2), jnp.float32) for _ in sums])
+
+    def body(u_ref, kh_ref, f1_ref, tw_ref, f2_ref, g1_ref, y_ref, x_s, f1_s, f2_s, tw_s, y1_s, *rest):
+        if transposed_g1:
+            const_bar, x_bar = rest
+            g1 = lambda c, half: plgpu.transpose_ref(f1_s.at[c, half], (1, 0))  # noqa: E731
+        else:
+            g1_s, const_bar, x_bar = rest
+            g1 = lambda c, half: g1_s.at[c, half]  # noqa: E731
+        wg = lax.axis_index("wg")
+        first = lax.axis_index("cta") * wgs + wg
+        stride = ctas * wgs
+        count = (rows - first + stride - 1) // stride
+
+        @pl.when(wg == 0)
+        def _():
+            for i in range(2):
+                for j in range(2):
+                    plgpu.copy_gmem_to_smem(f1_ref.at[i, j], f1_s.at[i, j], const_bar)
+                    plgpu.copy_gmem_to_smem(tw_ref.at[i, j], tw_s.at[i, j], const_bar)
+                    if not transposed_g1:
+                        plgpu.copy_gmem_to_smem(g1_ref.at[i, j], g1_s.at[i, j], const_bar)
+            for i in range(3):
+                plgpu.copy_gmem_to_smem(f2_ref.at[i], f2_s.at[i], const_bar)
+
+        @pl.when(count > 0)
+        def _():
+            plgpu.copy_gmem_to_smem(u_ref.at[first], x_s.at[wg, 0], x_bar.at[2 * wg])
+
+        plgpu.barrier_wait(const_bar)
+        y1 = y1_s.at[wg]
+
+        @pl.loop(0, count)
+        def _(i):
+            row = first + i * stride
+            slot = lax.rem(i, 2)
+
+            @pl.when(i + 1 < count)
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the other slot's output has left
+                plgpu.copy_gmem_to_smem(u_ref.at[row + stride], x_s.at[wg, 1 - slot], x_bar.at[2 * wg + 1 - slot])
+
+            plgpu.barrier_wait(x_bar.at[2 * wg + slot])
+            x = x_s.at[wg, slot]
+            channel = lax.rem(row, channels)
+
+            def one_row(y_acc):
+                for half in range(2):
+                    a_re, a_im = matmuls([(f1_s.at[0, half], x)], [(f1_s.at[1, half], x)])
+                    if "twiddle" in ablate:  # timing experiments only: wrong results
+                        t_re, t_im = a_im, a_re
+                    else:
+                        t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
+                    y1[0] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
+                    y1[1] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
+                    plgpu.commit_smem()
+                    if "stage2" in ablate:
+                        z_re, z_im = t_re, t_im
+                    else:
+                        z_re, z_im = matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])],
+                                             [(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])])
+                    if "khat" in ablate:
+                        k_re, k_im = z_im, z_re
+                    else:
+                        k_re = load(kh_ref.at[channel, 0, half], optimized=False)
+                        k_im = load(kh_ref.at[channel, 1, half], optimized=False)
+                    y1[0] = (z_re * k_re - z_im * k_im).astype(jnp.bfloat16)
+                    y1[1] = (z_re * k_im + z_im * k_re).astype(jnp.bfloat16)
+                    plgpu.commit_smem()
+                    if "stage2" in ablate:
+                        w_re, w_im = k_re, k_im
+                    else:
+                        w_re, w_im = matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[1])],
+                                             [(y1.at[1], f2_s.at[0]), (y1.at[0], f2_s.at[2])])
+                    if "twiddle" not in ablate:
+                        t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
+                    y1[0] = (w_re * t_re + w_im * t_im).astype(jnp.bfloat16)
+                    y1[1] = (w_im * t_re - w_re * t_im).astype(jnp.bfloat16)
+                    plgpu.commit_smem()
+                    # this half's share of y; the next half's first matmuls wait for it before y1 is rewritten
+                    plgpu.wgmma(y_acc, g1(0, half), y1.at[0])
+                    plgpu.wgmma(y_acc, g1(1, half), y1.at[1])
+                return y_acc[...]
+
+            y = pl.run_scoped(one_row, plgpu.ACC((HALF, r2), jnp.float32))
+            x[...] = y.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(x, y_ref.at[row])
+
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [_smem((wgs, 2, HALF, r2), r2), _smem((2, 2, HALF, HALF), r2), _smem((3, r2, r2), r2),
+               _smem_f32((2, 2, HALF, r2), r2), _smem((wgs, 2, HALF, r2), r2)]
+    if not transposed_g1:
+        scratch.append(_smem((2, 2, HALF, HALF), r2))
+    scratch += [plgpu.Barrier(num_arrivals=11 if transposed_g1 else 15), plgpu.Barrier(num_barriers=2 * wgs)]
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((rows, HALF, r2), u.dtype),
+        grid=(ctas,), grid_names=("cta",), num_threads=wgs, thread_name="wg", scratch_types=scratch,
         interpret=interpret)
     return kernel(u.reshape(rows, HALF, r2), khat, f1c, twc, f2c, g1c).reshape(rows, n)
 
@@ -265,7 +405,7 @@ def spectrum_cotangent_rows(u, dy, consts, *, channels: int, ctas: int = 132, wg
     return kernel(u.reshape(rows, HALF, r2), dy.reshape(rows, HALF, r2), f1c, twc, f2c)
 
 
-def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int = 2, interpret=None):
+def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int = 2, interpret=None, rows_fn=None):
     """Causal long conv in the [batch, channels, seq] layout. u: [B, H, N] bf16, k: [H, N] -> y [B, H, N] bf16.
     Differentiable in u and k: du is the same kernel with conj(K̂), K̂'s cotangent comes from
     `spectrum_cotangent_rows`, and k's from XLA's transpose of `kernel_spectrum`."""
@@ -273,9 +413,12 @@ def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int = 2, interpret=None):
     options = dict(channels=channels, ctas=ctas, wgs=wgs, interpret=interpret)
     consts = constants(n)
 
+    rows_fn = rows_fn or (functools.partial(long_conv_rows, transposed_g1=False) if interpret is not None
+                          else long_conv_rows)
+
     @jax.custom_vjp
     def conv(u_rows, khat):
-        return long_conv_rows(u_rows, khat, consts, **options)
+        return rows_fn(u_rows, khat, consts, **options)
 
     def conv_fwd(u_rows, khat):
         return conv(u_rows, khat), (u_rows, khat)
@@ -283,8 +426,8 @@ def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int = 2, interpret=None):
     def conv_bwd(residuals, dy):
         u_rows, khat = residuals
         conj = khat.at[:, 1].multiply(-1.0)
-        du = long_conv_rows(dy, conj, consts, **options)
-        return du, spectrum_cotangent_rows(u_rows, dy, consts, **options)
+        du = rows_fn(dy, conj, consts, **options)
+        return du, spectrum_cotangent_rows(u_rows, dy, consts, **{**options, "wgs": min(wgs, 2)})
 
     conv.defvjp(conv_fwd, conv_bwd)
     y = conv(u.reshape(batch * channels, n), kernel_spectrum(k, n))
