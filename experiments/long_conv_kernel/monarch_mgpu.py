@@ -1,10 +1,12 @@
-"""Prototype (issue #5): the causal Monarch long convolution as one Mosaic GPU (Hopper) kernel.
+"""Prototype (issue #5): the causal Monarch long convolution as Mosaic GPU (Hopper) kernels, forward and backward.
 
-Not wired into `longseq.ops` yet: forward only, bf16, causal, N = 1K … 4K. It is here to be measured
-(`bench_mgpu.py` beside it) before it grows a backward pass and moves to src/.
+Not wired into `longseq.ops` yet: bf16, causal, N in 1024, 2048, 4096, the [batch, channels, seq] layout. It is
+here to be measured (`bench_mgpu.py`, `profile_mgpu.py`, `ablate_mgpu.py` beside it; NOTES.md has the figures)
+until its design is fast enough to move to src/. The Pallas GPU interpreter runs it on CPU
+(`tests/experiments/test_monarch_mgpu.py`), and `jax.export(..., platforms=["cuda"])` lowers it there.
 
-Shapes: u: [rows, N] with rows = batch · channels in the [batch, channels, seq] layout (channel = row mod
-channels); k: [channels, N]; y like u. L = 2N = R1 · r2 with R1 = 128 and r2 = L / 128 ∈ {16, 32, 64}.
+Shapes: u: [rows, N] with rows = batch · channels (channel = row mod channels); k: [channels, kernel_len <= N];
+y like u. L = 2N = R1 · r2 with R1 = 128 and r2 = L / 128 ∈ {16, 32, 64}.
 
 The math (checked in float64 in `_numpy_model`): x viewed as X[n1, n2] (n = r2·n1 + n2, rows n1 >= 64 are
 the causal zero padding), frequencies k = k1 + 128·k2:
@@ -17,12 +19,15 @@ the causal zero padding), frequencies k = k1 + 128·k2:
 
 Every matmul is a wgmma with its operands in shared memory in their natural row-major layout: the left
 multiplies take the data as the B operand, the right multiplies as the A operand, so nothing is transposed.
-The 128 rows of k1 run as two halves of 64 (one wgmma M). Complex values are (re, im) planes; the right
-multiplies need −Im F2 as a third matrix because a wgmma cannot negate.
+The 128 rows of k1 run as two halves of 64 (one wgmma M); the halves are independent until the last
+stage, which accumulates both. Complex values are (re, im) planes; the right multiplies need −Im F2 as a
+third matrix because a wgmma cannot negate.
 
-One kernel launch: `ctas` persistent CTAs of `wgs` warpgroups; each warpgroup takes every (ctas · wgs)-th
-row, and prefetches its next row of u by TMA while it computes the current one. The DFT matrices are
-loaded into shared memory once per CTA; the twiddles and K̂ are read from global memory (L2) per row.
+`long_conv_rows`: `ctas` persistent CTAs of `wgs` warpgroups; each warpgroup takes its rows in turn and
+prefetches the next row of u by TMA while it computes the current one. The DFT matrices and twiddles are
+loaded into shared memory once per CTA. With channel_major, a warpgroup takes one channel's rows one after
+the other and holds that channel's K̂ in shared memory; otherwise it reads K̂ from global memory per row.
+`spectrum_cotangent_rows` is the backward's K̂ cotangent; `long_conv_bhn` wires both into a custom_vjp.
 """
 
 from __future__ import annotations
@@ -38,6 +43,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 R1 = 128
 HALF = R1 // 2
+
+
+def interpret_params():
+    """The Pallas GPU interpreter's parameters (a CPU run of these kernels). jax 0.10 keeps the class in a
+    private module; the interpreter has no plgpu.load, no A operand in registers and no transposed refs,
+    which is why the kernels below take those paths only when interpret is None."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
 
 
 def _smem(shape, r2):
@@ -67,7 +81,7 @@ def constants(n: int):
             jnp.asarray(np.stack([f2.real, f2.imag, -f2.imag]), jnp.bfloat16), jnp.asarray(g1, jnp.bfloat16))
 
 
-def kernel_spectrum(k: jax.Array, n: int) -> jax.Array:
+def kernel_spectrum_fft(k: jax.Array, n: int) -> jax.Array:
     """k: [channels, kernel_len <= n] -> K̂: [channels, re/im, half, 64, r2] float32 in the kernel's order, / L."""
     length = 2 * n
     r2 = length // R1
@@ -76,102 +90,30 @@ def kernel_spectrum(k: jax.Array, n: int) -> jax.Array:
     return jnp.stack([spectrum.real, spectrum.imag], 1).reshape(k.shape[0], 2, 2, HALF, r2)
 
 
+def kernel_spectrum(k: jax.Array, n: int, precision=jax.lax.Precision.DEFAULT) -> jax.Array:
+    """The same K̂ as `kernel_spectrum_fft` by the kernel's own two factors as XLA matmuls, which give the
+    kernel's order directly (no transposes). precision DEFAULT is TF32 on Hopper (K̂ to ~1e-3, below the
+    bf16 kernel's own error); HIGHEST for float32."""
+    channels, kernel_len = k.shape
+    length = 2 * n
+    r2 = length // R1
+    x = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n - kernel_len))).reshape(channels, HALF, r2)
+    k1 = np.arange(R1)
+    f1 = np.exp(-2j * np.pi * np.outer(k1, np.arange(HALF)) / R1) / length     # 1/L folded in
+    twiddle = np.exp(-2j * np.pi * np.outer(k1, np.arange(r2)) / length)
+    f2 = np.exp(-2j * np.pi * np.outer(np.arange(r2), np.arange(r2)) / r2)
+    mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
+    a_re, a_im = mm("kn,hnm->hkm", f1.real.astype(np.float32), x), mm("kn,hnm->hkm", f1.imag.astype(np.float32), x)
+    t_re, t_im = twiddle.real.astype(np.float32), twiddle.imag.astype(np.float32)
+    a_re, a_im = a_re * t_re - a_im * t_im, a_re * t_im + a_im * t_re
+    g_re, g_im = f2.real.astype(np.float32), f2.imag.astype(np.float32)
+    z_re = mm("hkm,jm->hkj", a_re, g_re) - mm("hkm,jm->hkj", a_im, g_im)
+    z_im = mm("hkm,jm->hkj", a_re, g_im) + mm("hkm,jm->hkj", a_im, g_re)
+    return jnp.stack([z_re, z_im], 1).reshape(channels, 2, 2, HALF, r2)
+
+
 def supports(n: int) -> bool:
     return n in (1024, 2048, 4096)
-
-
-@functools.partial(jax.jit, static_argnames=("channels", "ctas", "wgs", "interpret"))
-def long_conv_rows_v2(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int = 2, interpret=None):
-    """y[r] = causal conv of u[r] with the kernel of channel r mod channels. u: [rows, n] bf16."""
-    rows, n = u.shape
-    if not supports(n):
-        raise ValueError(f"u: the prototype takes n in 1024, 2048, 4096, got {n}")
-    r2 = 2 * n // R1
-    ctas = min(ctas, -(-rows // wgs))
-    f1c, twc, f2c, g1c = consts
-    wgmma_layout = plgpu.Layout.WGMMA
-
-    def load(ref):  # the GPU interpreter has no plgpu.load (and no layouts)
-        return ref[...] if interpret is not None else plgpu.load(ref, (), layout=wgmma_layout, optimized=False)
-
-    def matmuls(*sums):
-        """For each sum, a list of (a, b) ref pairs: Σ a @ b as float32 [64, r2]. All the wgmmas are issued
-        before the first result is awaited."""
-        def body(*accs):
-            for acc, pairs in zip(accs, sums):
-                for a, b in pairs:
-                    plgpu.wgmma(acc, a, b)
-            return tuple(acc[...] for acc in accs)
-        return pl.run_scoped(body, *[plgpu.ACC((HALF, r2), jnp.float32) for _ in sums])
-
-    def body(u_ref, kh_ref, f1_ref, tw_ref, f2_ref, g1_ref, y_ref,
-             x_s, f1_s, f2_s, g1_s, y1_s, out_s, const_bar, x_bar):
-        wg = lax.axis_index("wg")
-        first = lax.axis_index("cta") * wgs + wg
-        stride = ctas * wgs
-        count = (rows - first + stride - 1) // stride
-
-        @pl.when(wg == 0)
-        def _():
-            for i in range(2):
-                for j in range(2):
-                    plgpu.copy_gmem_to_smem(f1_ref.at[i, j], f1_s.at[i, j], const_bar)
-                    plgpu.copy_gmem_to_smem(g1_ref.at[i, j], g1_s.at[i, j], const_bar)
-            for i in range(3):
-                plgpu.copy_gmem_to_smem(f2_ref.at[i], f2_s.at[i], const_bar)
-
-        @pl.when(count > 0)
-        def _():
-            plgpu.copy_gmem_to_smem(u_ref.at[first], x_s.at[wg, 0], x_bar.at[2 * wg])
-
-        plgpu.barrier_wait(const_bar)
-        y1 = y1_s.at[wg]
-
-        @pl.loop(0, count)
-        def _(i):
-            row = first + i * stride
-            slot = lax.rem(i, 2)
-
-            @pl.when(i + 1 < count)
-            def _():
-                plgpu.copy_gmem_to_smem(u_ref.at[row + stride], x_s.at[wg, 1 - slot], x_bar.at[2 * wg + 1 - slot])
-
-            plgpu.barrier_wait(x_bar.at[2 * wg + slot])
-            x = x_s.at[wg, slot]
-            channel = lax.rem(row, channels)
-            for half in range(2):
-                t_re, t_im = load(tw_ref.at[0, half]), load(tw_ref.at[1, half])
-                k_re, k_im = load(kh_ref.at[channel, 0, half]), load(kh_ref.at[channel, 1, half])
-                a_re, a_im = matmuls([(f1_s.at[0, half], x)], [(f1_s.at[1, half], x)])
-                y1[0, half] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
-                y1[1, half] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
-                plgpu.commit_smem()
-                z_re, z_im = matmuls([(y1.at[0, half], f2_s.at[0]), (y1.at[1, half], f2_s.at[2])],
-                                     [(y1.at[0, half], f2_s.at[1]), (y1.at[1, half], f2_s.at[0])])
-                y1[0, half] = (z_re * k_re - z_im * k_im).astype(jnp.bfloat16)
-                y1[1, half] = (z_re * k_im + z_im * k_re).astype(jnp.bfloat16)
-                plgpu.commit_smem()
-                w_re, w_im = matmuls([(y1.at[0, half], f2_s.at[0]), (y1.at[1, half], f2_s.at[1])],
-                                     [(y1.at[1, half], f2_s.at[0]), (y1.at[0, half], f2_s.at[2])])
-                y1[0, half] = (w_re * t_re + w_im * t_im).astype(jnp.bfloat16)
-                y1[1, half] = (w_im * t_re - w_re * t_im).astype(jnp.bfloat16)
-            plgpu.commit_smem()
-            y, = matmuls([(g1_s.at[c, half], y1.at[c, half]) for half in range(2) for c in range(2)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_s's last copy has read it
-            out_s[wg] = y.astype(jnp.bfloat16)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_s.at[wg], y_ref.at[row])
-
-        plgpu.wait_smem_to_gmem(0)
-
-    kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((rows, HALF, r2), u.dtype),
-        grid=(ctas,), grid_names=("cta",), num_threads=wgs, thread_name="wg",
-        scratch_types=[_smem((wgs, 2, HALF, r2), r2), _smem((2, 2, HALF, HALF), r2), _smem((3, r2, r2), r2),
-                       _smem((2, 2, HALF, HALF), r2), _smem((wgs, 2, 2, HALF, r2), r2), _smem((wgs, HALF, r2), r2),
-                       plgpu.Barrier(num_arrivals=11), plgpu.Barrier(num_barriers=2 * wgs)],
-        interpret=interpret)
-    return kernel(u.reshape(rows, HALF, r2), khat, f1c, twc, f2c, g1c).reshape(rows, n)
 
 
 def _smem_f32(shape, r2):
@@ -181,9 +123,10 @@ def _smem_f32(shape, r2):
                       transforms=(plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle)))
 
 
-@functools.partial(jax.jit, static_argnames=("channels", "ctas", "wgs", "transposed_g1", "interpret", "ablate"))
+@functools.partial(jax.jit, static_argnames=("channels", "ctas", "wgs", "transposed_g1", "interpret", "ablate",
+                                             "profile_dir", "channel_major"))
 def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int = 2, transposed_g1: bool = True,
-                   interpret=None, ablate=()):
+                   interpret=None, ablate=(), profile_dir: str = "", channel_major: bool = True):
     """y[r] = causal conv of u[r] with the kernel of channel r mod channels. u: [rows, n] bf16.
 
     Per row and half of k1: stage 1, twiddles, stage 2, × K̂, inverse stage 2, conjugate twiddles, and that
@@ -213,7 +156,12 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
             return tuple(acc[...] for acc in accs)
         return pl.run_scoped(body, *[plgpu.ACC((HALF, r2), jnp.float32) for _ in sums])
 
+    batch = rows // channels
+
     def body(u_ref, kh_ref, f1_ref, tw_ref, f2_ref, g1_ref, y_ref, x_s, f1_s, f2_s, tw_s, y1_s, *rest):
+        rest = list(rest)
+        if channel_major:
+            kh_s, k_bar = rest.pop(0), rest.pop()
         if transposed_g1:
             const_bar, x_bar = rest
             g1 = lambda c, half: plgpu.transpose_ref(f1_s.at[c, half], (1, 0))  # noqa: E731
@@ -223,7 +171,18 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
         wg = lax.axis_index("wg")
         first = lax.axis_index("cta") * wgs + wg
         stride = ctas * wgs
-        count = (rows - first + stride - 1) // stride
+        if channel_major:
+            # the rows of one channel one after the other (its K̂ read once): iteration i is batch element
+            # i mod B of this warpgroup's (i div B)-th channel
+            count = (channels - first + stride - 1) // stride * batch
+
+            def row_of(i):
+                return lax.rem(i, batch) * channels + first + (i // batch) * stride
+        else:
+            count = (rows - first + stride - 1) // stride
+
+            def row_of(i):
+                return first + i * stride
 
         @pl.when(wg == 0)
         def _():
@@ -238,28 +197,39 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
 
         @pl.when(count > 0)
         def _():
-            plgpu.copy_gmem_to_smem(u_ref.at[first], x_s.at[wg, 0], x_bar.at[2 * wg])
+            plgpu.copy_gmem_to_smem(u_ref.at[row_of(0)], x_s.at[wg, 0], x_bar.at[2 * wg])
 
         plgpu.barrier_wait(const_bar)
         y1 = y1_s.at[wg]
 
         @pl.loop(0, count)
         def _(i):
-            row = first + i * stride
+            row = row_of(i)
             slot = lax.rem(i, 2)
+            if channel_major:
+                @pl.when(lax.rem(i, batch) == 0)
+                def _():  # a new channel: its K̂ into shared memory (the last row's reads of it are done)
+                    for c in range(2):
+                        for half in range(2):
+                            plgpu.copy_gmem_to_smem(kh_ref.at[lax.rem(row, channels), c, half],
+                                                    kh_s.at[wg, c, half], k_bar.at[wg])
 
             @pl.when(i + 1 < count)
             def _():
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the other slot's output has left
-                plgpu.copy_gmem_to_smem(u_ref.at[row + stride], x_s.at[wg, 1 - slot], x_bar.at[2 * wg + 1 - slot])
+                plgpu.copy_gmem_to_smem(u_ref.at[row_of(i + 1)], x_s.at[wg, 1 - slot], x_bar.at[2 * wg + 1 - slot])
 
-            plgpu.barrier_wait(x_bar.at[2 * wg + slot])
+            with jax.named_scope("wait_x"):
+                plgpu.barrier_wait(x_bar.at[2 * wg + slot])
             x = x_s.at[wg, slot]
             channel = lax.rem(row, channels)
 
             def one_row(y_acc):
                 for half in range(2):
-                    a_re, a_im = matmuls([(f1_s.at[0, half], x)], [(f1_s.at[1, half], x)])
+                    with jax.named_scope("stage1"):
+                        a_re, a_im = matmuls([(f1_s.at[0, half], x)], [(f1_s.at[1, half], x)])
+                    scope = jax.named_scope("twiddle1")
+                    scope.__enter__()
                     if "twiddle" in ablate:  # timing experiments only: wrong results
                         t_re, t_im = a_im, a_re
                     else:
@@ -267,49 +237,76 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
                     y1[0] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
                     y1[1] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
                     plgpu.commit_smem()
+                    scope.__exit__(None, None, None)
+                    scope = jax.named_scope("stage2")
+                    scope.__enter__()
                     if "stage2" in ablate:
                         z_re, z_im = t_re, t_im
                     else:
                         z_re, z_im = matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])],
                                              [(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])])
+                    scope.__exit__(None, None, None)
+                    scope = jax.named_scope("khat")
+                    scope.__enter__()
                     if "khat" in ablate:
                         k_re, k_im = z_im, z_re
+                    elif channel_major:
+                        if half == 0:
+                            @pl.when(lax.rem(i, batch) == 0)
+                            def _():
+                                plgpu.barrier_wait(k_bar.at[wg])
+                        k_re, k_im = load(kh_s.at[wg, 0, half]), load(kh_s.at[wg, 1, half])
                     else:
                         k_re = load(kh_ref.at[channel, 0, half], optimized=False)
                         k_im = load(kh_ref.at[channel, 1, half], optimized=False)
                     y1[0] = (z_re * k_re - z_im * k_im).astype(jnp.bfloat16)
                     y1[1] = (z_re * k_im + z_im * k_re).astype(jnp.bfloat16)
                     plgpu.commit_smem()
+                    scope.__exit__(None, None, None)
+                    scope = jax.named_scope("istage2")
+                    scope.__enter__()
                     if "stage2" in ablate:
                         w_re, w_im = k_re, k_im
                     else:
                         w_re, w_im = matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[1])],
                                              [(y1.at[1], f2_s.at[0]), (y1.at[0], f2_s.at[2])])
+                    scope.__exit__(None, None, None)
+                    scope = jax.named_scope("twiddle2")
+                    scope.__enter__()
                     if "twiddle" not in ablate:
                         t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
                     y1[0] = (w_re * t_re + w_im * t_im).astype(jnp.bfloat16)
                     y1[1] = (w_im * t_re - w_re * t_im).astype(jnp.bfloat16)
                     plgpu.commit_smem()
+                    scope.__exit__(None, None, None)
                     # this half's share of y; the next half's first matmuls wait for it before y1 is rewritten
                     plgpu.wgmma(y_acc, g1(0, half), y1.at[0])
                     plgpu.wgmma(y_acc, g1(1, half), y1.at[1])
-                return y_acc[...]
+                with jax.named_scope("istage1"):
+                    return y_acc[...]
 
             y = pl.run_scoped(one_row, plgpu.ACC((HALF, r2), jnp.float32))
-            x[...] = y.astype(jnp.bfloat16)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(x, y_ref.at[row])
+            with jax.named_scope("out"):
+                x[...] = y.astype(jnp.bfloat16)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(x, y_ref.at[row])
 
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [_smem((wgs, 2, HALF, r2), r2), _smem((2, 2, HALF, HALF), r2), _smem((3, r2, r2), r2),
                _smem_f32((2, 2, HALF, r2), r2), _smem((wgs, 2, HALF, r2), r2)]
+    if channel_major:
+        scratch.append(_smem_f32((wgs, 2, 2, HALF, r2), r2))
     if not transposed_g1:
         scratch.append(_smem((2, 2, HALF, HALF), r2))
     scratch += [plgpu.Barrier(num_arrivals=11 if transposed_g1 else 15), plgpu.Barrier(num_barriers=2 * wgs)]
+    if channel_major:
+        scratch.append(plgpu.Barrier(num_arrivals=4, num_barriers=wgs))
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((rows, HALF, r2), u.dtype),
         grid=(ctas,), grid_names=("cta",), num_threads=wgs, thread_name="wg", scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(profile_space=(20 * -(-rows // (ctas * wgs)) + 16) if profile_dir else 0,
+                                             profile_dir=profile_dir),
         interpret=interpret)
     return kernel(u.reshape(rows, HALF, r2), khat, f1c, twc, f2c, g1c).reshape(rows, n)
 
@@ -405,32 +402,37 @@ def spectrum_cotangent_rows(u, dy, consts, *, channels: int, ctas: int = 132, wg
     return kernel(u.reshape(rows, HALF, r2), dy.reshape(rows, HALF, r2), f1c, twc, f2c)
 
 
-def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int = 2, interpret=None, rows_fn=None):
+def default_wgs(n: int) -> int:
+    """Warpgroups per CTA that fit shared memory with the channel's K̂ held (one at N = 4096)."""
+    return 1 if n >= 4096 else 2
+
+
+def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int | None = None, channel_major: bool = True,
+                  spectrum=kernel_spectrum, interpret=None):
     """Causal long conv in the [batch, channels, seq] layout. u: [B, H, N] bf16, k: [H, N] -> y [B, H, N] bf16.
     Differentiable in u and k: du is the same kernel with conj(K̂), K̂'s cotangent comes from
-    `spectrum_cotangent_rows`, and k's from XLA's transpose of `kernel_spectrum`."""
+    `spectrum_cotangent_rows`, and k's from XLA's transpose of `spectrum`."""
     batch, channels, n = u.shape
-    options = dict(channels=channels, ctas=ctas, wgs=wgs, interpret=interpret)
+    wgs = wgs or default_wgs(n)
     consts = constants(n)
-
-    rows_fn = rows_fn or (functools.partial(long_conv_rows, transposed_g1=False) if interpret is not None
-                          else long_conv_rows)
+    rows_fn = functools.partial(long_conv_rows, channels=channels, ctas=ctas, wgs=wgs, interpret=interpret,
+                                channel_major=channel_major, transposed_g1=interpret is None)
 
     @jax.custom_vjp
     def conv(u_rows, khat):
-        return rows_fn(u_rows, khat, consts, **options)
+        return rows_fn(u_rows, khat, consts)
 
     def conv_fwd(u_rows, khat):
         return conv(u_rows, khat), (u_rows, khat)
 
     def conv_bwd(residuals, dy):
         u_rows, khat = residuals
-        conj = khat.at[:, 1].multiply(-1.0)
-        du = rows_fn(dy, conj, consts, **options)
-        return du, spectrum_cotangent_rows(u_rows, dy, consts, **{**options, "wgs": min(wgs, 2)})
+        du = rows_fn(dy, khat.at[:, 1].multiply(-1.0), consts)  # conj(K̂): the correlation with k
+        return du, spectrum_cotangent_rows(u_rows, dy, consts, channels=channels, ctas=ctas, wgs=min(wgs, 2),
+                                           interpret=interpret)
 
     conv.defvjp(conv_fwd, conv_bwd)
-    y = conv(u.reshape(batch * channels, n), kernel_spectrum(k, n))
+    y = conv(u.reshape(batch * channels, n), spectrum(k, n))
     return y.reshape(batch, channels, n)
 
 

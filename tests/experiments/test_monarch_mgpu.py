@@ -1,0 +1,81 @@
+"""The Mosaic GPU Monarch long-conv prototype (experiments/long_conv_kernel/monarch_mgpu.py), run by the Pallas
+GPU interpreter on CPU against jnp.fft, and lowered for CUDA (which checks shared memory and layouts)."""
+
+import functools
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "experiments" / "long_conv_kernel"))
+import monarch_mgpu  # noqa: E402
+
+
+def _rel_err(got, want):
+    return float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+
+
+def _inputs(n, batch=3, channels=5, kernel_len=None, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    u = jax.random.normal(keys[0], (batch, channels, n), jnp.float32).astype(jnp.bfloat16)
+    k = jax.random.normal(keys[1], (channels, kernel_len or n), jnp.float32) / np.sqrt(n)
+    dy = jax.random.normal(keys[2], (batch, channels, n), jnp.float32).astype(jnp.bfloat16)
+    return u, k, dy
+
+
+def test_factorisation_is_the_linear_convolution():
+    assert monarch_mgpu._numpy_model(1024) < 1e-12
+
+
+@pytest.mark.parametrize("n, kernel_len", [(1024, 1024), (2048, 77)])
+def test_kernel_spectrum_by_matmuls_equals_fft(n, kernel_len):
+    k = jax.random.normal(jax.random.key(n), (4, kernel_len), jnp.float32)
+    by_fft = monarch_mgpu.kernel_spectrum_fft(k, n)
+    by_matmuls = monarch_mgpu.kernel_spectrum(k, n, precision=jax.lax.Precision.HIGHEST)
+    assert by_matmuls.shape == (4, 2, 2, 64, 2 * n // 128)
+    assert _rel_err(by_matmuls, by_fft) < 1e-5
+
+
+@pytest.mark.parametrize("channel_major", [True, False])
+def test_forward_matches_fft(channel_major):
+    # 15 rows over 2 CTAs of 2 warpgroups: warpgroups with no channel, one and two; a kernel shorter than u
+    n = 1024
+    u, k, _ = _inputs(n, kernel_len=n - 3)
+    y = monarch_mgpu.long_conv_bhn(u, k, ctas=2, wgs=2, channel_major=channel_major,
+                                   interpret=monarch_mgpu.interpret_params())
+    assert y.shape == u.shape and y.dtype == u.dtype
+    assert _rel_err(y, monarch_mgpu.reference_bhn(u.astype(jnp.float32), k)) < 1e-2
+
+
+def test_gradients_match_fft():
+    n = 2048
+    u, k, dy = _inputs(n, batch=2, channels=3, seed=1)
+
+    def loss(conv):
+        return lambda u, k: jnp.sum(conv(u, k).astype(jnp.float32) * dy.astype(jnp.float32))
+
+    conv = functools.partial(monarch_mgpu.long_conv_bhn, ctas=2, interpret=monarch_mgpu.interpret_params())
+    du, dk = jax.grad(loss(conv), (0, 1))(u, k)
+    want_du, want_dk = jax.grad(loss(lambda u, k: monarch_mgpu.reference_bhn(u.astype(jnp.float32), k)), (0, 1))(
+        u.astype(jnp.float32), k)
+    assert du.dtype == u.dtype and dk.dtype == k.dtype
+    assert _rel_err(du, want_du) < 1e-2
+    assert _rel_err(dk, want_dk) < 1e-2
+
+
+@pytest.mark.parametrize("n", [1024, 4096])
+def test_lowers_for_cuda_within_shared_memory(n):
+    u = jax.ShapeDtypeStruct((8, 768, n), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((768, n), jnp.float32)
+    grad = jax.grad(lambda u, k: jnp.sum(monarch_mgpu.long_conv_bhn(u, k).astype(jnp.float32)), (0, 1))
+    exported = jax.export.export(jax.jit(grad), platforms=["cuda"])(u, k)
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_unsupported_length_is_refused():
+    u, k, _ = _inputs(512, batch=1, channels=2)
+    with pytest.raises(ValueError, match="1024, 2048, 4096"):
+        monarch_mgpu.long_conv_bhn(u, k, interpret=monarch_mgpu.interpret_params())
