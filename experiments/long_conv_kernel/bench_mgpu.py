@@ -4,9 +4,10 @@
 
 Causal, bf16 u: [B, H, N] (the anchor's layout, ../shared/anchors/README.md), kernel k: [H, N] float32. Every
 variant includes the kernel's spectrum. Errors are against the float32 jnp.fft result. Variants:
-  v3: rows in [batch, channel] order, K̂ read from global memory per row, K̂ by jnp.fft + transposes;
-  v4: each warpgroup takes one channel's rows in turn with its K̂ in shared memory, K̂ by the kernel's
-      two factors as XLA matmuls (monarch_mgpu.long_conv_bhn's defaults).
+  v3: `long_conv_rows`: rows in [batch, channel] order, K̂ from global memory per row, K̂ by jnp.fft;
+  v4: `long_conv_grouped` with group 1: a warpgroup takes one channel's rows in turn with its K̂ in shared
+      memory; K̂ by the kernel's two factors as XLA matmuls;
+  v5: `long_conv_grouped` at its default group (4 rows per phase at 1K, 2 at 2K), with 2 or 3 warpgroups.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ def rel_err(got, want):
 
 
 VARIANTS = {
-    "v3": functools.partial(monarch_mgpu.long_conv_bhn, wgs=2, channel_major=False,
-                            spectrum=monarch_mgpu.kernel_spectrum_fft),
-    "v4": monarch_mgpu.long_conv_bhn,
-    "v4_w1": functools.partial(monarch_mgpu.long_conv_bhn, wgs=1),
+    "v3": functools.partial(monarch_mgpu.long_conv_bhn, row_major=True, spectrum=monarch_mgpu.kernel_spectrum_fft),
+    "v4": functools.partial(monarch_mgpu.long_conv_bhn, group=1),
+    "v5": monarch_mgpu.long_conv_bhn,
+    "v5_w3": functools.partial(monarch_mgpu.long_conv_bhn, wgs=3),
 }
+SKIP = {("v5", 4096), ("v5_w3", 2048), ("v5_w3", 4096)}  # v5 is v4 at 4K; no room for 3 warpgroups
 
 
 def main():
@@ -58,14 +60,17 @@ def main():
     parser.add_argument("--shapes", default="8x768x1024,8x768x2048,8x768x4096")
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
-    for n in (1024, 2048, 4096):  # 15 rows of 5 channels: warpgroups with 0, 1 and 2 channels
-        u = jax.random.normal(jax.random.key(n), (3, 5, n), jnp.float32).astype(jnp.bfloat16)
+    for n in (1024, 2048, 4096):  # 20 rows of 5 channels over 2 CTAs: warpgroups with 0, 1 and 2 channels
+        u = jax.random.normal(jax.random.key(n), (4, 5, n), jnp.float32).astype(jnp.bfloat16)
         k = jax.random.normal(jax.random.key(n + 1), (5, n - 3), jnp.float32) / np.sqrt(n)
-        try:
-            err = rel_err(monarch_mgpu.long_conv_bhn(u, k, ctas=2), monarch_mgpu.reference_bhn(u.astype(jnp.float32), k))
-            print(f"check v4 n={n} (kernel_len n-3): rel err {err:.2e}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"check v4 n={n}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+        for name, conv in VARIANTS.items():
+            if (name, n) in SKIP:
+                continue
+            try:
+                err = rel_err(conv(u, k, ctas=2), monarch_mgpu.reference_bhn(u.astype(jnp.float32), k))
+                print(f"check {name} n={n} (kernel_len n-3): rel err {err:.2e}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"check {name} n={n}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
     fft = jax.jit(monarch_mgpu.reference_bhn)
     rows = []
     for shape in args.shapes.split(","):
@@ -78,8 +83,8 @@ def main():
                                ("spectrum_matmul", monarch_mgpu.kernel_spectrum)):
             row["fwd"][name] = median_ms(jax.jit(functools.partial(spectrum, n=n)), k)
         ref = fft(u.astype(jnp.float32), k)
-        for name in ("v3", "v4", "v4_w1"):
-            if name == "v4_w1" and monarch_mgpu.default_wgs(n) == 1:
+        for name in VARIANTS:
+            if (name, n) in SKIP:
                 continue
             try:
                 f = jax.jit(VARIANTS[name])
@@ -95,24 +100,26 @@ def main():
 
         row["fwd+bwd"]["fft"] = median_ms(fwd_bwd(monarch_mgpu.reference_bhn), u, k)
         ref_du, ref_dk = fwd_bwd(lambda u, k: monarch_mgpu.reference_bhn(u.astype(jnp.float32), k))(u, k)
-        try:
-            g = fwd_bwd(VARIANTS["v4"])
-            du, dk = g(u, k)
-            row["err"]["v4_du"], row["err"]["v4_dk"] = rel_err(du, ref_du), rel_err(dk, ref_dk)
-            row["fwd+bwd"]["v4"] = median_ms(g, u, k)
-        except Exception as e:  # noqa: BLE001
-            row["err"]["v4_fb"] = f"{type(e).__name__}: {str(e)[:300]}"
+        for name in ("v3", "v5"):
+            try:
+                g = fwd_bwd(VARIANTS[name])
+                du, dk = g(u, k)
+                row["err"][name + "_du"], row["err"][name + "_dk"] = rel_err(du, ref_du), rel_err(dk, ref_dk)
+                row["fwd+bwd"][name] = median_ms(g, u, k)
+            except Exception as e:  # noqa: BLE001
+                row["err"][name + "_fb"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| shape | pass | jnp.fft ms | v3 ms | v4 ms | jnp.fft / v4 | K̂ by fft / by matmuls (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    nan = float("nan")
+    print("\n| shape | pass | jnp.fft ms | v3 | v4 | v5 | v5_w3 | jnp.fft / best | K̂ by fft / by matmuls (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         for p in ("fwd", "fwd+bwd"):
             t = row[p]
-            v4 = min((t[name] for name in ("v4", "v4_w1") if name in t), default=float("nan"))
+            best = min((t[name] for name in VARIANTS if name in t), default=nan)
             spectra = f"{t['spectrum_fft']:.3f} / {t['spectrum_matmul']:.3f}" if p == "fwd" else ""
-            print(f"| {row['shape']} | {p} | {t['fft']:.3f} | {t.get('v3', float('nan')):.3f} | {v4:.3f} | "
-                  f"{t['fft'] / v4:.2f}x | {spectra} |")
+            cells = " | ".join(f"{t.get(name, nan):.3f}" for name in VARIANTS)
+            print(f"| {row['shape']} | {p} | {t['fft']:.3f} | {cells} | {t['fft'] / best:.2f}x | {spectra} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

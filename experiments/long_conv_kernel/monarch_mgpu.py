@@ -25,8 +25,9 @@ third matrix because a wgmma cannot negate.
 
 `long_conv_rows`: `ctas` persistent CTAs of `wgs` warpgroups; each warpgroup takes its rows in turn and
 prefetches the next row of u by TMA while it computes the current one. The DFT matrices and twiddles are
-loaded into shared memory once per CTA. With channel_major, a warpgroup takes one channel's rows one after
-the other and holds that channel's K̂ in shared memory; otherwise it reads K̂ from global memory per row.
+loaded into shared memory once per CTA, K̂ is read from global memory per row. `long_conv_grouped`: a
+warpgroup takes one channel at a time, with its K̂ in shared memory, and puts `group` of its rows through
+every phase together (one wait per phase for all of them).
 `spectrum_cotangent_rows` is the backward's K̂ cotangent; `long_conv_bhn` wires both into a custom_vjp.
 """
 
@@ -124,9 +125,9 @@ def _smem_f32(shape, r2):
 
 
 @functools.partial(jax.jit, static_argnames=("channels", "ctas", "wgs", "transposed_g1", "interpret", "ablate",
-                                             "profile_dir", "channel_major"))
+                                             "profile_dir"))
 def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int = 2, transposed_g1: bool = True,
-                   interpret=None, ablate=(), profile_dir: str = "", channel_major: bool = True):
+                   interpret=None, ablate=(), profile_dir: str = ""):
     """y[r] = causal conv of u[r] with the kernel of channel r mod channels. u: [rows, n] bf16.
 
     Per row and half of k1: stage 1, twiddles, stage 2, × K̂, inverse stage 2, conjugate twiddles, and that
@@ -141,27 +142,9 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
     r2 = 2 * n // R1
     ctas = min(ctas, -(-rows // wgs))
     f1c, twc, f2c, g1c = consts
-    wgmma_layout = plgpu.Layout.WGMMA
-
-    def load(ref, optimized=True):  # the GPU interpreter has no plgpu.load (and no layouts)
-        return ref[...] if interpret is not None else plgpu.load(ref, (), layout=wgmma_layout, optimized=optimized)
-
-    def matmuls(*sums):
-        """For each sum, a list of (a, b) ref pairs: Σ a @ b as float32 [64, r2]. All the wgmmas are issued
-        before the first result is awaited."""
-        def body(*accs):
-            for acc, pairs in zip(accs, sums):
-                for a, b in pairs:
-                    plgpu.wgmma(acc, a, b)
-            return tuple(acc[...] for acc in accs)
-        return pl.run_scoped(body, *[plgpu.ACC((HALF, r2), jnp.float32) for _ in sums])
-
-    batch = rows // channels
+    load, matmuls = _wgmma_helpers(r2, interpret)
 
     def body(u_ref, kh_ref, f1_ref, tw_ref, f2_ref, g1_ref, y_ref, x_s, f1_s, f2_s, tw_s, y1_s, *rest):
-        rest = list(rest)
-        if channel_major:
-            kh_s, k_bar = rest.pop(0), rest.pop()
         if transposed_g1:
             const_bar, x_bar = rest
             g1 = lambda c, half: plgpu.transpose_ref(f1_s.at[c, half], (1, 0))  # noqa: E731
@@ -171,18 +154,10 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
         wg = lax.axis_index("wg")
         first = lax.axis_index("cta") * wgs + wg
         stride = ctas * wgs
-        if channel_major:
-            # the rows of one channel one after the other (its K̂ read once): iteration i is batch element
-            # i mod B of this warpgroup's (i div B)-th channel
-            count = (channels - first + stride - 1) // stride * batch
+        count = (rows - first + stride - 1) // stride
 
-            def row_of(i):
-                return lax.rem(i, batch) * channels + first + (i // batch) * stride
-        else:
-            count = (rows - first + stride - 1) // stride
-
-            def row_of(i):
-                return first + i * stride
+        def row_of(i):
+            return first + i * stride
 
         @pl.when(wg == 0)
         def _():
@@ -206,13 +181,6 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
         def _(i):
             row = row_of(i)
             slot = lax.rem(i, 2)
-            if channel_major:
-                @pl.when(lax.rem(i, batch) == 0)
-                def _():  # a new channel: its K̂ into shared memory (the last row's reads of it are done)
-                    for c in range(2):
-                        for half in range(2):
-                            plgpu.copy_gmem_to_smem(kh_ref.at[lax.rem(row, channels), c, half],
-                                                    kh_s.at[wg, c, half], k_bar.at[wg])
 
             @pl.when(i + 1 < count)
             def _():
@@ -250,12 +218,6 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
                     scope.__enter__()
                     if "khat" in ablate:
                         k_re, k_im = z_im, z_re
-                    elif channel_major:
-                        if half == 0:
-                            @pl.when(lax.rem(i, batch) == 0)
-                            def _():
-                                plgpu.barrier_wait(k_bar.at[wg])
-                        k_re, k_im = load(kh_s.at[wg, 0, half]), load(kh_s.at[wg, 1, half])
                     else:
                         k_re = load(kh_ref.at[channel, 0, half], optimized=False)
                         k_im = load(kh_ref.at[channel, 1, half], optimized=False)
@@ -295,18 +257,171 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
 
     scratch = [_smem((wgs, 2, HALF, r2), r2), _smem((2, 2, HALF, HALF), r2), _smem((3, r2, r2), r2),
                _smem_f32((2, 2, HALF, r2), r2), _smem((wgs, 2, HALF, r2), r2)]
-    if channel_major:
-        scratch.append(_smem_f32((wgs, 2, 2, HALF, r2), r2))
     if not transposed_g1:
         scratch.append(_smem((2, 2, HALF, HALF), r2))
     scratch += [plgpu.Barrier(num_arrivals=11 if transposed_g1 else 15), plgpu.Barrier(num_barriers=2 * wgs)]
-    if channel_major:
-        scratch.append(plgpu.Barrier(num_arrivals=4, num_barriers=wgs))
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((rows, HALF, r2), u.dtype),
         grid=(ctas,), grid_names=("cta",), num_threads=wgs, thread_name="wg", scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(profile_space=(20 * -(-rows // (ctas * wgs)) + 16) if profile_dir else 0,
                                              profile_dir=profile_dir),
+        interpret=interpret)
+    return kernel(u.reshape(rows, HALF, r2), khat, f1c, twc, f2c, g1c).reshape(rows, n)
+
+
+def _wgmma_helpers(r2, interpret):
+    """(load, matmuls) for the kernels below; see long_conv_rows."""
+    def load(ref, optimized=True):  # the GPU interpreter has no plgpu.load (and no layouts)
+        if interpret is not None:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA, optimized=optimized)
+
+    def matmuls(*sums):
+        """For each sum, a list of (a, b) ref pairs: Σ a @ b as float32 [64, r2]. All the wgmmas are issued
+        before the first result is awaited."""
+        def body(*accs):
+            for acc, pairs in zip(accs, sums):
+                for a, b in pairs:
+                    plgpu.wgmma(acc, a, b)
+            return tuple(acc[...] for acc in accs)
+        return pl.run_scoped(body, *[plgpu.ACC((HALF, r2), jnp.float32) for _ in sums])
+
+    return load, matmuls
+
+
+def default_group(n: int) -> int:
+    """Rows per phase in `long_conv_grouped` that keep its accumulators in registers: 4 at N = 1K, 2 at 2K, 1 at 4K."""
+    return {1024: 4, 2048: 2}.get(n, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("channels", "group", "ctas", "wgs", "interpret"))
+def long_conv_grouped(u, khat, consts, *, channels: int, group: int = 1, ctas: int = 132, wgs: int = 1,
+                      interpret=None):
+    """`long_conv_rows` with `group` rows of one channel through every phase together.
+
+    A warpgroup takes one channel at a time (its K̂ in shared memory) and its batch in blocks of `group`
+    rows; each phase issues the wgmmas of all the block's rows before one wait, so the fixed cost of a
+    phase (0.15–0.6 µs on an H200, NOTES.md) is paid once per block instead of once per row.
+    u: [rows, n] bf16 with rows = batch · channels, batch divisible by group.
+    """
+    rows, n = u.shape
+    if not supports(n):
+        raise ValueError(f"u: the prototype takes n in 1024, 2048, 4096, got {n}")
+    batch = rows // channels
+    if batch % group:
+        raise ValueError(f"group: {group} must divide the batch {batch}")
+    r2 = 2 * n // R1
+    blocks = batch // group
+    ctas = min(ctas, -(-channels // wgs))
+    transposed_g1 = interpret is None
+    f1c, twc, f2c, g1c = consts
+    load, matmuls = _wgmma_helpers(r2, interpret)
+
+    def body(u_ref, kh_ref, f1_ref, tw_ref, f2_ref, g1_ref, y_ref, x_s, f1_s, f2_s, tw_s, y1_s, kh_s, *rest):
+        if transposed_g1:
+            const_bar, x_bar, k_bar = rest
+            g1 = lambda c, half: plgpu.transpose_ref(f1_s.at[c, half], (1, 0))  # noqa: E731
+        else:
+            g1_s, const_bar, x_bar, k_bar = rest
+            g1 = lambda c, half: g1_s.at[c, half]  # noqa: E731
+        wg = lax.axis_index("wg")
+        first = lax.axis_index("cta") * wgs + wg
+        stride = ctas * wgs
+        count = (channels - first + stride - 1) // stride * blocks  # iteration i: block i mod blocks of a channel
+
+        def channel_of(i):
+            return first + (i // blocks) * stride
+
+        def rows_of(i):
+            return [(lax.rem(i, blocks) * group + g) * channels + channel_of(i) for g in range(group)]
+
+        def fetch(i, slot):
+            for g, row in enumerate(rows_of(i)):
+                plgpu.copy_gmem_to_smem(u_ref.at[row], x_s.at[wg, slot, g], x_bar.at[2 * wg + slot])
+
+        @pl.when(wg == 0)
+        def _():
+            for i in range(2):
+                for j in range(2):
+                    plgpu.copy_gmem_to_smem(f1_ref.at[i, j], f1_s.at[i, j], const_bar)
+                    plgpu.copy_gmem_to_smem(tw_ref.at[i, j], tw_s.at[i, j], const_bar)
+                    if not transposed_g1:
+                        plgpu.copy_gmem_to_smem(g1_ref.at[i, j], g1_s.at[i, j], const_bar)
+            for i in range(3):
+                plgpu.copy_gmem_to_smem(f2_ref.at[i], f2_s.at[i], const_bar)
+
+        pl.when(count > 0)(lambda: fetch(0, 0))
+        plgpu.barrier_wait(const_bar)
+
+        @pl.loop(0, count)
+        def _(i):
+            slot = lax.rem(i, 2)
+            new_channel = lax.rem(i, blocks) == 0
+
+            @pl.when(new_channel)
+            def _():  # the channel's K̂ (the last block's reads of the previous one are done)
+                for c in range(2):
+                    for half in range(2):
+                        plgpu.copy_gmem_to_smem(kh_ref.at[channel_of(i), c, half], kh_s.at[wg, c, half],
+                                                k_bar.at[wg])
+
+            @pl.when(i + 1 < count)
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the other slot's outputs have left
+                fetch(i + 1, 1 - slot)
+
+            plgpu.barrier_wait(x_bar.at[2 * wg + slot])
+            xs = [x_s.at[wg, slot, g] for g in range(group)]
+            y1s = [y1_s.at[wg, g] for g in range(group)]
+
+            def transform(*y_accs):
+                for half in range(2):
+                    a = matmuls(*[[(f1_s.at[c, half], x)] for c in range(2) for x in xs])
+                    t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
+                    for y1, a_re, a_im in zip(y1s, a[:group], a[group:]):
+                        y1[0] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
+                        y1[1] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
+                    plgpu.commit_smem()
+                    z = matmuls(*[[(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])] for y1 in y1s],
+                                *[[(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])] for y1 in y1s])
+                    if half == 0:
+                        pl.when(new_channel)(lambda: plgpu.barrier_wait(k_bar.at[wg]))
+                    k_re, k_im = load(kh_s.at[wg, 0, half]), load(kh_s.at[wg, 1, half])
+                    for y1, z_re, z_im in zip(y1s, z[:group], z[group:]):
+                        y1[0] = (z_re * k_re - z_im * k_im).astype(jnp.bfloat16)
+                        y1[1] = (z_re * k_im + z_im * k_re).astype(jnp.bfloat16)
+                    plgpu.commit_smem()
+                    w = matmuls(*[[(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[1])] for y1 in y1s],
+                                *[[(y1.at[1], f2_s.at[0]), (y1.at[0], f2_s.at[2])] for y1 in y1s])
+                    t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
+                    for y1, w_re, w_im in zip(y1s, w[:group], w[group:]):
+                        y1[0] = (w_re * t_re + w_im * t_im).astype(jnp.bfloat16)
+                        y1[1] = (w_im * t_re - w_re * t_im).astype(jnp.bfloat16)
+                    plgpu.commit_smem()
+                    for y_acc, y1 in zip(y_accs, y1s):  # this half's share of y (awaited by the next matmuls)
+                        plgpu.wgmma(y_acc, g1(0, half), y1.at[0])
+                        plgpu.wgmma(y_acc, g1(1, half), y1.at[1])
+                return tuple(y_acc[...] for y_acc in y_accs)
+
+            ys = pl.run_scoped(transform, *[plgpu.ACC((HALF, r2), jnp.float32) for _ in range(group)])
+            for x, y in zip(xs, ys):  # out through the input's slot
+                x[...] = y.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            for x, row in zip(xs, rows_of(i)):
+                plgpu.copy_smem_to_gmem(x, y_ref.at[row])
+
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [_smem((wgs, 2, group, HALF, r2), r2), _smem((2, 2, HALF, HALF), r2), _smem((3, r2, r2), r2),
+               _smem_f32((2, 2, HALF, r2), r2), _smem((wgs, group, 2, HALF, r2), r2),
+               _smem_f32((wgs, 2, 2, HALF, r2), r2)]
+    if not transposed_g1:
+        scratch.append(_smem((2, 2, HALF, HALF), r2))
+    scratch += [plgpu.Barrier(num_arrivals=11 if transposed_g1 else 15),
+                plgpu.Barrier(num_arrivals=group, num_barriers=2 * wgs), plgpu.Barrier(num_arrivals=4, num_barriers=wgs)]
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((rows, HALF, r2), u.dtype),
+        grid=(ctas,), grid_names=("cta",), num_threads=wgs, thread_name="wg", scratch_types=scratch,
         interpret=interpret)
     return kernel(u.reshape(rows, HALF, r2), khat, f1c, twc, f2c, g1c).reshape(rows, n)
 
@@ -325,18 +440,7 @@ def spectrum_cotangent_rows(u, dy, consts, *, channels: int, ctas: int = 132, wg
     units = 2 * channels
     ctas = min(ctas, -(-units // wgs))
     f1c, twc, f2c, _ = consts
-    wgmma_layout = plgpu.Layout.WGMMA
-
-    def load(ref):
-        return ref[...] if interpret is not None else plgpu.load(ref, (), layout=wgmma_layout, optimized=False)
-
-    def matmuls(*sums):
-        def body(*accs):
-            for acc, pairs in zip(accs, sums):
-                for a, b in pairs:
-                    plgpu.wgmma(acc, a, b)
-            return tuple(acc[...] for acc in accs)
-        return pl.run_scoped(body, *[plgpu.ACC((HALF, r2), jnp.float32) for _ in sums])
+    load, matmuls = _wgmma_helpers(r2, interpret)
 
     def body(u_ref, dy_ref, f1_ref, tw_ref, f2_ref, out_ref, x_s, f1_s, f2_s, y1_s, out_s, const_bar, x_bar):
         wg = lax.axis_index("wg")
@@ -368,10 +472,10 @@ def spectrum_cotangent_rows(u, dy, consts, *, channels: int, ctas: int = 132, wg
         def _(i):
             unit = first + i * stride
             channel, half = unit // 2, lax.rem(unit, 2)
-            t_re, t_im = load(tw_ref.at[0, half]), load(tw_ref.at[1, half])
+            t_re, t_im = load(tw_ref.at[0, half], optimized=False), load(tw_ref.at[1, half], optimized=False)
             zero = jnp.zeros((HALF, r2), jnp.float32)
             if interpret is None:
-                zero = plgpu.layout_cast(zero, wgmma_layout)
+                zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
 
             def per_row(b, acc):
                 row = b * channels + channel
@@ -403,31 +507,41 @@ def spectrum_cotangent_rows(u, dy, consts, *, channels: int, ctas: int = 132, wg
 
 
 def default_wgs(n: int) -> int:
-    """Warpgroups per CTA that fit shared memory with the channel's K̂ held (one at N = 4096)."""
+    """Warpgroups per CTA of `long_conv_grouped` at its default group that fit shared memory."""
     return 1 if n >= 4096 else 2
 
 
-def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int | None = None, channel_major: bool = True,
-                  spectrum=kernel_spectrum, interpret=None):
+def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int | None = None, group: int | None = None,
+                  row_major: bool = False, spectrum=kernel_spectrum, interpret=None):
     """Causal long conv in the [batch, channels, seq] layout. u: [B, H, N] bf16, k: [H, N] -> y [B, H, N] bf16.
-    Differentiable in u and k: du is the same kernel with conj(K̂), K̂'s cotangent comes from
+
+    `long_conv_grouped` (group rows per phase; `default_group`) computes y and du, or `long_conv_rows` with
+    row_major. Differentiable in u and k: du is the same kernel with conj(K̂), K̂'s cotangent comes from
     `spectrum_cotangent_rows`, and k's from XLA's transpose of `spectrum`."""
     batch, channels, n = u.shape
-    wgs = wgs or default_wgs(n)
     consts = constants(n)
-    rows_fn = functools.partial(long_conv_rows, channels=channels, ctas=ctas, wgs=wgs, interpret=interpret,
-                                channel_major=channel_major, transposed_g1=interpret is None)
+    if row_major:
+        wgs = wgs or 2
+        conv_rows = functools.partial(long_conv_rows, channels=channels, ctas=ctas, wgs=wgs, interpret=interpret,
+                                      transposed_g1=interpret is None)
+    else:
+        wgs = wgs or default_wgs(n)
+        group = group or default_group(n)
+        if batch % group:
+            group = 1
+        conv_rows = functools.partial(long_conv_grouped, channels=channels, group=group, ctas=ctas, wgs=wgs,
+                                      interpret=interpret)
 
     @jax.custom_vjp
     def conv(u_rows, khat):
-        return rows_fn(u_rows, khat, consts)
+        return conv_rows(u_rows, khat, consts)
 
     def conv_fwd(u_rows, khat):
         return conv(u_rows, khat), (u_rows, khat)
 
     def conv_bwd(residuals, dy):
         u_rows, khat = residuals
-        du = rows_fn(dy, khat.at[:, 1].multiply(-1.0), consts)  # conj(K̂): the correlation with k
+        du = conv_rows(dy, khat.at[:, 1].multiply(-1.0), consts)  # conj(K̂): the correlation with k
         return du, spectrum_cotangent_rows(u_rows, dy, consts, channels=channels, ctas=ctas, wgs=min(wgs, 2),
                                            interpret=interpret)
 

@@ -39,13 +39,13 @@ def test_kernel_spectrum_by_matmuls_equals_fft(n, kernel_len):
     assert _rel_err(by_matmuls, by_fft) < 1e-5
 
 
-@pytest.mark.parametrize("channel_major", [True, False])
-def test_forward_matches_fft(channel_major):
-    # 15 rows over 2 CTAs of 2 warpgroups: warpgroups with no channel, one and two; a kernel shorter than u
+@pytest.mark.parametrize("batch, options", [(3, dict(row_major=True)), (3, dict(group=1)), (4, dict(group=4)),
+                                            (4, dict(group=2, wgs=1))])
+def test_forward_matches_fft(batch, options):
+    # 5 channels over 2 CTAs of 2 warpgroups: warpgroups with no channel, one and two; a kernel shorter than u
     n = 1024
-    u, k, _ = _inputs(n, kernel_len=n - 3)
-    y = monarch_mgpu.long_conv_bhn(u, k, ctas=2, wgs=2, channel_major=channel_major,
-                                   interpret=monarch_mgpu.interpret_params())
+    u, k, _ = _inputs(n, batch=batch, kernel_len=n - 3)
+    y = monarch_mgpu.long_conv_bhn(u, k, ctas=2, **{"wgs": 2, **options}, interpret=monarch_mgpu.interpret_params())
     assert y.shape == u.shape and y.dtype == u.dtype
     assert _rel_err(y, monarch_mgpu.reference_bhn(u.astype(jnp.float32), k)) < 1e-2
 
@@ -66,7 +66,15 @@ def test_gradients_match_fft():
     assert _rel_err(dk, want_dk) < 1e-2
 
 
-@pytest.mark.parametrize("n", [1024, 4096])
+def test_group_must_divide_the_batch():
+    u, k, _ = _inputs(1024, batch=3, channels=2)
+    rows = u.reshape(6, 1024)
+    with pytest.raises(ValueError, match="group: 2 must divide the batch 3"):
+        monarch_mgpu.long_conv_grouped(rows, monarch_mgpu.kernel_spectrum(k, 1024), monarch_mgpu.constants(1024),
+                                       channels=2, group=2, interpret=monarch_mgpu.interpret_params())
+
+
+@pytest.mark.parametrize("n", [1024, 2048, 4096])
 def test_lowers_for_cuda_within_shared_memory(n):
     u = jax.ShapeDtypeStruct((8, 768, n), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((768, n), jnp.float32)
