@@ -506,24 +506,133 @@ def spectrum_cotangent_rows(u, dy, consts, *, channels: int, ctas: int = 132, wg
     return kernel(u.reshape(rows, HALF, r2), dy.reshape(rows, HALF, r2), f1c, twc, f2c)
 
 
+@functools.partial(jax.jit, static_argnames=("channels", "group", "ctas", "wgs", "interpret"))
+def spectrum_cotangent_grouped(u, dy, consts, *, channels: int, group: int = 1, ctas: int = 132, wgs: int = 1,
+                               interpret=None):
+    """`spectrum_cotangent_rows` with the twiddles in shared memory, the next rows prefetched by TMA, and
+    `group` batch elements (their u and dy rows) through each phase together, one wait per phase.
+
+    u, dy: [rows, n] bf16 (rows = batch · channels, batch divisible by group) -> [channels, re/im, half, 64, r2]
+    float32. A unit of work is (channel, half of k1); a warpgroup loops over its units and, in each, over
+    the batch in blocks of `group`.
+    """
+    rows, n = u.shape
+    if not supports(n):
+        raise ValueError(f"u: the prototype takes n in 1024, 2048, 4096, got {n}")
+    batch = rows // channels
+    if batch % group:
+        raise ValueError(f"group: {group} must divide the batch {batch}")
+    r2 = 2 * n // R1
+    blocks = batch // group
+    units = 2 * channels
+    ctas = min(ctas, -(-units // wgs))
+    f1c, twc, f2c, _ = consts
+    load, matmuls = _wgmma_helpers(r2, interpret)
+
+    def body(u_ref, dy_ref, f1_ref, tw_ref, f2_ref, out_ref, x_s, f1_s, f2_s, tw_s, y1_s, out_s, const_bar, x_bar):
+        wg = lax.axis_index("wg")
+        first = lax.axis_index("cta") * wgs + wg
+        stride = ctas * wgs
+        my_units = (units - first + stride - 1) // stride
+        count = my_units * blocks  # iteration i: block i mod blocks of unit i div blocks
+
+        def rows_of(i):
+            channel = (first + (i // blocks) * stride) // 2
+            return [(lax.rem(i, blocks) * group + g) * channels + channel for g in range(group)]
+
+        def fetch(i, slot):
+            for g, row in enumerate(rows_of(i)):
+                plgpu.copy_gmem_to_smem(u_ref.at[row], x_s.at[wg, slot, 0, g], x_bar.at[2 * wg + slot])
+                plgpu.copy_gmem_to_smem(dy_ref.at[row], x_s.at[wg, slot, 1, g], x_bar.at[2 * wg + slot])
+
+        @pl.when(wg == 0)
+        def _():
+            for i in range(2):
+                for j in range(2):
+                    plgpu.copy_gmem_to_smem(f1_ref.at[i, j], f1_s.at[i, j], const_bar)
+                    plgpu.copy_gmem_to_smem(tw_ref.at[i, j], tw_s.at[i, j], const_bar)
+            for i in range(3):
+                plgpu.copy_gmem_to_smem(f2_ref.at[i], f2_s.at[i], const_bar)
+
+        pl.when(count > 0)(lambda: fetch(0, 0))
+        plgpu.barrier_wait(const_bar)
+        y1s = [y1_s.at[wg, j] for j in range(2 * group)]  # u's rows, then dy's
+
+        @pl.loop(0, my_units)
+        def _(j):
+            unit = first + j * stride
+            channel, half = unit // 2, lax.rem(unit, 2)
+
+            def per_block(block, acc):
+                i = j * blocks + block
+                slot = lax.rem(i, 2)
+                pl.when(i + 1 < count)(lambda: fetch(i + 1, 1 - slot))
+                plgpu.barrier_wait(x_bar.at[2 * wg + slot])
+                xs = [x_s.at[wg, slot, side, g] for side in range(2) for g in range(group)]
+                a = matmuls(*[[(f1_s.at[c, half], x)] for c in range(2) for x in xs])
+                t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
+                for y1, a_re, a_im in zip(y1s, a[:2 * group], a[2 * group:]):
+                    y1[0] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
+                    y1[1] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
+                plgpu.commit_smem()
+                z = matmuls(*[[(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])] for y1 in y1s],
+                            *[[(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])] for y1 in y1s])
+                z_re, z_im = z[:2 * group], z[2 * group:]
+                acc_re, acc_im = acc
+                for g in range(group):  # (Re, −Im) of Û · conj(D̂)
+                    u_re, u_im, d_re, d_im = z_re[g], z_im[g], z_re[group + g], z_im[group + g]
+                    acc_re = acc_re + u_re * d_re + u_im * d_im
+                    acc_im = acc_im + u_re * d_im - u_im * d_re
+                return acc_re, acc_im
+
+            zero = jnp.zeros((HALF, r2), jnp.float32)
+            if interpret is None:
+                zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
+            acc_re, acc_im = lax.fori_loop(0, blocks, per_block, (zero, zero))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out_s[wg, 0] = acc_re
+            out_s[wg, 1] = acc_im
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_s.at[wg, 0], out_ref.at[channel, 0, half])
+            plgpu.copy_smem_to_gmem(out_s.at[wg, 1], out_ref.at[channel, 1, half])
+
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((channels, 2, 2, HALF, r2), jnp.float32),
+        grid=(ctas,), grid_names=("cta",), num_threads=wgs, thread_name="wg",
+        scratch_types=[_smem((wgs, 2, 2, group, HALF, r2), r2), _smem((2, 2, HALF, HALF), r2),
+                       _smem((3, r2, r2), r2), _smem_f32((2, 2, HALF, r2), r2),
+                       _smem((wgs, 2 * group, 2, HALF, r2), r2), plgpu.SMEM((wgs, 2, HALF, r2), jnp.float32),
+                       plgpu.Barrier(num_arrivals=11), plgpu.Barrier(num_arrivals=2 * group, num_barriers=2 * wgs)],
+        interpret=interpret)
+    return kernel(u.reshape(rows, HALF, r2), dy.reshape(rows, HALF, r2), f1c, twc, f2c)
+
+
 def default_wgs(n: int) -> int:
     """Warpgroups per CTA of `long_conv_grouped` at its default group that fit shared memory."""
     return 1 if n >= 4096 else 2
+
+
+def cotangent_config(n: int) -> tuple[int, int]:
+    """(group, warpgroups) of `spectrum_cotangent_grouped` that fit shared memory and registers."""
+    return {1024: (4, 2), 2048: (1, 2)}.get(n, (1, 1))
 
 
 def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int | None = None, group: int | None = None,
                   row_major: bool = False, spectrum=kernel_spectrum, interpret=None):
     """Causal long conv in the [batch, channels, seq] layout. u: [B, H, N] bf16, k: [H, N] -> y [B, H, N] bf16.
 
-    `long_conv_grouped` (group rows per phase; `default_group`) computes y and du, or `long_conv_rows` with
-    row_major. Differentiable in u and k: du is the same kernel with conj(K̂), K̂'s cotangent comes from
-    `spectrum_cotangent_rows`, and k's from XLA's transpose of `spectrum`."""
+    `long_conv_grouped` (group rows per phase; `default_group`) computes y and du, and
+    `spectrum_cotangent_grouped` K̂'s cotangent; with row_major, `long_conv_rows` and `spectrum_cotangent_rows`
+    (v3). du is the same kernel with conj(K̂); k's cotangent comes from XLA's transpose of `spectrum`."""
     batch, channels, n = u.shape
     consts = constants(n)
     if row_major:
         wgs = wgs or 2
         conv_rows = functools.partial(long_conv_rows, channels=channels, ctas=ctas, wgs=wgs, interpret=interpret,
                                       transposed_g1=interpret is None)
+        cotangent = functools.partial(spectrum_cotangent_rows, wgs=min(wgs, 2))
     else:
         wgs = wgs or default_wgs(n)
         group = group or default_group(n)
@@ -531,6 +640,9 @@ def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int | None = None, group: int |
             group = 1
         conv_rows = functools.partial(long_conv_grouped, channels=channels, group=group, ctas=ctas, wgs=wgs,
                                       interpret=interpret)
+        cotangent_group, cotangent_wgs = cotangent_config(n)
+        cotangent = functools.partial(spectrum_cotangent_grouped, group=cotangent_group if batch % cotangent_group == 0
+                                      else 1, wgs=cotangent_wgs)
 
     @jax.custom_vjp
     def conv(u_rows, khat):
@@ -542,8 +654,7 @@ def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int | None = None, group: int |
     def conv_bwd(residuals, dy):
         u_rows, khat = residuals
         du = conv_rows(dy, khat.at[:, 1].multiply(-1.0), consts)  # conj(K̂): the correlation with k
-        return du, spectrum_cotangent_rows(u_rows, dy, consts, channels=channels, ctas=ctas, wgs=min(wgs, 2),
-                                           interpret=interpret)
+        return du, cotangent(u_rows, dy, consts, channels=channels, ctas=ctas, interpret=interpret)
 
     conv.defvjp(conv_fwd, conv_bwd)
     y = conv(u.reshape(batch * channels, n), spectrum(k, n))

@@ -50,14 +50,15 @@ def test_forward_matches_fft(batch, options):
     assert _rel_err(y, monarch_mgpu.reference_bhn(u.astype(jnp.float32), k)) < 1e-2
 
 
-def test_gradients_match_fft():
-    n = 2048
-    u, k, dy = _inputs(n, batch=2, channels=3, seed=1)
+@pytest.mark.parametrize("n, batch, row_major", [(2048, 2, True), (1024, 4, False)])
+def test_gradients_match_fft(n, batch, row_major):
+    u, k, dy = _inputs(n, batch=batch, channels=3, seed=1)
 
     def loss(conv):
         return lambda u, k: jnp.sum(conv(u, k).astype(jnp.float32) * dy.astype(jnp.float32))
 
-    conv = functools.partial(monarch_mgpu.long_conv_bhn, ctas=2, interpret=monarch_mgpu.interpret_params())
+    conv = functools.partial(monarch_mgpu.long_conv_bhn, ctas=2, row_major=row_major,
+                             interpret=monarch_mgpu.interpret_params())
     du, dk = jax.grad(loss(conv), (0, 1))(u, k)
     want_du, want_dk = jax.grad(loss(lambda u, k: monarch_mgpu.reference_bhn(u.astype(jnp.float32), k)), (0, 1))(
         u.astype(jnp.float32), k)
