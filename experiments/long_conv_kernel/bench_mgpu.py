@@ -7,7 +7,9 @@ variant includes the kernel's spectrum. Errors are against the float32 jnp.fft r
   v3: `long_conv_rows`: rows in [batch, channel] order, K̂ from global memory per row, K̂ by jnp.fft;
   v4: `long_conv_grouped` with group 1: a warpgroup takes one channel's rows in turn with its K̂ in shared
       memory; K̂ by the kernel's two factors as XLA matmuls;
-  v5: `long_conv_grouped` at its default group (4 rows per phase at 1K, 2 at 2K), with 2 or 3 warpgroups.
+  v5: `long_conv_grouped` at its default group (4 rows per phase at 1K, 2 at 2K), with 2 or 3 warpgroups;
+  v6: v5 with the twiddles and K̂ in bf16 (room for 2 warpgroups at 4K, or 2 rows per phase: v6_g2), and
+      with P as an A operand from registers (v6_preg).
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ VARIANTS = {
     "v4": functools.partial(monarch_mgpu.long_conv_bhn, group=1),
     "v5": monarch_mgpu.long_conv_bhn,
     "v5_w3": functools.partial(monarch_mgpu.long_conv_bhn, wgs=3),
+    "v6": functools.partial(monarch_mgpu.long_conv_bhn, wgs=2, table_dtype=jnp.bfloat16),
+    "v6_preg": functools.partial(monarch_mgpu.long_conv_bhn, wgs=2, table_dtype=jnp.bfloat16, p_in_registers=True),
+    "v6_g2": functools.partial(monarch_mgpu.long_conv_bhn, wgs=1, group=2, table_dtype=jnp.bfloat16),
 }
-SKIP = {("v5", 4096), ("v5_w3", 2048), ("v5_w3", 4096)}  # v5 is v4 at 4K; no room for 3 warpgroups
+# v5 is v4 at 4K; no room for 3 warpgroups past 1K; v6_g2 is v6 at 2K
+SKIP = {("v5", 4096), ("v5_w3", 2048), ("v5_w3", 4096), ("v6_g2", 1024), ("v6_g2", 2048)}
 
 
 def main():
@@ -100,7 +106,7 @@ def main():
 
         row["fwd+bwd"]["fft"] = median_ms(fwd_bwd(monarch_mgpu.reference_bhn), u, k)
         ref_du, ref_dk = fwd_bwd(lambda u, k: monarch_mgpu.reference_bhn(u.astype(jnp.float32), k))(u, k)
-        for name in ("v3", "v5"):
+        for name in ("v3", "v5", "v6"):
             try:
                 g = fwd_bwd(VARIANTS[name])
                 du, dk = g(u, k)
@@ -111,8 +117,8 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     nan = float("nan")
-    print("\n| shape | pass | jnp.fft ms | v3 | v4 | v5 | v5_w3 | jnp.fft / best | K̂ by fft / by matmuls (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | pass | jnp.fft ms | " + " | ".join(VARIANTS) + " | jnp.fft / best | K̂ by fft / by matmuls (ms) |")
+    print("|---|---|---|" + "---|" * len(VARIANTS) + "---|---|")
     for row in rows:
         for p in ("fwd", "fwd+bwd"):
             t = row[p]

@@ -294,15 +294,20 @@ def default_group(n: int) -> int:
     return {1024: 4, 2048: 2}.get(n, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("channels", "group", "ctas", "wgs", "interpret"))
+@functools.partial(jax.jit, static_argnames=("channels", "group", "ctas", "wgs", "interpret", "table_dtype",
+                                             "p_in_registers"))
 def long_conv_grouped(u, khat, consts, *, channels: int, group: int = 1, ctas: int = 132, wgs: int = 1,
-                      interpret=None):
+                      interpret=None, table_dtype=jnp.float32, p_in_registers: bool = False):
     """`long_conv_rows` with `group` rows of one channel through every phase together.
 
     A warpgroup takes one channel at a time (its K̂ in shared memory) and its batch in blocks of `group`
     rows; each phase issues the wgmmas of all the block's rows before one wait, so the fixed cost of a
     phase (0.15–0.6 µs on an H200, NOTES.md) is paid once per block instead of once per row.
     u: [rows, n] bf16 with rows = batch · channels, batch divisible by group.
+    table_dtype: the twiddles' and K̂'s type in shared memory (bfloat16 halves their 96 KB at N = 4K, which
+    makes room for a second warpgroup, and adds ~2e-3 of relative error). p_in_registers: P = Z ⊙ K̂ is
+    the inverse stage's A operand straight from registers instead of through shared memory (GPU only: the
+    interpreter cannot).
     """
     rows, n = u.shape
     if not supports(n):
@@ -314,7 +319,10 @@ def long_conv_grouped(u, khat, consts, *, channels: int, group: int = 1, ctas: i
     blocks = batch // group
     ctas = min(ctas, -(-channels // wgs))
     transposed_g1 = interpret is None
+    p_in_registers = p_in_registers and interpret is None
     f1c, twc, f2c, g1c = consts
+    twc, khat = twc.astype(table_dtype), khat.astype(table_dtype)
+    table = _smem_f32 if table_dtype == jnp.float32 else _smem
     load, matmuls = _wgmma_helpers(r2, interpret)
 
     def body(u_ref, kh_ref, f1_ref, tw_ref, f2_ref, g1_ref, y_ref, x_s, f1_s, f2_s, tw_s, y1_s, kh_s, *rest):
@@ -377,7 +385,7 @@ def long_conv_grouped(u, khat, consts, *, channels: int, group: int = 1, ctas: i
             def transform(*y_accs):
                 for half in range(2):
                     a = matmuls(*[[(f1_s.at[c, half], x)] for c in range(2) for x in xs])
-                    t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
+                    t_re, t_im = (load(tw_s.at[c, half]).astype(jnp.float32) for c in range(2))
                     for y1, a_re, a_im in zip(y1s, a[:group], a[group:]):
                         y1[0] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
                         y1[1] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
@@ -386,14 +394,20 @@ def long_conv_grouped(u, khat, consts, *, channels: int, group: int = 1, ctas: i
                                 *[[(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])] for y1 in y1s])
                     if half == 0:
                         pl.when(new_channel)(lambda: plgpu.barrier_wait(k_bar.at[wg]))
-                    k_re, k_im = load(kh_s.at[wg, 0, half]), load(kh_s.at[wg, 1, half])
-                    for y1, z_re, z_im in zip(y1s, z[:group], z[group:]):
-                        y1[0] = (z_re * k_re - z_im * k_im).astype(jnp.bfloat16)
-                        y1[1] = (z_re * k_im + z_im * k_re).astype(jnp.bfloat16)
-                    plgpu.commit_smem()
-                    w = matmuls(*[[(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[1])] for y1 in y1s],
-                                *[[(y1.at[1], f2_s.at[0]), (y1.at[0], f2_s.at[2])] for y1 in y1s])
-                    t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
+                    k_re, k_im = (load(kh_s.at[wg, c, half]).astype(jnp.float32) for c in range(2))
+                    if p_in_registers:
+                        ps = [((z_re * k_re - z_im * k_im).astype(jnp.bfloat16),
+                               (z_re * k_im + z_im * k_re).astype(jnp.bfloat16))
+                              for z_re, z_im in zip(z[:group], z[group:])]
+                    else:
+                        for y1, z_re, z_im in zip(y1s, z[:group], z[group:]):
+                            y1[0] = (z_re * k_re - z_im * k_im).astype(jnp.bfloat16)
+                            y1[1] = (z_re * k_im + z_im * k_re).astype(jnp.bfloat16)
+                        plgpu.commit_smem()
+                        ps = [(y1.at[0], y1.at[1]) for y1 in y1s]
+                    w = matmuls(*[[(p_re, f2_s.at[0]), (p_im, f2_s.at[1])] for p_re, p_im in ps],
+                                *[[(p_im, f2_s.at[0]), (p_re, f2_s.at[2])] for p_re, p_im in ps])
+                    t_re, t_im = (load(tw_s.at[c, half]).astype(jnp.float32) for c in range(2))
                     for y1, w_re, w_im in zip(y1s, w[:group], w[group:]):
                         y1[0] = (w_re * t_re + w_im * t_im).astype(jnp.bfloat16)
                         y1[1] = (w_im * t_re - w_re * t_im).astype(jnp.bfloat16)
@@ -413,8 +427,7 @@ def long_conv_grouped(u, khat, consts, *, channels: int, group: int = 1, ctas: i
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [_smem((wgs, 2, group, HALF, r2), r2), _smem((2, 2, HALF, HALF), r2), _smem((3, r2, r2), r2),
-               _smem_f32((2, 2, HALF, r2), r2), _smem((wgs, group, 2, HALF, r2), r2),
-               _smem_f32((wgs, 2, 2, HALF, r2), r2)]
+               table((2, 2, HALF, r2), r2), _smem((wgs, group, 2, HALF, r2), r2), table((wgs, 2, 2, HALF, r2), r2)]
     if not transposed_g1:
         scratch.append(_smem((2, 2, HALF, HALF), r2))
     scratch += [plgpu.Barrier(num_arrivals=11 if transposed_g1 else 15),
@@ -620,12 +633,13 @@ def cotangent_config(n: int) -> tuple[int, int]:
 
 
 def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int | None = None, group: int | None = None,
-                  row_major: bool = False, spectrum=kernel_spectrum, interpret=None):
+                  row_major: bool = False, spectrum=kernel_spectrum, interpret=None, **grouped_options):
     """Causal long conv in the [batch, channels, seq] layout. u: [B, H, N] bf16, k: [H, N] -> y [B, H, N] bf16.
 
     `long_conv_grouped` (group rows per phase; `default_group`) computes y and du, and
     `spectrum_cotangent_grouped` K̂'s cotangent; with row_major, `long_conv_rows` and `spectrum_cotangent_rows`
-    (v3). du is the same kernel with conj(K̂); k's cotangent comes from XLA's transpose of `spectrum`."""
+    (v3). du is the same kernel with conj(K̂); k's cotangent comes from XLA's transpose of `spectrum`.
+    grouped_options (table_dtype, p_in_registers) go to `long_conv_grouped`."""
     batch, channels, n = u.shape
     consts = constants(n)
     if row_major:
@@ -639,7 +653,7 @@ def long_conv_bhn(u, k, *, ctas: int = 132, wgs: int | None = None, group: int |
         if batch % group:
             group = 1
         conv_rows = functools.partial(long_conv_grouped, channels=channels, group=group, ctas=ctas, wgs=wgs,
-                                      interpret=interpret)
+                                      interpret=interpret, **grouped_options)
         cotangent_group, cotangent_wgs = cotangent_config(n)
         cotangent = functools.partial(spectrum_cotangent_grouped, group=cotangent_group if batch % cotangent_group == 0
                                       else 1, wgs=cotangent_wgs)

@@ -40,7 +40,7 @@ def test_kernel_spectrum_by_matmuls_equals_fft(n, kernel_len):
 
 
 @pytest.mark.parametrize("batch, options", [(3, dict(row_major=True)), (3, dict(group=1)), (4, dict(group=4)),
-                                            (4, dict(group=2, wgs=1))])
+                                            (4, dict(group=2, wgs=1, table_dtype=jnp.bfloat16))])
 def test_forward_matches_fft(batch, options):
     # 5 channels over 2 CTAs of 2 warpgroups: warpgroups with no channel, one and two; a kernel shorter than u
     n = 1024
