@@ -9,7 +9,8 @@ variant includes the kernel's spectrum. Errors are against the float32 jnp.fft r
       memory; K̂ by the kernel's two factors as XLA matmuls;
   v5: `long_conv_grouped` at its default group (4 rows per phase at 1K, 2 at 2K), with 2 or 3 warpgroups;
   v6: v5 with the twiddles and K̂ in bf16 (room for 2 warpgroups at 4K, or 2 rows per phase: v6_g2), and
-      with P as an A operand from registers (v6_preg).
+      with P as an A operand from registers (v6_preg);
+  passes: `monarch_passes.py`, three portable Pallas (Triton) passes through HBM, forward only, also at 8K.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import monarch_mgpu  # noqa: E402
+import monarch_passes  # noqa: E402
 
 
 def median_ms(fn, *args, repeats=5, calls=20):
@@ -55,18 +57,21 @@ VARIANTS = {
     "v6": functools.partial(monarch_mgpu.long_conv_bhn, wgs=2, table_dtype=jnp.bfloat16),
     "v6_preg": functools.partial(monarch_mgpu.long_conv_bhn, wgs=2, table_dtype=jnp.bfloat16, p_in_registers=True),
     "v6_g2": functools.partial(monarch_mgpu.long_conv_bhn, wgs=1, group=2, table_dtype=jnp.bfloat16),
+    "passes": lambda u, k, ctas=None: monarch_passes.long_conv_bhn(u, k),  # forward only (ctas: unused)
+    "passes_w8": lambda u, k, ctas=None: monarch_passes.long_conv_bhn(u, k, num_warps=8),
 }
 # v5 is v4 at 4K; no room for 3 warpgroups past 1K; v6_g2 is v6 at 2K
 SKIP = {("v5", 4096), ("v5_w3", 2048), ("v5_w3", 4096), ("v6_g2", 1024), ("v6_g2", 2048)}
+SKIP |= {(name, 8192) for name in ("v3", "v4", "v5", "v5_w3", "v6", "v6_preg", "v6_g2")}  # Mosaic: N <= 4K
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
-    parser.add_argument("--shapes", default="8x768x1024,8x768x2048,8x768x4096")
+    parser.add_argument("--shapes", default="8x768x1024,8x768x2048,8x768x4096,8x768x8192")
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
-    for n in (1024, 2048, 4096):  # 20 rows of 5 channels over 2 CTAs: warpgroups with 0, 1 and 2 channels
+    for n in (1024, 2048, 4096, 8192):  # 20 rows of 5 channels over 2 CTAs: warpgroups with 0, 1 and 2 channels
         u = jax.random.normal(jax.random.key(n), (4, 5, n), jnp.float32).astype(jnp.bfloat16)
         k = jax.random.normal(jax.random.key(n + 1), (5, n - 3), jnp.float32) / np.sqrt(n)
         for name, conv in VARIANTS.items():
@@ -107,6 +112,8 @@ def main():
         row["fwd+bwd"]["fft"] = median_ms(fwd_bwd(monarch_mgpu.reference_bhn), u, k)
         ref_du, ref_dk = fwd_bwd(lambda u, k: monarch_mgpu.reference_bhn(u.astype(jnp.float32), k))(u, k)
         for name in ("v3", "v5", "v6"):
+            if (name, n) in SKIP:
+                continue
             try:
                 g = fwd_bwd(VARIANTS[name])
                 du, dk = g(u, k)
