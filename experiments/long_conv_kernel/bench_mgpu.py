@@ -10,7 +10,7 @@ variant includes the kernel's spectrum. Errors are against the float32 jnp.fft r
   v5: `long_conv_grouped` at its default group (4 rows per phase at 1K, 2 at 2K), with 2 or 3 warpgroups;
   v6: v5 with the twiddles and K̂ in bf16 (room for 2 warpgroups at 4K, or 2 rows per phase: v6_g2), and
       with P as an A operand from registers (v6_preg);
-  passes: `monarch_passes.py`, three portable Pallas (Triton) passes through HBM, forward only, also at 8K.
+  passes: `monarch_passes.py`, three portable Pallas (Triton) passes through HBM, also at 8K.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ VARIANTS = {
     "v6": functools.partial(monarch_mgpu.long_conv_bhn, wgs=2, table_dtype=jnp.bfloat16),
     "v6_preg": functools.partial(monarch_mgpu.long_conv_bhn, wgs=2, table_dtype=jnp.bfloat16, p_in_registers=True),
     "v6_g2": functools.partial(monarch_mgpu.long_conv_bhn, wgs=1, group=2, table_dtype=jnp.bfloat16),
-    "passes": lambda u, k, ctas=None: monarch_passes.long_conv_bhn(u, k),  # forward only (ctas: unused)
+    "passes": lambda u, k, ctas=None: monarch_passes.long_conv_bhn(u, k),  # (ctas: unused)
     "passes_w8": lambda u, k, ctas=None: monarch_passes.long_conv_bhn(u, k, num_warps=8),
 }
 # v5 is v4 at 4K; no room for 3 warpgroups past 1K; v6_g2 is v6 at 2K
@@ -111,7 +111,7 @@ def main():
 
         row["fwd+bwd"]["fft"] = median_ms(fwd_bwd(monarch_mgpu.reference_bhn), u, k)
         ref_du, ref_dk = fwd_bwd(lambda u, k: monarch_mgpu.reference_bhn(u.astype(jnp.float32), k))(u, k)
-        for name in ("v3", "v5", "v6"):
+        for name in ("v3", "v5", "v6", "passes"):
             if (name, n) in SKIP:
                 continue
             try:

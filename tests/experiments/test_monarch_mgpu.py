@@ -97,10 +97,22 @@ def test_unsupported_length_is_refused():
 def test_three_passes_match_fft(n):
     import monarch_passes
 
-    u, k, _ = _inputs(n, batch=2, channels=3, kernel_len=n - 5)
-    y = monarch_passes.long_conv_bhn(u, k, interpret=True)
+    u, k, dy = _inputs(n, batch=2, channels=3, kernel_len=n - 5)
+
+    def loss(conv):
+        return lambda u, k: jnp.sum(conv(u, k).astype(jnp.float32) * dy.astype(jnp.float32))
+
+    def reference(u, k):
+        return monarch_mgpu.reference_bhn(u.astype(jnp.float32), k)
+
+    conv = functools.partial(monarch_passes.long_conv_bhn, interpret=True)
+    y = conv(u, k)
     assert y.shape == u.shape and y.dtype == u.dtype
-    assert _rel_err(y, monarch_mgpu.reference_bhn(u.astype(jnp.float32), k)) < 1e-2
+    assert _rel_err(y, reference(u, k)) < 1e-2
+    du, dk = jax.grad(loss(conv), (0, 1))(u, k)
+    want_du, want_dk = jax.grad(loss(reference), (0, 1))(u.astype(jnp.float32), k)
+    assert _rel_err(du, want_du) < 1e-2
+    assert _rel_err(dk, want_dk) < 1e-2
 
 
 def test_three_passes_lower_through_triton():
