@@ -93,8 +93,15 @@ def test_unsupported_length_is_refused():
         monarch_mgpu.long_conv_bhn(u, k, interpret=monarch_mgpu.interpret_params())
 
 
-@pytest.mark.parametrize("n", [1024, 8192])
-def test_three_passes_match_fft(n):
+def test_passes_factorisation_is_the_linear_convolution():
+    import monarch_passes
+
+    for n in (1024, 16384, 1 << 20):  # two factors, three factors of 16, three of 128
+        assert monarch_passes._numpy_model(n) < 1e-12
+
+
+@pytest.mark.parametrize("n", [1024, 16384])  # three passes (two factors), five (three factors)
+def test_passes_match_fft(n):
     import monarch_passes
 
     u, k, dy = _inputs(n, batch=2, channels=3, kernel_len=n - 5)
@@ -115,12 +122,21 @@ def test_three_passes_match_fft(n):
     assert _rel_err(dk, want_dk) < 1e-2
 
 
-def test_three_passes_lower_through_triton():
+@pytest.mark.parametrize("shape, calls", [((8, 768, 4096), 3), ((4, 768, 65536), 5)])
+def test_passes_lower_through_triton(shape, calls):
     import monarch_passes
 
-    u = jax.ShapeDtypeStruct((8, 768, 4096), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((768, 4096), jnp.float32)
+    u = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    k = jax.ShapeDtypeStruct(shape[1:], jnp.float32)
     exported = jax.export.export(
         jax.jit(monarch_passes.long_conv_bhn), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(u, k)
-    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == calls
+
+
+@pytest.mark.parametrize("n", [512, 3000, 1 << 21])
+def test_passes_refuse_other_lengths(n):
+    import monarch_passes
+
+    with pytest.raises(ValueError, match="powers of two from 1024 to 1048576"):
+        monarch_passes.plan(n)
