@@ -124,6 +124,24 @@ def _smem_f32(shape, r2):
                       transforms=(plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle)))
 
 
+def _store_product(ref, a_re, a_im, t_re, t_im, conj=False):
+    """ref[0], ref[1] = (a_re + i a_im) · (t_re + i t_im) (or · its conjugate), as bf16."""
+    if conj:
+        re, im = a_re * t_re + a_im * t_im, a_im * t_re - a_re * t_im
+    else:
+        re, im = a_re * t_re - a_im * t_im, a_re * t_im + a_im * t_re
+    ref[0] = re.astype(jnp.bfloat16)
+    ref[1] = im.astype(jnp.bfloat16)
+
+
+def _copy_constants(pairs, barrier):
+    """TMA copies of the DFT matrices and twiddles into shared memory, one per [64, cols] plane (a copy
+    handles at most 5 dimensions after tiling). pairs: (gmem ref, smem ref) with 3 or 4 dimensions."""
+    for src, dst in pairs:
+        for index in np.ndindex(*src.shape[:-2]):
+            plgpu.copy_gmem_to_smem(src.at[index], dst.at[index], barrier)
+
+
 @functools.partial(jax.jit, static_argnames=("channels", "ctas", "wgs", "transposed_g1", "interpret", "ablate",
                                              "profile_dir"))
 def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int = 2, transposed_g1: bool = True,
@@ -159,16 +177,8 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
         def row_of(i):
             return first + i * stride
 
-        @pl.when(wg == 0)
-        def _():
-            for i in range(2):
-                for j in range(2):
-                    plgpu.copy_gmem_to_smem(f1_ref.at[i, j], f1_s.at[i, j], const_bar)
-                    plgpu.copy_gmem_to_smem(tw_ref.at[i, j], tw_s.at[i, j], const_bar)
-                    if not transposed_g1:
-                        plgpu.copy_gmem_to_smem(g1_ref.at[i, j], g1_s.at[i, j], const_bar)
-            for i in range(3):
-                plgpu.copy_gmem_to_smem(f2_ref.at[i], f2_s.at[i], const_bar)
+        pairs = [(f1_ref, f1_s), (tw_ref, tw_s), (f2_ref, f2_s)] + ([] if transposed_g1 else [(g1_ref, g1_s)])
+        pl.when(wg == 0)(lambda: _copy_constants(pairs, const_bar))
 
         @pl.when(count > 0)
         def _():
@@ -196,51 +206,38 @@ def long_conv_rows(u, khat, consts, *, channels: int, ctas: int = 132, wgs: int 
                 for half in range(2):
                     with jax.named_scope("stage1"):
                         a_re, a_im = matmuls([(f1_s.at[0, half], x)], [(f1_s.at[1, half], x)])
-                    scope = jax.named_scope("twiddle1")
-                    scope.__enter__()
-                    if "twiddle" in ablate:  # timing experiments only: wrong results
-                        t_re, t_im = a_im, a_re
-                    else:
-                        t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
-                    y1[0] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
-                    y1[1] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
-                    plgpu.commit_smem()
-                    scope.__exit__(None, None, None)
-                    scope = jax.named_scope("stage2")
-                    scope.__enter__()
-                    if "stage2" in ablate:
-                        z_re, z_im = t_re, t_im
-                    else:
-                        z_re, z_im = matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])],
-                                             [(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])])
-                    scope.__exit__(None, None, None)
-                    scope = jax.named_scope("khat")
-                    scope.__enter__()
-                    if "khat" in ablate:
-                        k_re, k_im = z_im, z_re
-                    else:
-                        k_re = load(kh_ref.at[channel, 0, half], optimized=False)
-                        k_im = load(kh_ref.at[channel, 1, half], optimized=False)
-                    y1[0] = (z_re * k_re - z_im * k_im).astype(jnp.bfloat16)
-                    y1[1] = (z_re * k_im + z_im * k_re).astype(jnp.bfloat16)
-                    plgpu.commit_smem()
-                    scope.__exit__(None, None, None)
-                    scope = jax.named_scope("istage2")
-                    scope.__enter__()
-                    if "stage2" in ablate:
-                        w_re, w_im = k_re, k_im
-                    else:
-                        w_re, w_im = matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[1])],
-                                             [(y1.at[1], f2_s.at[0]), (y1.at[0], f2_s.at[2])])
-                    scope.__exit__(None, None, None)
-                    scope = jax.named_scope("twiddle2")
-                    scope.__enter__()
-                    if "twiddle" not in ablate:
-                        t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
-                    y1[0] = (w_re * t_re + w_im * t_im).astype(jnp.bfloat16)
-                    y1[1] = (w_im * t_re - w_re * t_im).astype(jnp.bfloat16)
-                    plgpu.commit_smem()
-                    scope.__exit__(None, None, None)
+                    with jax.named_scope("twiddle1"):
+                        if "twiddle" in ablate:  # timing experiments only: wrong results
+                            t_re, t_im = a_im, a_re
+                        else:
+                            t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
+                        _store_product(y1, a_re, a_im, t_re, t_im)
+                        plgpu.commit_smem()
+                    with jax.named_scope("stage2"):
+                        if "stage2" in ablate:
+                            z_re, z_im = t_re, t_im
+                        else:
+                            z_re, z_im = matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])],
+                                                 [(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])])
+                    with jax.named_scope("khat"):
+                        if "khat" in ablate:
+                            k_re, k_im = z_im, z_re
+                        else:
+                            k_re = load(kh_ref.at[channel, 0, half], optimized=False)
+                            k_im = load(kh_ref.at[channel, 1, half], optimized=False)
+                        _store_product(y1, z_re, z_im, k_re, k_im)
+                        plgpu.commit_smem()
+                    with jax.named_scope("istage2"):
+                        if "stage2" in ablate:
+                            w_re, w_im = k_re, k_im
+                        else:
+                            w_re, w_im = matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[1])],
+                                                 [(y1.at[1], f2_s.at[0]), (y1.at[0], f2_s.at[2])])
+                    with jax.named_scope("twiddle2"):
+                        if "twiddle" not in ablate:
+                            t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
+                        _store_product(y1, w_re, w_im, t_re, t_im, conj=True)
+                        plgpu.commit_smem()
                     # this half's share of y; the next half's first matmuls wait for it before y1 is rewritten
                     plgpu.wgmma(y_acc, g1(0, half), y1.at[0])
                     plgpu.wgmma(y_acc, g1(1, half), y1.at[1])
@@ -347,16 +344,8 @@ def long_conv_grouped(u, khat, consts, *, channels: int, group: int = 1, ctas: i
             for g, row in enumerate(rows_of(i)):
                 plgpu.copy_gmem_to_smem(u_ref.at[row], x_s.at[wg, slot, g], x_bar.at[2 * wg + slot])
 
-        @pl.when(wg == 0)
-        def _():
-            for i in range(2):
-                for j in range(2):
-                    plgpu.copy_gmem_to_smem(f1_ref.at[i, j], f1_s.at[i, j], const_bar)
-                    plgpu.copy_gmem_to_smem(tw_ref.at[i, j], tw_s.at[i, j], const_bar)
-                    if not transposed_g1:
-                        plgpu.copy_gmem_to_smem(g1_ref.at[i, j], g1_s.at[i, j], const_bar)
-            for i in range(3):
-                plgpu.copy_gmem_to_smem(f2_ref.at[i], f2_s.at[i], const_bar)
+        pairs = [(f1_ref, f1_s), (tw_ref, tw_s), (f2_ref, f2_s)] + ([] if transposed_g1 else [(g1_ref, g1_s)])
+        pl.when(wg == 0)(lambda: _copy_constants(pairs, const_bar))
 
         pl.when(count > 0)(lambda: fetch(0, 0))
         plgpu.barrier_wait(const_bar)
@@ -387,8 +376,7 @@ def long_conv_grouped(u, khat, consts, *, channels: int, group: int = 1, ctas: i
                     a = matmuls(*[[(f1_s.at[c, half], x)] for c in range(2) for x in xs])
                     t_re, t_im = (load(tw_s.at[c, half]).astype(jnp.float32) for c in range(2))
                     for y1, a_re, a_im in zip(y1s, a[:group], a[group:]):
-                        y1[0] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
-                        y1[1] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
+                        _store_product(y1, a_re, a_im, t_re, t_im)
                     plgpu.commit_smem()
                     z = matmuls(*[[(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])] for y1 in y1s],
                                 *[[(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])] for y1 in y1s])
@@ -401,16 +389,14 @@ def long_conv_grouped(u, khat, consts, *, channels: int, group: int = 1, ctas: i
                               for z_re, z_im in zip(z[:group], z[group:])]
                     else:
                         for y1, z_re, z_im in zip(y1s, z[:group], z[group:]):
-                            y1[0] = (z_re * k_re - z_im * k_im).astype(jnp.bfloat16)
-                            y1[1] = (z_re * k_im + z_im * k_re).astype(jnp.bfloat16)
+                            _store_product(y1, z_re, z_im, k_re, k_im)
                         plgpu.commit_smem()
                         ps = [(y1.at[0], y1.at[1]) for y1 in y1s]
                     w = matmuls(*[[(p_re, f2_s.at[0]), (p_im, f2_s.at[1])] for p_re, p_im in ps],
                                 *[[(p_im, f2_s.at[0]), (p_re, f2_s.at[2])] for p_re, p_im in ps])
                     t_re, t_im = (load(tw_s.at[c, half]).astype(jnp.float32) for c in range(2))
                     for y1, w_re, w_im in zip(y1s, w[:group], w[group:]):
-                        y1[0] = (w_re * t_re + w_im * t_im).astype(jnp.bfloat16)
-                        y1[1] = (w_im * t_re - w_re * t_im).astype(jnp.bfloat16)
+                        _store_product(y1, w_re, w_im, t_re, t_im, conj=True)
                     plgpu.commit_smem()
                     for y_acc, y1 in zip(y_accs, y1s):  # this half's share of y (awaited by the next matmuls)
                         plgpu.wgmma(y_acc, g1(0, half), y1.at[0])
@@ -461,13 +447,7 @@ def spectrum_cotangent_rows(u, dy, consts, *, channels: int, ctas: int = 132, wg
         stride = ctas * wgs
         count = (units - first + stride - 1) // stride
 
-        @pl.when(wg == 0)
-        def _():
-            for i in range(2):
-                for j in range(2):
-                    plgpu.copy_gmem_to_smem(f1_ref.at[i, j], f1_s.at[i, j], const_bar)
-            for i in range(3):
-                plgpu.copy_gmem_to_smem(f2_ref.at[i], f2_s.at[i], const_bar)
+        pl.when(wg == 0)(lambda: _copy_constants([(f1_ref, f1_s), (f2_ref, f2_s)], const_bar))
 
         plgpu.barrier_wait(const_bar)
         y1 = y1_s.at[wg]
@@ -475,8 +455,7 @@ def spectrum_cotangent_rows(u, dy, consts, *, channels: int, ctas: int = 132, wg
         def transform(x, half, t_re, t_im):
             """The kernel-order spectrum's half of row x: (re, im) float32 [64, r2]."""
             a_re, a_im = matmuls([(f1_s.at[0, half], x)], [(f1_s.at[1, half], x)])
-            y1[0] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
-            y1[1] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
+            _store_product(y1, a_re, a_im, t_re, t_im)
             plgpu.commit_smem()
             return matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])],
                            [(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])])
@@ -558,14 +537,7 @@ def spectrum_cotangent_grouped(u, dy, consts, *, channels: int, group: int = 1, 
                 plgpu.copy_gmem_to_smem(u_ref.at[row], x_s.at[wg, slot, 0, g], x_bar.at[2 * wg + slot])
                 plgpu.copy_gmem_to_smem(dy_ref.at[row], x_s.at[wg, slot, 1, g], x_bar.at[2 * wg + slot])
 
-        @pl.when(wg == 0)
-        def _():
-            for i in range(2):
-                for j in range(2):
-                    plgpu.copy_gmem_to_smem(f1_ref.at[i, j], f1_s.at[i, j], const_bar)
-                    plgpu.copy_gmem_to_smem(tw_ref.at[i, j], tw_s.at[i, j], const_bar)
-            for i in range(3):
-                plgpu.copy_gmem_to_smem(f2_ref.at[i], f2_s.at[i], const_bar)
+        pl.when(wg == 0)(lambda: _copy_constants([(f1_ref, f1_s), (tw_ref, tw_s), (f2_ref, f2_s)], const_bar))
 
         pl.when(count > 0)(lambda: fetch(0, 0))
         plgpu.barrier_wait(const_bar)
@@ -585,8 +557,7 @@ def spectrum_cotangent_grouped(u, dy, consts, *, channels: int, group: int = 1, 
                 a = matmuls(*[[(f1_s.at[c, half], x)] for c in range(2) for x in xs])
                 t_re, t_im = load(tw_s.at[0, half]), load(tw_s.at[1, half])
                 for y1, a_re, a_im in zip(y1s, a[:2 * group], a[2 * group:]):
-                    y1[0] = (a_re * t_re - a_im * t_im).astype(jnp.bfloat16)
-                    y1[1] = (a_re * t_im + a_im * t_re).astype(jnp.bfloat16)
+                    _store_product(y1, a_re, a_im, t_re, t_im)
                 plgpu.commit_smem()
                 z = matmuls(*[[(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])] for y1 in y1s],
                             *[[(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])] for y1 in y1s])
