@@ -11,6 +11,22 @@ def test_time_calls_checks_its_counts():
         time_calls(lambda: None, warmup=-1)
 
 
+def test_short_calls_are_timed_in_groups_and_long_ones_one_by_one():
+    import time
+
+    from longseq.bench import timing
+
+    calls = []
+    fast = time_calls(lambda: calls.append(1), iters=3, warmup=1)
+    assert len(calls) == 1 + 3 * timing.MAX_GROUP  # a call of ~µs: the largest group
+    assert fast.median_ms < timing.SHORT_CALL_MS
+
+    calls.clear()
+    slow = time_calls(lambda: calls.append(time.sleep(timing.SHORT_CALL_MS * 1.5e-3)), iters=3, warmup=1)
+    assert len(calls) == 1 + 3
+    assert slow.min_ms >= timing.SHORT_CALL_MS * 1.5
+
+
 def test_a_failing_pass_is_skipped_with_its_reason_and_the_next_is_still_timed():
     def fails(x):
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while allocating\nmore detail")

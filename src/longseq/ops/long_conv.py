@@ -23,8 +23,9 @@ against up to 100% for the next power of two. For causal=False, n = seq exactly 
 works; FFT libraries handle prime lengths too, just with a worse constant).
 
 The Monarch implementation writes the DFT as small dense matrices (matmuls), in
-`long_conv_monarch.py` (plain JAX, any length) and `long_conv_monarch_pallas.py` (one fused kernel
-for padded lengths 512 … 8192, interpret mode off GPUs).
+`long_conv_monarch.py` (plain JAX, any length), `long_conv_monarch_pallas.py` (one fused portable
+kernel for padded lengths 512 … 8192, interpret mode off GPUs) and `long_conv_monarch_hopper.py`
+(Mosaic GPU kernels for Hopper: bf16, causal, seq 513 … 4096, where "auto" takes it too).
 
 `gated_long_conv(u, k, gate, skip)` is the H3 / Hyena block's gate ⊙ (long_conv(u, k) + skip ⊙ u): one
 fused kernel with impl "monarch" where the fused kernel applies (the gate and skip read, and y written, in the
@@ -33,9 +34,12 @@ convolution's own pass), the same formula around `long_conv` otherwise.
 The file reads: validation → direct reference → FFT implementation → public `long_conv`, which
 dispatches on `impl`, and `gated_long_conv`:
 
-    "fft"      jnp.fft (cuFFT / the platform's FFT); "auto" everywhere today
-    "monarch"  the fused Pallas kernel where it applies (interpret mode on CPU), else the
-               Monarch matmuls as XLA ops (e.g. on TPUs, or for longer sequences)
+    "fft"      jnp.fft (cuFFT / the platform's FFT)
+    "monarch"  the Hopper kernels where they apply (on an H100 / H200), else the fused portable
+               Pallas kernel where it applies (interpret mode on CPU), else the Monarch matmuls as
+               XLA ops (e.g. on TPUs, or for longer sequences)
+    "auto"     "monarch" where the Hopper kernels apply, "fft" elsewhere (the portable kernel and
+               the XLA matmuls are not faster than cuFFT: docs/long_conv.md)
     "direct"   the O(seq²) Toeplitz matrix (`long_conv_direct`): ground truth for tests
 """
 
@@ -150,9 +154,17 @@ def _fused_kernel_interpret() -> bool | None:
     return {"gpu": False, "cpu": True}.get(jax.devices()[0].platform)
 
 
-def _long_conv_monarch(u: Array, k: Array, *, causal: bool, butterflies=None) -> Array:
-    from longseq.ops import long_conv_monarch, long_conv_monarch_pallas
+def _hopper_kernel_applies(u: Array, k: Array, *, causal: bool) -> bool:
+    from longseq.ops import long_conv_monarch_hopper as hopper
 
+    return hopper.applies(u.shape[1], k.shape[1], u.dtype, causal=causal) and hopper.on_hopper()
+
+
+def _long_conv_monarch(u: Array, k: Array, *, causal: bool, butterflies=None) -> Array:
+    from longseq.ops import long_conv_monarch, long_conv_monarch_hopper, long_conv_monarch_pallas
+
+    if butterflies is None and _hopper_kernel_applies(u, k, causal=causal):
+        return long_conv_monarch_hopper.long_conv_monarch_hopper(u, k)
     interpret = _fused_kernel_interpret()
     if (butterflies is None and interpret is not None
             and long_conv_monarch_pallas.supports(u.shape[1], k.shape[1], causal=causal)):
@@ -167,11 +179,13 @@ _IMPLEMENTATIONS = {"fft": _long_conv_fft, "monarch": _long_conv_monarch,
                     "direct": lambda u, k, *, causal: long_conv_direct(u, k, causal=causal)}
 
 
-def _resolve_impl(impl: str) -> str:
+def _resolve_impl(impl: str, u: Array, k: Array, *, causal: bool) -> str:
     if impl not in LONG_CONV_IMPLS:
         expected = ", ".join(repr(name) for name in LONG_CONV_IMPLS)
         raise ValueError(f"impl: expected one of {expected}, got {impl!r}")
-    return "fft" if impl == "auto" else impl
+    if impl == "auto":
+        return "monarch" if _hopper_kernel_applies(u, k, causal=causal) else "fft"
+    return impl
 
 
 def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto", butterflies=None) -> Array:
@@ -182,8 +196,8 @@ def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto", bu
       k: [channels, kernel_len] kernels, 1 <= kernel_len <= seq.
       causal: True: linear convolution, y[b, t, c] = Σ_{s ≤ t} k[c, t − s] · u[b, s, c].
         False: circular convolution of length seq with k zero-padded to seq.
-      impl: one of LONG_CONV_IMPLS; "auto" picks the best available ("fft" today: the fused
-        Monarch kernel is not yet faster than cuFFT past seq = 1024, docs/long_conv.md).
+      impl: one of LONG_CONV_IMPLS; "auto" picks the fastest measured: "monarch" where the Hopper
+        kernels apply (bf16, causal, 513 <= seq <= 4096 on an H100 / H200), "fft" elsewhere.
       butterflies: (forward, inverse) `long_conv_monarch.Butterfly` factors replacing the exact DFT
         (a learned butterfly), causal only, with impl "monarch" or "auto"; their length must be
         at least seq + kernel_len − 1.
@@ -193,7 +207,7 @@ def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto", bu
     """
     u, k = jnp.asarray(u), jnp.asarray(k)
     _check_long_conv_args(u, k)
-    name = _resolve_impl(impl)
+    name = _resolve_impl(impl, u, k, causal=causal)
     if butterflies is not None:
         if impl not in ("auto", "monarch") or not causal:
             raise ValueError(f"butterflies: need impl 'monarch' or 'auto' and causal=True, got impl={impl!r}, "
@@ -212,9 +226,10 @@ def gated_long_conv(u: Array, k: Array, gate: Array, skip: Array, *, causal: boo
       skip: [channels] (D).
 
     Returns:
-      y: [batch, seq, channels] in u's dtype. With impl "monarch" and a length the fused kernel takes
-      (`long_conv_monarch_pallas.gating_fuses`), one kernel computes it, forward and the convolution parts
-      of the backward; otherwise the formula runs around `long_conv` (computed in float32).
+      y: [batch, seq, channels] in u's dtype. With impl "monarch" and a length the fused portable kernel
+      takes (`long_conv_monarch_pallas.gating_fuses`), one kernel computes it, forward and the convolution
+      parts of the backward; otherwise (the Hopper kernels included) the formula runs around `long_conv`
+      (computed in float32; XLA fuses it with the layout change around the Hopper kernels).
     """
     u, k, gate, skip = jnp.asarray(u), jnp.asarray(k), jnp.asarray(gate), jnp.asarray(skip)
     _check_long_conv_args(u, k)
@@ -223,7 +238,8 @@ def gated_long_conv(u: Array, k: Array, gate: Array, skip: Array, *, causal: boo
     if skip.shape != (u.shape[2],):
         raise ValueError(f"skip: expected shape ({u.shape[2]},) = [channels], got {skip.shape}")
     interpret = _fused_kernel_interpret()
-    if _resolve_impl(impl) == "monarch" and interpret is not None:
+    if (_resolve_impl(impl, u, k, causal=causal) == "monarch" and interpret is not None
+            and not _hopper_kernel_applies(u, k, causal=causal)):
         from longseq.ops import long_conv_monarch_pallas as fused
 
         if fused.gating_fuses(u.shape[1], k.shape[1], u.shape[2], causal=causal):
