@@ -32,7 +32,7 @@ shared memory (which makes room for the second warpgroup at n = 4096).
 
 The backward (custom_vjp): du is `conv_rows` on dy with conj(K̂) (the correlation with k); K̂'s cotangent
 Σ_b (Re, −Im) Û_b ⊙ conj(D̂_b) is `spectrum_cotangent`, which puts u's and dy's rows through the first two
-phases and sums over the batch in registers; k's cotangent comes from XLA's transpose of `kernel_spectrum`.
+phases and sums over the batch in registers; k's cotangent comes from the transpose of `kernel_spectrum` (an FFT).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def interpret_params():
 
 
 # ----------------------------------------------------------------------------------------------
-# Constants and the kernel's spectrum (XLA)
+# Constants and the kernel's spectrum
 
 
 def constants(n: int):
@@ -111,25 +111,13 @@ def constants(n: int):
 
 def kernel_spectrum(k: Array, n: int) -> Array:
     """k: [channels, kernel_len <= n] -> K̂: [channels, re/im, half, 64, r2] float32 in the kernels' order
-    (index k1 + 128·k2, 1/L folded in), by the kernels' own two factors as XLA matmuls, which give that
-    order without transposes. Default precision: TF32 on Hopper, K̂ to ~1e-3, below the bf16 kernel's error."""
-    channels, kernel_len = k.shape
+    (index k1 + 128·k2), 1/L folded in. By jnp.fft: on an H200 it took 0.05–0.12 ms at 768 channels and
+    n = 1K–4K, against 0.07–0.18 ms for the kernels' own two factors as XLA matmuls."""
     length = 2 * n
     r2 = length // R1
-    x = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n - kernel_len))).reshape(channels, HALF, r2)
-    k1 = np.arange(R1)
-    f1 = np.exp(-2j * np.pi * np.outer(k1, np.arange(HALF)) / R1) / length
-    twiddle = np.exp(-2j * np.pi * np.outer(k1, np.arange(r2)) / length)
-    f2 = np.exp(-2j * np.pi * np.outer(np.arange(r2), np.arange(r2)) / r2)
-    mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    f32 = np.float32
-    a_re, a_im = mm("kn,hnm->hkm", f1.real.astype(f32), x), mm("kn,hnm->hkm", f1.imag.astype(f32), x)
-    t_re, t_im = twiddle.real.astype(f32), twiddle.imag.astype(f32)
-    a_re, a_im = a_re * t_re - a_im * t_im, a_re * t_im + a_im * t_re
-    g_re, g_im = f2.real.astype(f32), f2.imag.astype(f32)
-    z_re = mm("hkm,jm->hkj", a_re, g_re) - mm("hkm,jm->hkj", a_im, g_im)
-    z_im = mm("hkm,jm->hkj", a_re, g_im) + mm("hkm,jm->hkj", a_im, g_re)
-    return jnp.stack([z_re, z_im], 1).reshape(channels, 2, 2, HALF, r2)
+    spectrum = jnp.fft.fft(k.astype(jnp.float32), length, axis=-1) / length  # index k1 + 128·k2
+    spectrum = spectrum.reshape(k.shape[0], r2, R1).transpose(0, 2, 1)       # [channels, k1, k2]
+    return jnp.stack([spectrum.real, spectrum.imag], 1).reshape(k.shape[0], 2, 2, HALF, r2)
 
 
 # ----------------------------------------------------------------------------------------------
