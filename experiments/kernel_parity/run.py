@@ -6,8 +6,9 @@ the loss curves (same initialisation, same batches).
 
 --op attention: configs/mqar_attention.yaml, kernels.attention = reference vs pallas.
 --op long_conv: configs/text_hybrid.yaml with long-conv and gated-conv layers only (byte-level text LM),
-                kernels.long_conv = fft vs monarch (the fused Pallas kernel where the padded length is 512 …
-                8192, the Monarch einsums elsewhere).
+                kernels.long_conv = fft vs monarch (on Hopper the Mosaic GPU kernels for bf16 seq 513 … 4096;
+                else the fused Pallas kernel where the padded length is 512 … 8192; the Monarch einsums
+                elsewhere).
 
 Writes parity.json (both curves, the largest relative gap) and parity.png to --out and prints a summary.
 On a GPU the kernels are compiled; elsewhere they run in interpret mode (slow: use few steps and small sizes).

@@ -98,7 +98,8 @@ def main():
             t = row[p]
             cells = " | ".join(f"{t.get(name, nan):.3f}" for name in names)
             h = t.get("hopper", nan)
-            print(f"| {row['seq']} | {p} | {cells} | {t.get('fft', nan) / h:.2f}x | {t.get('portable', nan) / h:.2f}x |")
+            ratios = f"{t.get('fft', nan) / h:.2f}x | {t.get('portable', nan) / h:.2f}x"
+            print(f"| {row['seq']} | {p} | {cells} | {ratios} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,8 +1,9 @@
 """Prototype (issue #5): the causal Monarch long convolution as portable Pallas passes through HBM.
 
 NOTES.md ("Past N = 4K") has the reasoning. Each pass is a tiled GEMM with its complex epilogue fused, so no
-pass waits on another's phases the way the single Mosaic GPU kernel's chain does (`longseq/ops/long_conv_monarch_hopper.py`). The
-intermediates are complex bf16 in HBM. Three passes at every N (1K … 1M), forward and backward.
+pass waits on another's phases the way the single Hopper kernel's chain does
+(`longseq/ops/long_conv_monarch_hopper.py`). The intermediates are complex bf16 in HBM. Three passes at every
+N (1K … 1M), forward and backward.
 
 L = 2N = 128 · M. Two factors (M = r2 <= 128, N <= 8K), or three (M = r2 · r3, r2, r3 >= 16, N = 16K … 1M).
 x is viewed as X[n1, n2, n3] (n = n1·M + n2·r3 + n3; rows n1 >= 64 are the causal zero padding), the spectrum
@@ -394,9 +395,11 @@ class _Config(NamedTuple):
 
 
 def _configure(rows, n, channels, *, pair=True, batch_loop=True, khat_dtype=jnp.bfloat16,
-               table_dtype=jnp.bfloat16, tile=64, rows_per_program=4, block=8192, num_warps=8, num_stages=2,
+               table_dtype=jnp.bfloat16, tile=64, rows_per_program=4, block=8192, num_warps=8, num_stages=None,
                hoist=False, interpret=False) -> _Config:
     p = plan(n)
+    if num_stages is None:  # 2 stages overflow shared memory by 1 KB at N = 8K (r2 = 128) on an H200
+        num_stages = 1 if p.r3 == 1 and p.r2 == 128 else 2
     batch = rows // channels
     pairs = 2 if pair and batch % 2 == 0 else 1
     tile = min(tile, p.inner)
@@ -491,7 +494,7 @@ _STATIC = ("channels", "pair", "batch_loop", "khat_dtype", "table_dtype", "tile"
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def long_conv_passes(u, khat, *, channels: int, pair: bool = True, batch_loop: bool = True,
                      khat_dtype=jnp.bfloat16, table_dtype=jnp.bfloat16, tile: int = 64, rows_per_program: int = 4,
-                     block: int = 8192, num_warps: int = 8, num_stages: int = 2, hoist: bool = False,
+                     block: int = 8192, num_warps: int = 8, num_stages: int | None = None, hoist: bool = False,
                      fuse_backward: bool = True, interpret: bool = False):
     """y[r] = causal conv of u[r] with channel (r mod channels)'s kernel. u: [rows, n] bf16, rows = batch ·
     channels; khat: `kernel_spectrum(k, plan(n))`. Differentiable in u and khat (see the module docstring).
@@ -501,9 +504,9 @@ def long_conv_passes(u, khat, *, channels: int, pair: bool = True, batch_loop: b
     table_dtype: T2. tile: the columns of A's and A''s blocks (at most inner). rows_per_program: rows A and A'
     loop over per program. block: about how many spectrum values of a row one program of C holds (G = block / M
     k1 slabs, at least 1; two factors: at least 16 rows k1); half that in the backward. num_warps: at least
-    block / 1024 in C. num_stages: Triton's software pipelining of those loops. hoist: make each program's
-    matrices, twiddles and K̂ block once, before its loop, rather than at each use. fuse_backward: du and K̂'s
-    cotangent in one pass C."""
+    block / 1024 in C. num_stages: Triton's software pipelining of those loops (default 2; 1 at N = 8K, where
+    2 overflow shared memory). hoist: make each program's matrices, twiddles and K̂ block once, before its
+    loop, rather than at each use. fuse_backward: du and K̂'s cotangent in one pass C."""
     rows, n = u.shape
     c = _configure(rows, n, channels, pair=pair, batch_loop=batch_loop, khat_dtype=khat_dtype,
                    table_dtype=table_dtype, tile=tile, rows_per_program=rows_per_program, block=block,

@@ -386,7 +386,8 @@ class KernelsConfig(_Checked):
     attention: Literal["auto", "pallas", "reference", "xla", "cudnn"] = param(
         "auto", "implementation of longseq.ops.attention")
     long_conv: Literal["auto", "fft", "monarch", "direct"] = param(
-        "auto", "implementation of longseq.ops.long_conv (monarch: DFT as matmuls, the fused Pallas kernel where it applies)")
+        "auto", "implementation of longseq.ops.long_conv (auto: the Hopper Monarch kernels where they apply, else fft; "
+                "monarch: DFT as matmuls, the fastest Pallas kernel that applies)")
     flash_attention: FlashAttentionConfig = param(FlashAttentionConfig(), "tiling of the Pallas attention kernel")
 
 

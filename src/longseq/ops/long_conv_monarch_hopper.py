@@ -302,7 +302,8 @@ def conv_rows(u, khat, *, channels: int, group: int = 1, ctas: int = 132, wgs: i
     if not transposed_g1:
         scratch.append(_smem((2, 2, HALF, HALF), r2))
     scratch += [plgpu.Barrier(num_arrivals=11 if transposed_g1 else 15),
-                plgpu.Barrier(num_arrivals=group, num_barriers=2 * wgs), plgpu.Barrier(num_arrivals=4, num_barriers=wgs)]
+                plgpu.Barrier(num_arrivals=group, num_barriers=2 * wgs),
+                plgpu.Barrier(num_arrivals=4, num_barriers=wgs)]
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((rows, HALF, r2), u.dtype),
         grid=(ctas,), grid_names=("cta",), num_threads=wgs, thread_name="wg", scratch_types=scratch,
@@ -312,8 +313,8 @@ def conv_rows(u, khat, *, channels: int, group: int = 1, ctas: int = 132, wgs: i
 
 @functools.partial(jax.jit, static_argnames=("channels", "group", "ctas", "wgs", "interpret"))
 def spectrum_cotangent(u, dy, *, channels: int, group: int = 1, ctas: int = 132, wgs: int = 1, interpret=None):
-    """The cotangent of K̂ for y = conv_rows(u, K̂): Σ over a channel's rows of (Re, −Im) of Û ⊙ conj(D̂), with Û
-    and D̂ the kernel-order spectra of u and dy.
+    """The cotangent of K̂ for y = conv_rows(u, K̂): Σ over a channel's rows of (Re, −Im) of Û ⊙ conj(D̂),
+    with Û and D̂ the kernel-order spectra of u and dy.
 
     u, dy: [rows, n] bf16 (rows = batch · channels, batch divisible by group) -> [channels, re/im, half, 64, r2]
     float32. A unit of work is (channel, half of k1); a warpgroup loops over its units and, in each, over
