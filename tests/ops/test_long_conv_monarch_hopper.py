@@ -68,7 +68,7 @@ def test_conv_rows_matches_fft(batch, group, ctas, wgs, conj_khat):
     assert _rel_err(y, _rows(want)) < 1e-2
 
 
-@pytest.mark.parametrize("seq, batch, kernel_len", [(1000, 4, 1000), (1500, 2, 31)])  # padded to 1024, 2048
+@pytest.mark.parametrize("seq, batch, kernel_len", [(1000, 4, 1000), (1500, 1, 31)])  # padded to 1024, 2048
 def test_forward_and_gradients_match_fft(seq, batch, kernel_len):
     u, k, dy = _inputs(seq, batch, channels=2, kernel_len=kernel_len, seed=1)
 
