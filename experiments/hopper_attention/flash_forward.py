@@ -46,6 +46,48 @@ def interpret_params():
     return InterpretGPUParams()
 
 
+ROWS = None  # to_layout's axis for a whole [rows, cols] array
+
+
+def to_layout(compiled: bool, reduced_axis, x):
+    """x in the wgmma accumulator's register layout (reduced_axis None), or in that layout reduced along one axis
+    (1: a vector indexed by rows, 0: by columns); unchanged in the interpreter, which has no layouts."""
+    if not compiled:
+        return x
+    layout = plgpu.Layout.WGMMA if reduced_axis is None else plgpu.Layout.WGMMA.reduce(reduced_axis)
+    return plgpu.layout_cast(x, layout)
+
+
+def block_iota(compiled: bool, shape, dim):
+    """Indices along `dim` of a [rows, cols] block, in the accumulator's layout."""
+    if compiled:
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def times_transposed(compiled: bool, a_tile, b_tile):
+    """a_tile: [m, d], b_tile: [n, d] shared-memory refs (bf16) -> a bᵀ: [m, n] float32, by wgmma with b's tile
+    read transposed (jnp.dot in the interpreter)."""
+    if not compiled:
+        return jnp.dot(a_tile[...], b_tile[...].T, preferred_element_type=jnp.float32)
+    m, n = a_tile.shape[0], b_tile.shape[0]
+
+    def product(acc):
+        plgpu.wgmma(acc, a_tile, plgpu.transpose_ref(b_tile, (1, 0)))
+        return acc[...]
+    return pl.run_scoped(product, plgpu.ACC((m, n), jnp.float32))
+
+
+def accumulate_product(compiled: bool, acc, a, b_tile):
+    """acc + a b. acc: [m, n] float32, a: [m, k] bf16 in registers, b_tile: [k, n] shared-memory ref."""
+    if not compiled:
+        return acc + jnp.dot(a, b_tile[...], preferred_element_type=jnp.float32)
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_tile)
+    return pl.run_state(product)(plgpu.ACC.init(acc))
+
+
 def _check(q, k, v, causal, block_kv):
     batch, q_len, heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
@@ -78,36 +120,10 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
     stages = min(stages, kv_blocks)
     tile_q = COMPUTE_WGS * BLOCK_Q
     compiled = interpret is None
-
-    def wgmma_layout(x):
-        return plgpu.layout_cast(x, plgpu.Layout.WGMMA) if compiled else x
-
-    def row_layout(x):
-        return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1)) if compiled else x
-
-    def iota(dim):
-        if compiled:
-            return plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), dim, layout=plgpu.Layout.WGMMA)
-        return lax.broadcasted_iota(jnp.int32, (BLOCK_Q, block_kv), dim)
-
-    def scores(q_tile, k_tile):
-        """q_tile: [64, head_dim], k_tile: [block_kv, head_dim] smem refs -> q kᵀ: [64, block_kv] float32."""
-        if not compiled:
-            return jnp.dot(q_tile[...], k_tile[...].T, preferred_element_type=jnp.float32)
-
-        def product(acc):
-            plgpu.wgmma(acc, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
-            return acc[...]
-        return pl.run_scoped(product, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
-
-    def accumulate(acc, p, v_tile):
-        """acc + p v. acc: [64, head_dim] float32, p: [64, block_kv] bf16 (registers), v_tile: smem ref."""
-        if not compiled:
-            return acc + jnp.dot(p, v_tile[...], preferred_element_type=jnp.float32)
-
-        def product(acc_ref):
-            plgpu.wgmma(acc_ref, p, v_tile)
-        return pl.run_state(product)(plgpu.ACC.init(acc))
+    wgmma_layout, row_layout = functools.partial(to_layout, compiled, ROWS), functools.partial(to_layout, compiled, 1)
+    iota = functools.partial(block_iota, compiled, (BLOCK_Q, block_kv))
+    scores = functools.partial(times_transposed, compiled)
+    accumulate = functools.partial(accumulate_product, compiled)
 
     def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_s, k_s, v_s, lse_s, q_bar, k_bar, v_bar, k_free, v_free):
         head, tile, b = lax.axis_index("heads"), lax.axis_index("q_tile"), lax.axis_index("batch")

@@ -1,0 +1,310 @@
+"""Prototype (issue #4): the flash-attention backward pass as two Pallas Mosaic GPU (Hopper) kernels, and
+`flash_attention`, forward (flash_forward.py) and backward as one differentiable function.
+
+Shapes as in flash_forward.py. With P = exp(scale · q kᵀ − lse) (masked), dP = dO vᵀ, delta = Σ_d dO ⊙ O per query
+and dS = P ⊙ (dP − delta):
+
+    dV = Pᵀ dO        dK = scale · dSᵀ q        dQ = scale · dS k
+
+`dkv_kernel`: one CTA per (head, tile of 128 keys, batch element); each of two compute warpgroups owns 64 keys
+(its K and V tiles in shared memory) and runs over the query blocks, which a producer warpgroup streams by
+TMA (q, dO, and lse and delta as vectors). It works in the transposed frame: Sᵀ = k qᵀ, Pᵀ, dPᵀ = v dOᵀ, so
+both accumulations (dV += Pᵀ dO, dK += dSᵀ q) take their A operand from registers and their B operand (dO, q)
+from shared memory as it lies. dK and dV come out per query head; GQA sums the group in XLA.
+`dq_kernel`: one CTA per (head, tile of 128 queries, batch element); each compute warpgroup owns 64 queries
+(q, dO, lse, delta) and runs over the key blocks: S = q kᵀ, dP = dO vᵀ, dQ += dS k.
+Causal blocks are split as in the forward: unmasked, masked, and skipped (barriers kept in step).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flash_forward import (BLOCK_Q, COMPUTE_WGS, LOG2_E, ROWS, _check, accumulate_product, block_iota,
+                           flash_forward, interpret_params, times_transposed, to_layout)
+
+BLOCK = 64                      # rows of a streamed block (queries in dkv_kernel, keys in dq_kernel)
+TILE = COMPUTE_WGS * BLOCK_Q    # rows a CTA owns
+TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+__all__ = ["dkv_kernel", "dq_kernel", "flash_attention", "interpret_params"]  # interpret_params: the tests'
+
+
+def _vector(compiled: bool, ref, axis):
+    """A float32 vector from shared memory in the accumulator's layout reduced along `axis` (1: one value per
+    row of a block, 0: one per column)."""
+    if not compiled:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "stages", "interpret"))
+def dkv_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: int = 2, interpret=None):
+    """-> (dk, dv): [batch, kv_len, heads, head_dim] bf16, per query head (summed over a GQA group by the caller)."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    q_blocks = q_len // BLOCK
+    stages = min(stages, q_blocks)
+    compiled = interpret is None
+    c = scale * LOG2_E
+    iota = functools.partial(block_iota, compiled, (BLOCK_Q, BLOCK))
+    tt = functools.partial(times_transposed, compiled)
+    acc_add = functools.partial(accumulate_product, compiled)
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+             k_s, v_s, q_s, do_s, lse_s, delta_s, own_bar, q_bar, do_bar, q_free, do_free):
+        head, tile, b = lax.axis_index("heads"), lax.axis_index("tile"), lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        kv_head = head // (heads // kv_heads)
+        tile_base = tile * TILE
+        cta_first = tile_base // BLOCK if causal else 0   # query blocks before it see none of the tile's keys
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _producer():
+            def fetch(i, slot):
+                rows = pl.ds(i * BLOCK, BLOCK)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_s.at[slot], q_bar.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_s.at[slot], q_bar.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_s.at[slot], do_bar.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_s.at[slot], do_bar.at[slot])
+
+            for j in range(stages):
+                pl.when(cta_first + j < q_blocks)(functools.partial(fetch, cta_first + j, j))
+
+            @pl.loop(cta_first + stages, q_blocks)
+            def _(i):
+                slot = lax.rem(i - cta_first, stages)
+                plgpu.barrier_wait(q_free.at[slot])
+                plgpu.barrier_wait(do_free.at[slot])
+                fetch(i, slot)
+
+            @pl.loop(jnp.maximum(q_blocks - stages, cta_first), q_blocks)
+            def _(i):  # the last blocks' releases
+                plgpu.barrier_wait(q_free.at[lax.rem(i - cta_first, stages)])
+                plgpu.barrier_wait(do_free.at[lax.rem(i - cta_first, stages)])
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _consumer():
+            kv_base = tile_base + wg * BLOCK_Q
+            rows = pl.ds(kv_base, BLOCK_Q)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_s.at[wg], own_bar.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[wg], own_bar.at[wg])
+            plgpu.barrier_wait(own_bar.at[wg])
+            # causal: query blocks before `first` see none of these keys, the one at `first` needs the mask
+            first = kv_base // BLOCK
+            unmasked_from = jnp.minimum((kv_base + BLOCK_Q + BLOCK - 2) // BLOCK, q_blocks)
+
+            def step(i, carry, masked=False):
+                dk, dv = carry
+                slot = lax.rem(i - cta_first, stages)
+                plgpu.barrier_wait(q_bar.at[slot])
+                s_t = tt(k_s.at[wg], q_s.at[slot]) * c                         # [keys, queries]
+                if masked:
+                    s_t = jnp.where(i * BLOCK + iota(1) >= kv_base + iota(0), s_t, -jnp.inf)
+                lse = _vector(compiled, lse_s.at[slot], 0)
+                p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse * LOG2_E, s_t.shape, [1]))
+                plgpu.barrier_wait(do_bar.at[slot])
+                dv = acc_add(dv, p_t.astype(jnp.bfloat16), do_s.at[slot])
+                dp_t = tt(v_s.at[wg], do_s.at[slot])
+                delta = _vector(compiled, delta_s.at[slot], 0)
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                plgpu.barrier_arrive(do_free.at[slot])
+                dk = acc_add(dk, ds_t.astype(jnp.bfloat16), q_s.at[slot])
+                plgpu.barrier_arrive(q_free.at[slot])
+                return dk, dv
+
+            def skip(i, _):
+                slot = lax.rem(i - cta_first, stages)
+                plgpu.barrier_wait(q_bar.at[slot])
+                plgpu.barrier_wait(do_bar.at[slot])
+                plgpu.barrier_arrive(do_free.at[slot])
+                plgpu.barrier_arrive(q_free.at[slot])
+
+            zero = to_layout(compiled, ROWS, jnp.zeros((BLOCK_Q, head_dim), jnp.float32))
+            if causal:
+                lax.fori_loop(cta_first, first, skip, None)
+                carry = lax.fori_loop(first, unmasked_from, functools.partial(step, masked=True), (zero, zero))
+                dk, dv = lax.fori_loop(unmasked_from, q_blocks, step, carry)
+            else:
+                dk, dv = lax.fori_loop(0, q_blocks, step, (zero, zero))
+            k_s[wg] = (dk * scale).astype(jnp.bfloat16)   # the own tiles are free after the last products
+            v_s[wg] = dv.astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_s.at[wg], dk_ref.at[b, rows, head])
+            plgpu.copy_smem_to_gmem(v_s.at[wg], dv_ref.at[b, rows, head])
+            plgpu.wait_smem_to_gmem(0)
+
+    out = jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim), jnp.bfloat16)
+    kernel = plgpu.kernel(
+        body, out_type=(out, out),
+        grid=(heads, kv_len // TILE, batch), grid_names=("heads", "tile", "batch"),
+        num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        scratch_types=[
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), jnp.bfloat16, transforms=TILED),
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), jnp.bfloat16, transforms=TILED),
+            plgpu.SMEM((stages, BLOCK, head_dim), jnp.bfloat16, transforms=TILED),
+            plgpu.SMEM((stages, BLOCK, head_dim), jnp.bfloat16, transforms=TILED),
+            plgpu.SMEM((stages, BLOCK), jnp.float32),
+            plgpu.SMEM((stages, BLOCK), jnp.float32),
+            plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        ],
+        interpret=interpret)
+    return kernel(q, k, v, do, lse, delta)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "stages", "interpret"))
+def dq_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: int = 2, interpret=None):
+    """-> dq: [batch, q_len, heads, head_dim] bf16."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    kv_blocks = kv_len // BLOCK
+    stages = min(stages, kv_blocks)
+    compiled = interpret is None
+    c = scale * LOG2_E
+    iota = functools.partial(block_iota, compiled, (BLOCK_Q, BLOCK))
+    tt = functools.partial(times_transposed, compiled)
+    acc_add = functools.partial(accumulate_product, compiled)
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+             q_s, do_s, lse_s, delta_s, k_s, v_s, own_bar, k_bar, v_bar, k_free, v_free):
+        head, tile, b = lax.axis_index("heads"), lax.axis_index("tile"), lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        kv_head = head // (heads // kv_heads)
+        tile_base = tile * TILE
+        if causal:
+            cta_blocks = jnp.minimum(kv_blocks, (tile_base + TILE + BLOCK - 1) // BLOCK)
+        else:
+            cta_blocks = kv_blocks
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _producer():
+            def fetch(j, slot):
+                rows = pl.ds(j * BLOCK, BLOCK)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_s.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[slot], v_bar.at[slot])
+
+            for j in range(stages):
+                pl.when(j < cta_blocks)(functools.partial(fetch, j, j))
+
+            @pl.loop(stages, cta_blocks)
+            def _(j):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                fetch(j, slot)
+
+            @pl.loop(jnp.maximum(cta_blocks - stages, 0), cta_blocks)
+            def _(j):
+                plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
+                plgpu.barrier_wait(v_free.at[lax.rem(j, stages)])
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _consumer():
+            q_base = tile_base + wg * BLOCK_Q
+            rows = pl.ds(q_base, BLOCK_Q)
+            for src, dst in ((q_ref.at[b, rows, head], q_s), (do_ref.at[b, rows, head], do_s),
+                             (lse_ref.at[b, head, rows], lse_s), (delta_ref.at[b, head, rows], delta_s)):
+                plgpu.copy_gmem_to_smem(src, dst.at[wg], own_bar.at[wg])
+            plgpu.barrier_wait(own_bar.at[wg])
+            lse = lax.broadcast_in_dim(_vector(compiled, lse_s.at[wg], 1) * LOG2_E, (BLOCK_Q, BLOCK), [0])
+            delta = lax.broadcast_in_dim(_vector(compiled, delta_s.at[wg], 1), (BLOCK_Q, BLOCK), [0])
+            if causal:  # key blocks below the diagonal need no mask; blocks past the last query are skipped
+                unmasked_to = q_base // BLOCK
+                visible_to = jnp.minimum(cta_blocks, (q_base + BLOCK_Q + BLOCK - 1) // BLOCK)
+            else:
+                unmasked_to = kv_blocks
+
+            def step(j, dq, masked=False):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                s = tt(q_s.at[wg], k_s.at[slot]) * c
+                if masked:
+                    s = jnp.where(q_base + iota(0) >= j * BLOCK + iota(1), s, -jnp.inf)
+                p = jnp.exp2(s - lse)
+                plgpu.barrier_wait(v_bar.at[slot])
+                dp = tt(do_s.at[wg], v_s.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                dq = acc_add(dq, (p * (dp - delta)).astype(jnp.bfloat16), k_s.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            def skip(j, _):
+                slot = lax.rem(j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+
+            dq = to_layout(compiled, ROWS, jnp.zeros((BLOCK_Q, head_dim), jnp.float32))
+            dq = lax.fori_loop(0, unmasked_to, step, dq)
+            if causal:
+                dq = lax.fori_loop(unmasked_to, visible_to, functools.partial(step, masked=True), dq)
+                lax.fori_loop(visible_to, cta_blocks, skip, None)
+            q_s[wg] = (dq * scale).astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_s.at[wg], dq_ref.at[b, rows, head])
+            plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct(q.shape, jnp.bfloat16),
+        grid=(heads, q_len // TILE, batch), grid_names=("heads", "tile", "batch"),
+        num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        scratch_types=[
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), jnp.bfloat16, transforms=TILED),
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), jnp.bfloat16, transforms=TILED),
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
+            plgpu.SMEM((stages, BLOCK, head_dim), jnp.bfloat16, transforms=TILED),
+            plgpu.SMEM((stages, BLOCK, head_dim), jnp.bfloat16, transforms=TILED),
+            plgpu.Barrier(num_arrivals=4, num_barriers=COMPUTE_WGS),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        ],
+        interpret=interpret)
+    return kernel(q, k, v, do, lse, delta)
+
+
+def flash_attention(q, k, v, *, causal: bool = False, scale: float | None = None, interpret=None):
+    """softmax(scale · q kᵀ, masked) v, differentiable in q, k and v: [batch, q_len, heads, head_dim] bf16."""
+    _check(q, k, v, causal, 128)
+    if q.shape[-1] > 128:
+        raise ValueError(f"q: the backward kernels take head_dim up to 128 (shared memory), got {q.shape[-1]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    options = dict(causal=causal, scale=scale, interpret=interpret)
+
+    @jax.custom_vjp
+    def attend(q, k, v):
+        return flash_forward(q, k, v, **options)[0]
+
+    def attend_fwd(q, k, v):
+        out, lse = flash_forward(q, k, v, **options)
+        return out, (q, k, v, out, lse)
+
+    def attend_bwd(residuals, do):
+        q, k, v, out, lse = residuals
+        do = do.astype(jnp.bfloat16)
+        delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
+        dq = dq_kernel(q, k, v, do, lse, delta, **options)
+        dk, dv = dkv_kernel(q, k, v, do, lse, delta, **options)
+        batch, kv_len, kv_heads, head_dim = k.shape
+        group = q.shape[2] // kv_heads
+
+        def per_kv_head(x):  # [batch, kv_len, heads, d] -> summed over each group of query heads
+            return x.reshape(batch, kv_len, kv_heads, group, head_dim).astype(jnp.float32).sum(3).astype(k.dtype)
+        return dq, per_kv_head(dk), per_kv_head(dv)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend(q, k, v)

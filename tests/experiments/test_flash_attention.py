@@ -1,0 +1,74 @@
+"""The Hopper flash-attention prototype (experiments/hopper_attention/flash_forward.py, flash_backward.py), run by
+the Pallas GPU interpreter on CPU against longseq's reference attention, and lowered for CUDA."""
+
+import functools
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from longseq.ops import attention
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "experiments" / "hopper_attention"))
+import flash_backward  # noqa: E402
+import flash_forward  # noqa: E402
+
+
+def _inputs(batch, seq, heads, kv_heads, head_dim, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(key, (batch, seq, h, head_dim), jnp.float32).astype(jnp.bfloat16)
+                 for key, h in zip(keys, (heads, kv_heads, kv_heads)))
+
+
+def test_forward_matches_the_reference():
+    q, k, v = _inputs(1, 128, 2, 1, 64)  # GQA, one tile, 2 key blocks through a ring of 2 slots
+    out, lse = flash_forward.flash_forward(q, k, v, block_kv=64, stages=2, interpret=flash_forward.interpret_params())
+    want_out, want_lse = attention(*(x.astype(jnp.float32) for x in (q, k, v)), impl="reference")
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16 and lse.shape == (1, 2, 128)
+    assert float(jnp.abs(out.astype(jnp.float32) - want_out).max()) < 2e-2
+    assert float(jnp.abs(lse - want_lse).max()) < 1e-3
+
+
+def test_causal_forward_and_gradients_match_the_reference():
+    """Two tiles of 128 queries and keys: blocks unmasked, masked and skipped in all three kernels; GQA."""
+    q, k, v = _inputs(1, 256, 2, 1, 64, seed=1)
+    do = _inputs(1, 256, 2, 2, 64, seed=2)[0]
+
+    def vjp(attend, *args):
+        out, pullback = jax.vjp(attend, *args)
+        return out, pullback(do.astype(out.dtype))
+
+    out, grads = vjp(functools.partial(flash_backward.flash_attention, causal=True,
+                                       interpret=flash_backward.interpret_params()), q, k, v)
+    want, want_grads = vjp(lambda q, k, v: attention(q, k, v, causal=True, impl="reference")[0],
+                           *(x.astype(jnp.float32) for x in (q, k, v)))
+    assert float(jnp.abs(out.astype(jnp.float32) - want).max()) < 2e-2
+    for got, expected in zip(grads, want_grads):
+        assert got.shape == expected.shape and got.dtype == jnp.bfloat16
+        assert float(jnp.abs(got.astype(jnp.float32) - expected).max() / jnp.abs(expected).max()) < 1e-2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowers_for_cuda(causal):
+    q = jax.ShapeDtypeStruct((2, 4096, 16, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 4096, 4, 128), jnp.bfloat16)
+    forward = functools.partial(flash_forward.flash_forward, causal=causal)
+    assert "mosaic_gpu" in jax.export.export(jax.jit(forward), platforms=["cuda"])(q, k, k).mlir_module()
+    grad = jax.grad(lambda q, k, v: jnp.sum(flash_backward.flash_attention(q, k, v, causal=causal)), (0, 1, 2))
+    assert jax.export.export(jax.jit(grad), platforms=["cuda"])(q, k, k).mlir_module().count("mosaic_gpu") >= 3
+
+
+def test_bad_input_is_refused():
+    q, k, v = _inputs(1, 128, 2, 1, 64)
+    with pytest.raises(ValueError, match="q_len must be a multiple of 128"):
+        flash_forward.flash_forward(q[:, :64], k, v)
+    with pytest.raises(ValueError, match="kv_heads 3 must divide heads 2"):
+        flash_forward.flash_forward(q, *_inputs(1, 128, 3, 3, 64)[1:])
+    with pytest.raises(ValueError, match="bfloat16"):
+        flash_forward.flash_forward(q.astype(jnp.float32), k, v)
+    with pytest.raises(ValueError, match="causal: needs q_len == kv_len"):
+        flash_forward.flash_forward(q, *_inputs(1, 256, 2, 1, 64)[1:], causal=True)
+    with pytest.raises(ValueError, match="head_dim up to 128"):
+        flash_backward.flash_attention(*_inputs(1, 128, 2, 1, 256))
