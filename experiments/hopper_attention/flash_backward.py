@@ -13,7 +13,9 @@ both accumulations (dV += Pᵀ dO, dK += dSᵀ q) take their A operand from regi
 from shared memory as it lies. dK and dV come out per query head; GQA sums the group in XLA.
 `dq_kernel`: one CTA per (head, tile of 128 queries, batch element); each compute warpgroup owns 64 queries
 (q, dO, lse, delta) and runs over the key blocks: S = q kᵀ, dP = dO vᵀ, dQ += dS k.
-Causal blocks are split as in the forward: unmasked, masked, and skipped (barriers kept in step).
+Blocks are split as in the forward (`flash_forward.Mask`: unmasked, masked, skipped with the barriers kept in
+step), with the same global offsets and padded tails. `flash_attention` takes lse's cotangent too: ∂lse/∂s = P,
+so it enters as dS = P ⊙ (dP − (delta − dlse)).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from flash_forward import (BLOCK_Q, COMPUTE_WGS, LOG2_E, ROWS, _check, accumulate_product, block_iota,
-                           flash_forward, interpret_params, times_transposed, to_layout)
+from flash_forward import (BLOCK_Q, COMPUTE_WGS, LOG2_E, ROWS, Mask, _check, accumulate_product, block_iota,
+                           flash_forward, interpret_params, load_shift, pad_to, times_transposed, to_layout)
 
 BLOCK = 64                      # rows of a streamed block (queries in dkv_kernel, keys in dq_kernel)
 TILE = COMPUTE_WGS * BLOCK_Q    # rows a CTA owns
@@ -45,9 +47,17 @@ def _vector(compiled: bool, ref, axis):
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "stages", "interpret"))
-def dkv_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: int = 2, interpret=None):
-    """-> (dk, dv): [batch, kv_len, heads, head_dim] bf16, per query head (summed over a GQA group by the caller)."""
+def _finite_lse(lse):
+    """lse with −inf (a query that sees no key) read as 0: its P is 0 through the mask, never exp2(−inf + inf)."""
+    return jnp.where(lse == -jnp.inf, 0.0, lse)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "kv_valid", "scale", "stages", "interpret"))
+def dkv_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, scale: float, stages: int = 2,
+               interpret=None):
+    """-> (dk, dv): [batch, kv_len, heads, head_dim] bf16, per query head (summed over a GQA group by the caller).
+    q_len and kv_len multiples of 128 (padded by the caller); keys at or past kv_valid are padding; shift: [1]
+    int32, q_offset − kv_offset; lse: [batch, heads, q_len] with −inf read as 0."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     q_blocks = q_len // BLOCK
@@ -58,13 +68,14 @@ def dkv_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: i
     tt = functools.partial(times_transposed, compiled)
     acc_add = functools.partial(accumulate_product, compiled)
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+    def body(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
              k_s, v_s, q_s, do_s, lse_s, delta_s, own_bar, q_bar, do_bar, q_free, do_free):
         head, tile, b = lax.axis_index("heads"), lax.axis_index("tile"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         kv_head = head // (heads // kv_heads)
         tile_base = tile * TILE
-        cta_first = tile_base // BLOCK if causal else 0   # query blocks before it see none of the tile's keys
+        mask = Mask(causal, kv_valid, load_shift(shift_ref))
+        cta_first, _ = mask.query_blocks(tile_base, TILE, BLOCK, q_blocks)  # earlier query blocks see no key of it
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
@@ -97,9 +108,7 @@ def dkv_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: i
             plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_s.at[wg], own_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[wg], own_bar.at[wg])
             plgpu.barrier_wait(own_bar.at[wg])
-            # causal: query blocks before `first` see none of these keys, the one at `first` needs the mask
-            first = kv_base // BLOCK
-            unmasked_from = jnp.minimum((kv_base + BLOCK_Q + BLOCK - 2) // BLOCK, q_blocks)
+            first, unmasked_from = mask.query_blocks(kv_base, BLOCK_Q, BLOCK, q_blocks)
 
             def step(i, carry, masked=False):
                 dk, dv = carry
@@ -107,7 +116,7 @@ def dkv_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: i
                 plgpu.barrier_wait(q_bar.at[slot])
                 s_t = tt(k_s.at[wg], q_s.at[slot]) * c                         # [keys, queries]
                 if masked:
-                    s_t = jnp.where(i * BLOCK + iota(1) >= kv_base + iota(0), s_t, -jnp.inf)
+                    s_t = jnp.where(mask.visible(i * BLOCK + iota(1), kv_base + iota(0)), s_t, -jnp.inf)
                 lse = _vector(compiled, lse_s.at[slot], 0)
                 p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse * LOG2_E, s_t.shape, [1]))
                 plgpu.barrier_wait(do_bar.at[slot])
@@ -128,12 +137,9 @@ def dkv_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: i
                 plgpu.barrier_arrive(q_free.at[slot])
 
             zero = to_layout(compiled, ROWS, jnp.zeros((BLOCK_Q, head_dim), jnp.float32))
-            if causal:
-                lax.fori_loop(cta_first, first, skip, None)
-                carry = lax.fori_loop(first, unmasked_from, functools.partial(step, masked=True), (zero, zero))
-                dk, dv = lax.fori_loop(unmasked_from, q_blocks, step, carry)
-            else:
-                dk, dv = lax.fori_loop(0, q_blocks, step, (zero, zero))
+            lax.fori_loop(cta_first, first, skip, None)
+            carry = lax.fori_loop(first, unmasked_from, functools.partial(step, masked=True), (zero, zero))
+            dk, dv = lax.fori_loop(unmasked_from, q_blocks, step, carry)
             k_s[wg] = (dk * scale).astype(jnp.bfloat16)   # the own tiles are free after the last products
             v_s[wg] = dv.astype(jnp.bfloat16)
             plgpu.commit_smem()
@@ -160,12 +166,13 @@ def dkv_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: i
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         ],
         interpret=interpret)
-    return kernel(q, k, v, do, lse, delta)
+    return kernel(shift, q, k, v, do, _finite_lse(lse), delta)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "stages", "interpret"))
-def dq_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: int = 2, interpret=None):
-    """-> dq: [batch, q_len, heads, head_dim] bf16."""
+@functools.partial(jax.jit, static_argnames=("causal", "kv_valid", "scale", "stages", "interpret"))
+def dq_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, scale: float, stages: int = 2,
+              interpret=None):
+    """-> dq: [batch, q_len, heads, head_dim] bf16; arguments as for dkv_kernel."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     kv_blocks = kv_len // BLOCK
@@ -176,16 +183,14 @@ def dq_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: in
     tt = functools.partial(times_transposed, compiled)
     acc_add = functools.partial(accumulate_product, compiled)
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+    def body(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
              q_s, do_s, lse_s, delta_s, k_s, v_s, own_bar, k_bar, v_bar, k_free, v_free):
         head, tile, b = lax.axis_index("heads"), lax.axis_index("tile"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         kv_head = head // (heads // kv_heads)
         tile_base = tile * TILE
-        if causal:
-            cta_blocks = jnp.minimum(kv_blocks, (tile_base + TILE + BLOCK - 1) // BLOCK)
-        else:
-            cta_blocks = kv_blocks
+        mask = Mask(causal, kv_valid, load_shift(shift_ref))
+        _, cta_blocks = mask.key_blocks(tile_base, TILE, BLOCK)
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
@@ -219,18 +224,14 @@ def dq_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: in
             plgpu.barrier_wait(own_bar.at[wg])
             lse = lax.broadcast_in_dim(_vector(compiled, lse_s.at[wg], 1) * LOG2_E, (BLOCK_Q, BLOCK), [0])
             delta = lax.broadcast_in_dim(_vector(compiled, delta_s.at[wg], 1), (BLOCK_Q, BLOCK), [0])
-            if causal:  # key blocks below the diagonal need no mask; blocks past the last query are skipped
-                unmasked_to = q_base // BLOCK
-                visible_to = jnp.minimum(cta_blocks, (q_base + BLOCK_Q + BLOCK - 1) // BLOCK)
-            else:
-                unmasked_to = kv_blocks
+            unmasked_to, visible_to = mask.key_blocks(q_base, BLOCK_Q, BLOCK)
 
             def step(j, dq, masked=False):
                 slot = lax.rem(j, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 s = tt(q_s.at[wg], k_s.at[slot]) * c
                 if masked:
-                    s = jnp.where(q_base + iota(0) >= j * BLOCK + iota(1), s, -jnp.inf)
+                    s = jnp.where(mask.visible(q_base + iota(0), j * BLOCK + iota(1)), s, -jnp.inf)
                 p = jnp.exp2(s - lse)
                 plgpu.barrier_wait(v_bar.at[slot])
                 dp = tt(do_s.at[wg], v_s.at[slot])
@@ -248,9 +249,8 @@ def dq_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: in
 
             dq = to_layout(compiled, ROWS, jnp.zeros((BLOCK_Q, head_dim), jnp.float32))
             dq = lax.fori_loop(0, unmasked_to, step, dq)
-            if causal:
-                dq = lax.fori_loop(unmasked_to, visible_to, functools.partial(step, masked=True), dq)
-                lax.fori_loop(visible_to, cta_blocks, skip, None)
+            dq = lax.fori_loop(unmasked_to, visible_to, functools.partial(step, masked=True), dq)
+            lax.fori_loop(visible_to, cta_blocks, skip, None)
             q_s[wg] = (dq * scale).astype(jnp.bfloat16)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_s.at[wg], dq_ref.at[b, rows, head])
@@ -274,37 +274,42 @@ def dq_kernel(q, k, v, do, lse, delta, *, causal: bool, scale: float, stages: in
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         ],
         interpret=interpret)
-    return kernel(q, k, v, do, lse, delta)
+    return kernel(shift, q, k, v, do, _finite_lse(lse), delta)
 
 
-def flash_attention(q, k, v, *, causal: bool = False, scale: float | None = None, interpret=None):
-    """softmax(scale · q kᵀ, masked) v, differentiable in q, k and v: [batch, q_len, heads, head_dim] bf16."""
+def flash_attention(q, k, v, *, causal: bool = False, scale: float | None = None, q_offset=0, kv_offset=0,
+                    interpret=None):
+    """(out, lse) as `flash_forward`, differentiable in q, k and v through both (lse's cotangent too)."""
     _check(q, k, v, causal, 128)
     if q.shape[-1] > 128:
         raise ValueError(f"q: the backward kernels take head_dim up to 128 (shared memory), got {q.shape[-1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    options = dict(causal=causal, scale=scale, interpret=interpret)
+    shift = jnp.reshape(jnp.asarray(q_offset, jnp.int32) - jnp.asarray(kv_offset, jnp.int32), (1,))
 
     @jax.custom_vjp
-    def attend(q, k, v):
-        return flash_forward(q, k, v, **options)[0]
+    def attend(q, k, v, shift):
+        return flash_forward(q, k, v, causal=causal, scale=scale, q_offset=shift[0], interpret=interpret)
 
-    def attend_fwd(q, k, v):
-        out, lse = flash_forward(q, k, v, **options)
-        return out, (q, k, v, out, lse)
+    def attend_fwd(q, k, v, shift):
+        out, lse = attend(q, k, v, shift)
+        return (out, lse), (q, k, v, shift, out, lse)
 
-    def attend_bwd(residuals, do):
-        q, k, v, out, lse = residuals
+    def attend_bwd(residuals, cotangents):
+        q, k, v, shift, out, lse = residuals
+        do, dlse = cotangents
+        q_len, (batch, kv_len, kv_heads, head_dim) = q.shape[1], k.shape
         do = do.astype(jnp.bfloat16)
-        delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
-        dq = dq_kernel(q, k, v, do, lse, delta, **options)
-        dk, dv = dkv_kernel(q, k, v, do, lse, delta, **options)
-        batch, kv_len, kv_heads, head_dim = k.shape
+        # delta − dlse: lse's cotangent enters dS = P ⊙ (dP − delta + dlse) (∂lse/∂s = P)
+        delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32)) - dlse
+        padded = [pad_to(x, TILE) for x in (q, k, v, do)] + [pad_to(lse, TILE, 2), pad_to(delta, TILE, 2)]
+        options = dict(causal=causal, kv_valid=kv_len, scale=scale, interpret=interpret)
+        dq = dq_kernel(shift, *padded, **options)[:, :q_len]
+        dk, dv = (x[:, :kv_len] for x in dkv_kernel(shift, *padded, **options))
         group = q.shape[2] // kv_heads
 
         def per_kv_head(x):  # [batch, kv_len, heads, d] -> summed over each group of query heads
             return x.reshape(batch, kv_len, kv_heads, group, head_dim).astype(jnp.float32).sum(3).astype(k.dtype)
-        return dq, per_kv_head(dk), per_kv_head(dv)
+        return dq, per_kv_head(dk), per_kv_head(dv), None
 
     attend.defvjp(attend_fwd, attend_bwd)
-    return attend(q, k, v)
+    return attend(q, k, v, shift)

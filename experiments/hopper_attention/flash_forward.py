@@ -1,9 +1,8 @@
 """Prototype (issue #4): the flash-attention forward pass as a Pallas Mosaic GPU (Hopper) kernel.
 
-Not wired into `longseq.ops` yet: bf16, head_dim a multiple of 64 (up to 256), q_len a multiple of 128, kv_len a
-multiple of block_kv, causal or not with zero offsets (q_len == kv_len when causal), GQA. It is here to be
-timed beside cuDNN on the GPU before it grows the backward and the features of the portable kernel
-(segment ids, offsets, windows).
+Not wired into `longseq.ops` yet: bf16, head_dim a multiple of 64 (up to 256), any q_len and kv_len (padded to
+tiles inside, the padding masked), causal or not with global offsets (traced or not), GQA. It is here to be
+timed beside cuDNN on the GPU before it takes the place of the portable kernel on Hopper.
 
 Shapes (longseq's layout): q: [batch, q_len, heads, head_dim], k, v: [batch, kv_len, kv_heads, head_dim] ->
 out: [batch, q_len, heads, head_dim] bf16, lse: [batch, heads, q_len] float32 (natural log).
@@ -14,7 +13,8 @@ One CTA per (head, tile of 128 queries, batch element), three warpgroups:
 - warpgroups 0 and 1 each own 64 queries (one wgmma M): S = Q Kᵀ by wgmma (K's slot read transposed), the
   online softmax in registers in base 2 (the scale and log2(e) folded into one multiply), then O += P V by
   wgmma with P as the A operand from registers.
-Every consumer waits on every block's barriers and releases every block in order, even the blocks a causal
+Blocks a warpgroup sees whole run without a mask, blocks it sees in part with one, and blocks it does not see
+at all (`Mask`) are skipped. Every consumer waits on every block's barriers and releases every block in order, even the blocks a causal
 mask hides from it entirely (it skips their math): a barrier's phases are tracked by parity, so no waiter may
 fall a phase behind and no arrival may run a phase ahead.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,54 @@ def accumulate_product(compiled: bool, acc, a, b_tile):
     return pl.run_state(product)(plgpu.ACC.init(acc))
 
 
+def _floor_div(a, b: int):
+    """max(a, 0) // b: the floor of a / b clamped at 0 (a may be a traced int32 that is negative)."""
+    return jnp.maximum(a, 0) // b
+
+
+def _ceil_div(a, b: int):
+    return (jnp.maximum(a, 0) + b - 1) // b
+
+
+class Mask(NamedTuple):
+    """Which (query, key) pairs are visible: keys before kv_valid (the rest is padding), and with causal the keys
+    at global position kv_offset + j <= q_offset + i, i.e. j <= i + shift with shift = q_offset − kv_offset."""
+    causal: bool
+    kv_valid: int
+    shift: object = 0   # int, or a traced int32 scalar
+
+    def visible(self, q_pos, kv_pos):
+        seen = kv_pos < self.kv_valid
+        return seen & (kv_pos <= q_pos + self.shift) if self.causal else seen
+
+    def key_blocks(self, q_first, q_rows: int, block: int):
+        """For the queries [q_first, q_first + q_rows) over key blocks of `block` rows: (unmasked_to, visible_to):
+        blocks [0, unmasked_to) are visible whole, [unmasked_to, visible_to) in part, the rest not at all."""
+        visible_to, unmasked_to = -(-self.kv_valid // block), self.kv_valid // block
+        if self.causal:
+            visible_to = jnp.minimum(visible_to, _ceil_div(q_first + q_rows + self.shift, block))
+            unmasked_to = jnp.minimum(unmasked_to, _floor_div(q_first + self.shift + 1, block))
+        return jnp.minimum(unmasked_to, visible_to), visible_to
+
+    def query_blocks(self, kv_first, kv_rows: int, block: int, blocks: int):
+        """For the keys [kv_first, kv_first + kv_rows) over `blocks` query blocks of `block` rows: (first,
+        unmasked_from): blocks [0, first) do not see them, [first, unmasked_from) in part, the rest whole."""
+        padded = kv_first + kv_rows > self.kv_valid
+        first = jnp.where(kv_first >= self.kv_valid, blocks, 0)
+        unmasked_from = jnp.where(padded, blocks, first)
+        if self.causal:
+            first = jnp.maximum(first, jnp.minimum(blocks, _floor_div(kv_first - self.shift, block)))
+            unmasked_from = jnp.maximum(unmasked_from, jnp.minimum(
+                blocks, _ceil_div(kv_first + kv_rows - 1 - self.shift, block)))
+        return first, jnp.maximum(first, unmasked_from)
+
+
+def pad_to(x, multiple: int, axis: int = 1):
+    """x zero-padded along `axis` to a multiple of `multiple`."""
+    extra = -x.shape[axis] % multiple
+    return x if not extra else jnp.pad(x, [(0, extra if i == axis else 0) for i in range(x.ndim)])
+
+
 def _check(q, k, v, causal, block_kv):
     batch, q_len, heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
@@ -99,41 +148,51 @@ def _check(q, k, v, causal, block_kv):
         raise ValueError(f"q: head_dim must be a multiple of 64 up to 256, got {head_dim}")
     if heads % k.shape[2]:
         raise ValueError(f"k: kv_heads {k.shape[2]} must divide heads {heads}")
-    if q_len % (COMPUTE_WGS * BLOCK_Q):
-        raise ValueError(f"q: q_len must be a multiple of {COMPUTE_WGS * BLOCK_Q}, got {q_len}")
-    if block_kv % 64 or k.shape[1] % block_kv:
-        raise ValueError(f"block_kv: must be a multiple of 64 dividing kv_len {k.shape[1]}, got {block_kv}")
-    if causal and q_len != k.shape[1]:
-        raise ValueError(f"causal: needs q_len == kv_len (zero offsets), got {q_len} and {k.shape[1]}")
+    if block_kv not in (64, 128):
+        raise ValueError(f"block_kv: expected 64 or 128, got {block_kv}")
+
+
+def load_shift(shift_ref):
+    """q_offset − kv_offset from its [1] int32 input."""
+    return shift_ref[0]
+
+
+def safe_max(m):
+    """The running maximum with −inf (a row that has seen no key yet) read as 0, so exp2(x − it) stays finite."""
+    return jnp.where(m == -jnp.inf, 0.0, m)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_kv", "stages", "interpret"))
-def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, block_kv: int = 128,
-                  stages: int = 2, interpret=None):
-    """(out, lse) of softmax(scale · q kᵀ, masked) v; shapes in the module docstring."""
+def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, q_offset=0, kv_offset=0,
+                  block_kv: int = 128, stages: int = 2, interpret=None):
+    """(out, lse) of softmax(scale · q kᵀ, masked) v; shapes in the module docstring. q_offset, kv_offset: global
+    positions of q[:, 0] and k[:, 0] (ints or traced int32 scalars), used by causal. A query that sees no key
+    gets out = 0 and lse = −inf."""
     _check(q, k, v, causal, block_kv)
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
+    tile_q = COMPUTE_WGS * BLOCK_Q
+    q = pad_to(q, tile_q)
+    k, v = pad_to(k, block_kv), pad_to(v, block_kv)
+    shift = jnp.reshape(jnp.asarray(q_offset, jnp.int32) - jnp.asarray(kv_offset, jnp.int32), (1,))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     exponent_scale = scale * LOG2_E   # exp(scale · s) = exp2(exponent_scale · s)
-    kv_blocks = kv_len // block_kv
+    kv_blocks = k.shape[1] // block_kv
     stages = min(stages, kv_blocks)
-    tile_q = COMPUTE_WGS * BLOCK_Q
     compiled = interpret is None
     wgmma_layout, row_layout = functools.partial(to_layout, compiled, ROWS), functools.partial(to_layout, compiled, 1)
     iota = functools.partial(block_iota, compiled, (BLOCK_Q, block_kv))
     scores = functools.partial(times_transposed, compiled)
     accumulate = functools.partial(accumulate_product, compiled)
 
-    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_s, k_s, v_s, lse_s, q_bar, k_bar, v_bar, k_free, v_free):
+    def body(shift_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_s, k_s, v_s, lse_s, q_bar, k_bar, v_bar, k_free,
+             v_free):
         head, tile, b = lax.axis_index("heads"), lax.axis_index("q_tile"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         kv_head = head // (heads // kv_heads)
         tile_base = tile * tile_q
-        if causal:  # the blocks any query of the tile sees
-            cta_blocks = jnp.minimum(kv_blocks, (tile_base + tile_q + block_kv - 1) // block_kv)
-        else:
-            cta_blocks = kv_blocks
+        mask = Mask(causal, kv_len, load_shift(shift_ref))
+        _, cta_blocks = mask.key_blocks(tile_base, tile_q, block_kv)   # the blocks any query of the tile sees
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
@@ -163,11 +222,7 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
             q_tile = q_s.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, BLOCK_Q), head], q_tile, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
-            if causal:  # blocks below the diagonal need no mask; blocks past the last query are skipped
-                unmasked = q_base // block_kv
-                visible = jnp.minimum(cta_blocks, (q_base + BLOCK_Q + block_kv - 1) // block_kv)
-            else:
-                unmasked = visible = kv_blocks
+            unmasked_to, visible_to = mask.key_blocks(q_base, BLOCK_Q, block_kv)
 
             def step(i, carry, masked=False):
                 acc, m, l = carry
@@ -176,11 +231,10 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
                 s = scores(q_tile, k_s.at[slot]) * exponent_scale
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
-                    seen = (q_base + iota(0)) >= (i * block_kv + iota(1))
-                    s = jnp.where(seen, s, -jnp.inf)
+                    s = jnp.where(mask.visible(q_base + iota(0), i * block_kv + iota(1)), s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                alpha = jnp.exp2(m - safe_max(m_new))
+                p = jnp.exp2(s - lax.broadcast_in_dim(safe_max(m_new), s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -188,7 +242,7 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l
 
-            def skip(i, _):  # a block this warpgroup never sees: keep the barriers' phases in step
+            def skip(i, _):  # a block this warpgroup does not see: keep the barriers' phases in step
                 slot = lax.rem(i, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
@@ -198,14 +252,14 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
             carry = (wgmma_layout(jnp.zeros((BLOCK_Q, head_dim), jnp.float32)),
                      row_layout(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32)),
                      row_layout(jnp.zeros((BLOCK_Q,), jnp.float32)))
-            carry = lax.fori_loop(0, unmasked, step, carry)
-            if causal:
-                carry = lax.fori_loop(unmasked, visible, functools.partial(step, masked=True), carry)
-                lax.fori_loop(visible, cta_blocks, skip, None)
+            carry = lax.fori_loop(0, unmasked_to, step, carry)
+            carry = lax.fori_loop(unmasked_to, visible_to, functools.partial(step, masked=True), carry)
+            lax.fori_loop(visible_to, cta_blocks, skip, None)
             acc, m, l = carry
-            out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+            seen = l > 0
+            out = acc / lax.broadcast_in_dim(jnp.where(seen, l, 1.0), acc.shape, [0])
             q_tile[...] = out.astype(jnp.bfloat16)   # Q's tile is free after the last product
-            lse_s[wg] = (m + jnp.log2(l)) / LOG2_E
+            lse_s[wg] = jnp.where(seen, (m + jnp.log2(jnp.where(seen, l, 1.0))) / LOG2_E, -jnp.inf)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(q_base, BLOCK_Q), head])
             plgpu.copy_smem_to_gmem(lse_s.at[wg], lse_ref.at[b, head, pl.ds(q_base, BLOCK_Q)])
@@ -215,8 +269,8 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
     kernel = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct(q.shape, jnp.bfloat16),
-                  jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
-        grid=(heads, q_len // tile_q, batch), grid_names=("heads", "q_tile", "batch"),
+                  jax.ShapeDtypeStruct((batch, heads, q.shape[1]), jnp.float32)),
+        grid=(heads, q.shape[1] // tile_q, batch), grid_names=("heads", "q_tile", "batch"),
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
         scratch_types=[
             plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), jnp.bfloat16, transforms=tiled),
@@ -230,4 +284,5 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         ],
         interpret=interpret)
-    return kernel(q, k, v)
+    out, lse = kernel(shift, q, k, v)
+    return out[:, :q_len], lse[:, :, :q_len]
