@@ -30,7 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_forward import (BLOCK_Q, COMPUTE_WGS, LOG2_E, ROWS, Mask, _check, accumulate_product, block_iota,
-                           flash_forward, interpret_params, load_shift, pad_to, times_transposed, to_layout)
+                           block_segments, flash_forward, interpret_params, load_shift, pad_to, times_transposed,
+                           to_layout, with_segments)
 
 BLOCK = 64                      # rows of a streamed block (queries in dkv_kernel, keys in dq_kernel)
 TILE = COMPUTE_WGS * BLOCK_Q    # rows a CTA owns
@@ -52,12 +53,13 @@ def _finite_lse(lse):
     return jnp.where(lse == -jnp.inf, 0.0, lse)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "kv_valid", "scale", "stages", "interpret"))
-def dkv_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, scale: float, stages: int = 2,
-               interpret=None):
+@functools.partial(jax.jit, static_argnames=("causal", "segmented", "kv_valid", "scale", "stages", "interpret"))
+def dkv_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, segmented: bool, kv_valid: int,
+               scale: float, stages: int = 2, interpret=None):
     """-> (dk, dv): [batch, kv_len, heads, head_dim] bf16, per query head (summed over a GQA group by the caller).
     q_len and kv_len multiples of 128 (padded by the caller); keys at or past kv_valid are padding; shift: [1]
-    int32, q_offset − kv_offset; lse: [batch, heads, q_len] with −inf read as 0."""
+    int32, q_offset − kv_offset; lse: [batch, heads, q_len] with −inf read as 0; q_seg, kv_seg: [batch, q_len]
+    and [batch, kv_len] int32 segment ids, used when segmented."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     q_blocks = q_len // BLOCK
@@ -68,13 +70,13 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, s
     tt = functools.partial(times_transposed, compiled)
     acc_add = functools.partial(accumulate_product, compiled)
 
-    def body(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-             k_s, v_s, q_s, do_s, lse_s, delta_s, own_bar, q_bar, do_bar, q_free, do_free):
+    def body(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dk_ref, dv_ref,
+             k_s, v_s, q_s, do_s, lse_s, delta_s, kvseg_s, qseg_s, own_bar, q_bar, do_bar, q_free, do_free):
         head, tile, b = lax.axis_index("heads"), lax.axis_index("tile"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         kv_head = head // (heads // kv_heads)
         tile_base = tile * TILE
-        mask = Mask(causal, kv_valid, load_shift(shift_ref))
+        mask = Mask(causal, kv_valid, load_shift(shift_ref), segmented)
         cta_first, _ = mask.query_blocks(tile_base, TILE, BLOCK, q_blocks)  # earlier query blocks see no key of it
 
         @pl.when(wg == COMPUTE_WGS)
@@ -83,6 +85,8 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, s
                 rows = pl.ds(i * BLOCK, BLOCK)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows, head], q_s.at[slot], q_bar.at[slot])
                 plgpu.copy_gmem_to_smem(lse_ref.at[b, head, rows], lse_s.at[slot], q_bar.at[slot])
+                if segmented:
+                    plgpu.copy_gmem_to_smem(qseg_ref.at[b, rows], qseg_s.at[slot], q_bar.at[slot])
                 plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_s.at[slot], do_bar.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_s.at[slot], do_bar.at[slot])
 
@@ -107,8 +111,12 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, s
             rows = pl.ds(kv_base, BLOCK_Q)
             plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_s.at[wg], own_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[wg], own_bar.at[wg])
+            if segmented:
+                plgpu.copy_gmem_to_smem(kvseg_ref.at[b, rows], kvseg_s.at[wg], own_bar.at[wg])
             plgpu.barrier_wait(own_bar.at[wg])
             first, unmasked_from = mask.query_blocks(kv_base, BLOCK_Q, BLOCK, q_blocks)
+            shape = (BLOCK_Q, BLOCK)   # [keys, queries]
+            kv_ids = block_segments(compiled, kvseg_s.at[wg], 1, shape) if segmented else None
 
             def step(i, carry, masked=False):
                 dk, dv = carry
@@ -116,7 +124,9 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, s
                 plgpu.barrier_wait(q_bar.at[slot])
                 s_t = tt(k_s.at[wg], q_s.at[slot]) * c                         # [keys, queries]
                 if masked:
-                    s_t = jnp.where(mask.visible(i * BLOCK + iota(1), kv_base + iota(0)), s_t, -jnp.inf)
+                    q_ids = block_segments(compiled, qseg_s.at[slot], 0, shape) if segmented else None
+                    seen = mask.visible(i * BLOCK + iota(1), kv_base + iota(0), q_ids, kv_ids)
+                    s_t = jnp.where(seen, s_t, -jnp.inf)
                 lse = _vector(compiled, lse_s.at[slot], 0)
                 p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse * LOG2_E, s_t.shape, [1]))
                 plgpu.barrier_wait(do_bar.at[slot])
@@ -159,19 +169,21 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, s
             plgpu.SMEM((stages, BLOCK, head_dim), jnp.bfloat16, transforms=TILED),
             plgpu.SMEM((stages, BLOCK), jnp.float32),
             plgpu.SMEM((stages, BLOCK), jnp.float32),
-            plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),
-            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32),
+            plgpu.SMEM((stages, BLOCK), jnp.int32),
+            plgpu.Barrier(num_arrivals=2 + segmented, num_barriers=COMPUTE_WGS),
+            plgpu.Barrier(num_arrivals=2 + segmented, num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         ],
         interpret=interpret)
-    return kernel(shift, q, k, v, do, _finite_lse(lse), delta)
+    return kernel(shift, q, k, v, do, _finite_lse(lse), delta, q_seg, kv_seg)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "kv_valid", "scale", "stages", "interpret"))
-def dq_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, scale: float, stages: int = 2,
-              interpret=None):
+@functools.partial(jax.jit, static_argnames=("causal", "segmented", "kv_valid", "scale", "stages", "interpret"))
+def dq_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, segmented: bool, kv_valid: int,
+              scale: float, stages: int = 2, interpret=None):
     """-> dq: [batch, q_len, heads, head_dim] bf16; arguments as for dkv_kernel."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -183,13 +195,13 @@ def dq_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, sc
     tt = functools.partial(times_transposed, compiled)
     acc_add = functools.partial(accumulate_product, compiled)
 
-    def body(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-             q_s, do_s, lse_s, delta_s, k_s, v_s, own_bar, k_bar, v_bar, k_free, v_free):
+    def body(shift_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dq_ref,
+             q_s, do_s, lse_s, delta_s, qseg_s, k_s, v_s, kvseg_s, own_bar, k_bar, v_bar, k_free, v_free):
         head, tile, b = lax.axis_index("heads"), lax.axis_index("tile"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         kv_head = head // (heads // kv_heads)
         tile_base = tile * TILE
-        mask = Mask(causal, kv_valid, load_shift(shift_ref))
+        mask = Mask(causal, kv_valid, load_shift(shift_ref), segmented)
         _, cta_blocks = mask.key_blocks(tile_base, TILE, BLOCK)
 
         @pl.when(wg == COMPUTE_WGS)
@@ -197,6 +209,8 @@ def dq_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, sc
             def fetch(j, slot):
                 rows = pl.ds(j * BLOCK, BLOCK)
                 plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_s.at[slot], k_bar.at[slot])
+                if segmented:
+                    plgpu.copy_gmem_to_smem(kvseg_ref.at[b, rows], kvseg_s.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[slot], v_bar.at[slot])
 
             for j in range(stages):
@@ -218,20 +232,23 @@ def dq_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, sc
         def _consumer():
             q_base = tile_base + wg * BLOCK_Q
             rows = pl.ds(q_base, BLOCK_Q)
-            for src, dst in ((q_ref.at[b, rows, head], q_s), (do_ref.at[b, rows, head], do_s),
-                             (lse_ref.at[b, head, rows], lse_s), (delta_ref.at[b, head, rows], delta_s)):
+            own = [(q_ref.at[b, rows, head], q_s), (do_ref.at[b, rows, head], do_s),
+                   (lse_ref.at[b, head, rows], lse_s), (delta_ref.at[b, head, rows], delta_s)]
+            for src, dst in own + ([(qseg_ref.at[b, rows], qseg_s)] if segmented else []):
                 plgpu.copy_gmem_to_smem(src, dst.at[wg], own_bar.at[wg])
             plgpu.barrier_wait(own_bar.at[wg])
             lse = lax.broadcast_in_dim(_vector(compiled, lse_s.at[wg], 1) * LOG2_E, (BLOCK_Q, BLOCK), [0])
             delta = lax.broadcast_in_dim(_vector(compiled, delta_s.at[wg], 1), (BLOCK_Q, BLOCK), [0])
             unmasked_to, visible_to = mask.key_blocks(q_base, BLOCK_Q, BLOCK)
+            q_ids = block_segments(compiled, qseg_s.at[wg], 1, (BLOCK_Q, BLOCK)) if segmented else None
 
             def step(j, dq, masked=False):
                 slot = lax.rem(j, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 s = tt(q_s.at[wg], k_s.at[slot]) * c
                 if masked:
-                    s = jnp.where(mask.visible(q_base + iota(0), j * BLOCK + iota(1)), s, -jnp.inf)
+                    kv_ids = block_segments(compiled, kvseg_s.at[slot], 0, (BLOCK_Q, BLOCK)) if segmented else None
+                    s = jnp.where(mask.visible(q_base + iota(0), j * BLOCK + iota(1), q_ids, kv_ids), s, -jnp.inf)
                 p = jnp.exp2(s - lse)
                 plgpu.barrier_wait(v_bar.at[slot])
                 dp = tt(do_s.at[wg], v_s.at[slot])
@@ -265,51 +282,57 @@ def dq_kernel(shift, q, k, v, do, lse, delta, *, causal: bool, kv_valid: int, sc
             plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), jnp.bfloat16, transforms=TILED),
             plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
             plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32),
             plgpu.SMEM((stages, BLOCK, head_dim), jnp.bfloat16, transforms=TILED),
             plgpu.SMEM((stages, BLOCK, head_dim), jnp.bfloat16, transforms=TILED),
-            plgpu.Barrier(num_arrivals=4, num_barriers=COMPUTE_WGS),
-            plgpu.Barrier(num_barriers=stages),
+            plgpu.SMEM((stages, BLOCK), jnp.int32),
+            plgpu.Barrier(num_arrivals=4 + segmented, num_barriers=COMPUTE_WGS),
+            plgpu.Barrier(num_arrivals=1 + segmented, num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         ],
         interpret=interpret)
-    return kernel(shift, q, k, v, do, _finite_lse(lse), delta)
+    return kernel(shift, q, k, v, do, _finite_lse(lse), delta, q_seg, kv_seg)
 
 
-def flash_attention(q, k, v, *, causal: bool = False, scale: float | None = None, q_offset=0, kv_offset=0,
-                    interpret=None):
+def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, scale: float | None = None, q_offset=0,
+                    kv_offset=0, interpret=None):
     """(out, lse) as `flash_forward`, differentiable in q, k and v through both (lse's cotangent too)."""
     _check(q, k, v, causal, 128)
     if q.shape[-1] > 128:
         raise ValueError(f"q: the backward kernels take head_dim up to 128 (shared memory), got {q.shape[-1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     shift = jnp.reshape(jnp.asarray(q_offset, jnp.int32) - jnp.asarray(kv_offset, jnp.int32), (1,))
+    segmented = segment_ids is not None
+    segments = with_segments(segment_ids, q.shape[0], q.shape[1], k.shape[1])
 
     @jax.custom_vjp
-    def attend(q, k, v, shift):
-        return flash_forward(q, k, v, causal=causal, scale=scale, q_offset=shift[0], interpret=interpret)
+    def attend(q, k, v, shift, segments):
+        return flash_forward(q, k, v, causal=causal, segment_ids=segments if segmented else None, scale=scale,
+                             q_offset=shift[0], interpret=interpret)
 
-    def attend_fwd(q, k, v, shift):
-        out, lse = attend(q, k, v, shift)
-        return (out, lse), (q, k, v, shift, out, lse)
+    def attend_fwd(q, k, v, shift, segments):
+        out, lse = attend(q, k, v, shift, segments)
+        return (out, lse), (q, k, v, shift, segments, out, lse)
 
     def attend_bwd(residuals, cotangents):
-        q, k, v, shift, out, lse = residuals
+        q, k, v, shift, segments, out, lse = residuals
         do, dlse = cotangents
         q_len, (batch, kv_len, kv_heads, head_dim) = q.shape[1], k.shape
         do = do.astype(jnp.bfloat16)
         # delta − dlse: lse's cotangent enters dS = P ⊙ (dP − delta + dlse) (∂lse/∂s = P)
         delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32)) - dlse
-        padded = [pad_to(x, TILE) for x in (q, k, v, do)] + [pad_to(lse, TILE, 2), pad_to(delta, TILE, 2)]
-        options = dict(causal=causal, kv_valid=kv_len, scale=scale, interpret=interpret)
+        padded = ([pad_to(x, TILE) for x in (q, k, v, do)] + [pad_to(lse, TILE, 2), pad_to(delta, TILE, 2)]
+                  + [pad_to(ids, TILE) for ids in segments])
+        options = dict(causal=causal, segmented=segmented, kv_valid=kv_len, scale=scale, interpret=interpret)
         dq = dq_kernel(shift, *padded, **options)[:, :q_len]
         dk, dv = (x[:, :kv_len] for x in dkv_kernel(shift, *padded, **options))
         group = q.shape[2] // kv_heads
 
         def per_kv_head(x):  # [batch, kv_len, heads, d] -> summed over each group of query heads
             return x.reshape(batch, kv_len, kv_heads, group, head_dim).astype(jnp.float32).sum(3).astype(k.dtype)
-        return dq, per_kv_head(dk), per_kv_head(dv), None
+        return dq, per_kv_head(dk), per_kv_head(dv), None, None
 
     attend.defvjp(attend_fwd, attend_bwd)
-    return attend(q, k, v, shift)
+    return attend(q, k, v, shift, segments)

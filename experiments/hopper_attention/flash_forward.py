@@ -1,7 +1,7 @@
 """Prototype (issue #4): the flash-attention forward pass as a Pallas Mosaic GPU (Hopper) kernel.
 
 Not wired into `longseq.ops` yet: bf16, head_dim a multiple of 64 (up to 256), any q_len and kv_len (padded to
-tiles inside, the padding masked), causal or not with global offsets (traced or not), GQA. It is here to be
+tiles inside, the padding masked), causal or not with global offsets (traced or not), segment ids, GQA. It is here to be
 timed beside cuDNN on the GPU before it takes the place of the portable kernel on Hopper.
 
 Shapes (longseq's layout): q: [batch, q_len, heads, head_dim], k, v: [batch, kv_len, kv_heads, head_dim] ->
@@ -99,15 +99,19 @@ def _ceil_div(a, b: int):
 
 
 class Mask(NamedTuple):
-    """Which (query, key) pairs are visible: keys before kv_valid (the rest is padding), and with causal the keys
-    at global position kv_offset + j <= q_offset + i, i.e. j <= i + shift with shift = q_offset − kv_offset."""
+    """Which (query, key) pairs are visible: keys before kv_valid (the rest is padding); with causal the keys
+    at global position kv_offset + j <= q_offset + i, i.e. j <= i + shift with shift = q_offset − kv_offset;
+    with segmented the keys of the query's segment (then every visible block is masked)."""
     causal: bool
     kv_valid: int
     shift: object = 0   # int, or a traced int32 scalar
+    segmented: bool = False
 
-    def visible(self, q_pos, kv_pos):
+    def visible(self, q_pos, kv_pos, q_seg=None, kv_seg=None):
         seen = kv_pos < self.kv_valid
-        return seen & (kv_pos <= q_pos + self.shift) if self.causal else seen
+        if self.causal:
+            seen = seen & (kv_pos <= q_pos + self.shift)
+        return seen & (q_seg == kv_seg) if self.segmented else seen
 
     def key_blocks(self, q_first, q_rows: int, block: int):
         """For the queries [q_first, q_first + q_rows) over key blocks of `block` rows: (unmasked_to, visible_to):
@@ -116,12 +120,14 @@ class Mask(NamedTuple):
         if self.causal:
             visible_to = jnp.minimum(visible_to, _ceil_div(q_first + q_rows + self.shift, block))
             unmasked_to = jnp.minimum(unmasked_to, _floor_div(q_first + self.shift + 1, block))
+        if self.segmented:
+            unmasked_to = 0
         return jnp.minimum(unmasked_to, visible_to), visible_to
 
     def query_blocks(self, kv_first, kv_rows: int, block: int, blocks: int):
         """For the keys [kv_first, kv_first + kv_rows) over `blocks` query blocks of `block` rows: (first,
         unmasked_from): blocks [0, first) do not see them, [first, unmasked_from) in part, the rest whole."""
-        padded = kv_first + kv_rows > self.kv_valid
+        padded = (kv_first + kv_rows > self.kv_valid) | self.segmented
         first = jnp.where(kv_first >= self.kv_valid, blocks, 0)
         unmasked_from = jnp.where(padded, blocks, first)
         if self.causal:
@@ -152,6 +158,20 @@ def _check(q, k, v, causal, block_kv):
         raise ValueError(f"block_kv: expected 64 or 128, got {block_kv}")
 
 
+def block_segments(compiled: bool, ref, axis: int, shape):
+    """A block's segment ids from shared memory ([rows] or [cols] int32), broadcast to `shape` along the other axis
+    (axis 1: one id per row, 0: one per column) in the accumulator's layout."""
+    ids = ref[...] if not compiled else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+    return lax.broadcast_in_dim(ids, shape, [1 - axis])
+
+
+def with_segments(segment_ids_pair, batch, q_len, kv_len):
+    """(q_ids [batch, q_len], kv_ids [batch, kv_len]) int32: the given pair, or zeros (one segment)."""
+    if segment_ids_pair is None:
+        return jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32)
+    return tuple(jnp.asarray(x, jnp.int32) for x in segment_ids_pair)
+
+
 def load_shift(shift_ref):
     """q_offset − kv_offset from its [1] int32 input."""
     return shift_ref[0]
@@ -163,17 +183,20 @@ def safe_max(m):
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "block_kv", "stages", "interpret"))
-def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, q_offset=0, kv_offset=0,
-                  block_kv: int = 128, stages: int = 2, interpret=None):
-    """(out, lse) of softmax(scale · q kᵀ, masked) v; shapes in the module docstring. q_offset, kv_offset: global
-    positions of q[:, 0] and k[:, 0] (ints or traced int32 scalars), used by causal. A query that sees no key
-    gets out = 0 and lse = −inf."""
+def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: float | None = None, q_offset=0,
+                  kv_offset=0, block_kv: int = 128, stages: int = 2, interpret=None):
+    """(out, lse) of softmax(scale · q kᵀ, masked) v; shapes in the module docstring. segment_ids: None or (q_ids
+    [batch, q_len], kv_ids [batch, kv_len]) integers: a query sees only keys of its segment. q_offset, kv_offset:
+    global positions of q[:, 0] and k[:, 0] (ints or traced int32 scalars), used by causal. A query that sees no
+    key gets out = 0 and lse = −inf."""
     _check(q, k, v, causal, block_kv)
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
+    segmented = segment_ids is not None
     tile_q = COMPUTE_WGS * BLOCK_Q
-    q = pad_to(q, tile_q)
-    k, v = pad_to(k, block_kv), pad_to(v, block_kv)
+    q_seg, kv_seg = with_segments(segment_ids, batch, q_len, kv_len)
+    q, q_seg = pad_to(q, tile_q), pad_to(q_seg, tile_q)
+    k, v, kv_seg = pad_to(k, block_kv), pad_to(v, block_kv), pad_to(kv_seg, block_kv)
     shift = jnp.reshape(jnp.asarray(q_offset, jnp.int32) - jnp.asarray(kv_offset, jnp.int32), (1,))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     exponent_scale = scale * LOG2_E   # exp(scale · s) = exp2(exponent_scale · s)
@@ -185,13 +208,13 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
     scores = functools.partial(times_transposed, compiled)
     accumulate = functools.partial(accumulate_product, compiled)
 
-    def body(shift_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_s, k_s, v_s, lse_s, q_bar, k_bar, v_bar, k_free,
-             v_free):
+    def body(shift_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, q_s, k_s, v_s, lse_s, qseg_s,
+             kvseg_s, q_bar, k_bar, v_bar, k_free, v_free):
         head, tile, b = lax.axis_index("heads"), lax.axis_index("q_tile"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         kv_head = head // (heads // kv_heads)
         tile_base = tile * tile_q
-        mask = Mask(causal, kv_len, load_shift(shift_ref))
+        mask = Mask(causal, kv_len, load_shift(shift_ref), segmented)
         _, cta_blocks = mask.key_blocks(tile_base, tile_q, block_kv)   # the blocks any query of the tile sees
 
         @pl.when(wg == COMPUTE_WGS)
@@ -199,6 +222,8 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
             def fetch(step, slot):
                 rows = pl.ds(step * block_kv, block_kv)
                 plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_s.at[slot], k_bar.at[slot])
+                if segmented:
+                    plgpu.copy_gmem_to_smem(kvseg_ref.at[b, rows], kvseg_s.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[slot], v_bar.at[slot])
 
             for slot in range(stages):
@@ -221,8 +246,12 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
             q_base = tile_base + wg * BLOCK_Q
             q_tile = q_s.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, BLOCK_Q), head], q_tile, q_bar.at[wg])
+            if segmented:
+                plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(q_base, BLOCK_Q)], qseg_s.at[wg], q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             unmasked_to, visible_to = mask.key_blocks(q_base, BLOCK_Q, block_kv)
+            shape = (BLOCK_Q, block_kv)
+            q_ids = block_segments(compiled, qseg_s.at[wg], 1, shape) if segmented else None
 
             def step(i, carry, masked=False):
                 acc, m, l = carry
@@ -231,7 +260,8 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
                 s = scores(q_tile, k_s.at[slot]) * exponent_scale
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
-                    s = jnp.where(mask.visible(q_base + iota(0), i * block_kv + iota(1)), s, -jnp.inf)
+                    kv_ids = block_segments(compiled, kvseg_s.at[slot], 0, shape) if segmented else None
+                    s = jnp.where(mask.visible(q_base + iota(0), i * block_kv + iota(1), q_ids, kv_ids), s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - safe_max(m_new))
                 p = jnp.exp2(s - lax.broadcast_in_dim(safe_max(m_new), s.shape, [0]))
@@ -277,12 +307,14 @@ def flash_forward(q, k, v, *, causal: bool = False, scale: float | None = None, 
             plgpu.SMEM((stages, block_kv, head_dim), jnp.bfloat16, transforms=tiled),
             plgpu.SMEM((stages, block_kv, head_dim), jnp.bfloat16, transforms=tiled),
             plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.float32),
-            plgpu.Barrier(num_barriers=COMPUTE_WGS),
-            plgpu.Barrier(num_barriers=stages),
+            plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32),
+            plgpu.SMEM((stages, block_kv), jnp.int32),
+            plgpu.Barrier(num_arrivals=1 + segmented, num_barriers=COMPUTE_WGS),
+            plgpu.Barrier(num_arrivals=1 + segmented, num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         ],
         interpret=interpret)
-    out, lse = kernel(shift, q, k, v)
+    out, lse = kernel(shift, q, k, v, q_seg, kv_seg)
     return out[:, :q_len], lse[:, :, :q_len]

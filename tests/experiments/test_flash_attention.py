@@ -31,10 +31,15 @@ def test_forward_matches_the_reference():
     assert float(jnp.abs(lse - want_lse).max()) < 1e-3
 
 
-def test_causal_forward_and_gradients_match_the_reference(q_len=130, kv_len=190, q_offset=150, kv_offset=100):
+@pytest.mark.parametrize("segmented", [False, True])
+def test_causal_forward_and_gradients_match_the_reference(segmented, q_len=130, kv_len=190, q_offset=150,
+                                                          kv_offset=100):
     """(out, lse) and the gradients of both (lse's cotangent too) against the reference, GQA. Tails padded inside
     (two tiles each way), traced global offsets: blocks unmasked, masked and skipped in all three kernels, and
-    keys that no query sees."""
+    keys that no query sees; with segment ids, packed sequences (queries that see no key among them)."""
+    segment_ids = None
+    if segmented:
+        segment_ids = (jnp.arange(q_len)[None] // 50, jnp.arange(kv_len)[None] // 70)
     q = _inputs(1, q_len, 2, 2, 64, seed=1)[0]
     _, k, v = _inputs(1, kv_len, 2, 1, 64, seed=2)
     do = _inputs(1, q_len, 2, 2, 64, seed=3)[0]
@@ -46,9 +51,11 @@ def test_causal_forward_and_gradients_match_the_reference(q_len=130, kv_len=190,
         return out, lse, pullback((do.astype(out.dtype), dlse))
 
     out, lse, grads = vjp(lambda q, k, v, a, b: flash_backward.flash_attention(
-        q, k, v, causal=True, q_offset=a, kv_offset=b, interpret=flash_backward.interpret_params()), q, k, v)
+        q, k, v, causal=True, segment_ids=segment_ids, q_offset=a, kv_offset=b,
+        interpret=flash_backward.interpret_params()), q, k, v)
     want, want_lse, want_grads = vjp(lambda q, k, v, a, b: attention(
-        q, k, v, causal=True, q_offset=a, kv_offset=b, impl="reference"), *(x.astype(jnp.float32) for x in (q, k, v)))
+        q, k, v, causal=True, segment_ids=segment_ids, q_offset=a, kv_offset=b, impl="reference"),
+        *(x.astype(jnp.float32) for x in (q, k, v)))
     assert float(jnp.abs(out.astype(jnp.float32) - want).max()) < 2e-2
     assert bool(jnp.all(jnp.isfinite(lse) == jnp.isfinite(want_lse)))
     assert float(jnp.abs(jnp.where(jnp.isfinite(want_lse), lse - want_lse, 0.0)).max()) < 1e-3
@@ -63,7 +70,11 @@ def test_lowers_for_cuda(causal):
     k = jax.ShapeDtypeStruct((2, 4096, 4, 128), jnp.bfloat16)
     forward = functools.partial(flash_forward.flash_forward, causal=causal)
     assert "mosaic_gpu" in jax.export.export(jax.jit(forward), platforms=["cuda"])(q, k, k).mlir_module()
-    grad = jax.grad(lambda q, k, v: jnp.sum(flash_backward.flash_attention(q, k, v, causal=causal)[0]), (0, 1, 2))
+    ids = (jnp.zeros((2, 4096), jnp.int32),) * 2 if causal else None  # segment ids with causal, none without
+
+    def loss(q, k, v):
+        return jnp.sum(flash_backward.flash_attention(q, k, v, causal=causal, segment_ids=ids)[0])
+    grad = jax.grad(loss, (0, 1, 2))
     assert jax.export.export(jax.jit(grad), platforms=["cuda"])(q, k, k).mlir_module().count("mosaic_gpu") >= 3
 
 
