@@ -1,8 +1,8 @@
 """Prototype (issue #4): the flash-attention backward pass as two Pallas Mosaic GPU (Hopper) kernels, and
 `flash_attention`, forward (flash_forward.py) and backward as one differentiable function.
 
-Shapes as in flash_forward.py. With P = exp(scale · q kᵀ − lse) (masked), dP = dO vᵀ, delta = Σ_d dO ⊙ O per query
-and dS = P ⊙ (dP − delta):
+Shapes as in flash_forward.py. With P = exp(scale · q kᵀ − lse) (masked), dP = dO vᵀ, delta = Σ_d dO ⊙ O per
+query and dS = P ⊙ (dP − delta):
 
     dV = Pᵀ dO        dK = scale · dSᵀ q        dQ = scale · dS k
 

@@ -14,9 +14,9 @@ One CTA per (head, tile of 128 queries, batch element), three warpgroups:
   online softmax in registers in base 2 (the scale and log2(e) folded into one multiply), then O += P V by
   wgmma with P as the A operand from registers.
 Blocks a warpgroup sees whole run without a mask, blocks it sees in part with one, and blocks it does not see
-at all (`Mask`) are skipped. Every consumer waits on every block's barriers and releases every block in order, even the blocks a causal
-mask hides from it entirely (it skips their math): a barrier's phases are tracked by parity, so no waiter may
-fall a phase behind and no arrival may run a phase ahead.
+at all (`Mask`) are skipped. Every consumer waits on every block's barriers and releases every block in order,
+even the blocks it skips: a barrier's phases are tracked by parity, so no waiter may fall a phase behind and no
+arrival may run a phase ahead.
 
 `interpret=interpret_params()` runs it in the Pallas GPU interpreter on CPU, which has no transposed refs and
 no A operand in registers: there the two products are jnp.dot on the shared-memory tiles, and everything else
