@@ -30,8 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_forward import (BLOCK_Q, COMPUTE_WGS, LOG2_E, ROWS, Mask, _check, accumulate_product, block_iota,
-                           block_segments, flash_forward, interpret_params, load_shift, pad_to, times_transposed,
-                           to_layout, with_segments)
+                           block_segments, flash_forward, interpret_params, load_shift, pad_to, run_blocks,
+                           times_transposed, to_layout, with_segments)
 
 BLOCK = 64                      # rows of a streamed block (queries in dkv_kernel, keys in dq_kernel)
 TILE = COMPUTE_WGS * BLOCK_Q    # rows a CTA owns
@@ -53,8 +53,9 @@ def _finite_lse(lse):
     return jnp.where(lse == -jnp.inf, 0.0, lse)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "segmented", "kv_valid", "scale", "stages", "interpret"))
-def dkv_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, segmented: bool, kv_valid: int,
+@functools.partial(jax.jit, static_argnames=("causal", "segmented", "window", "kv_valid", "scale", "stages",
+                                             "interpret"))
+def dkv_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, segmented: bool, window, kv_valid: int,
                scale: float, stages: int = 2, interpret=None):
     """-> (dk, dv): [batch, kv_len, heads, head_dim] bf16, per query head (summed over a GQA group by the caller).
     q_len and kv_len multiples of 128 (padded by the caller); keys at or past kv_valid are padding; shift: [1]
@@ -76,8 +77,9 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, s
         wg = lax.axis_index("wg")
         kv_head = head // (heads // kv_heads)
         tile_base = tile * TILE
-        mask = Mask(causal, kv_valid, load_shift(shift_ref), segmented)
-        cta_first, _ = mask.query_blocks(tile_base, TILE, BLOCK, q_blocks)  # earlier query blocks see no key of it
+        mask = Mask(causal, kv_valid, load_shift(shift_ref), segmented, window)
+        tile_blocks = mask.query_blocks(tile_base, TILE, BLOCK, q_blocks)  # what any key of the tile sees
+        first, last = tile_blocks.start, tile_blocks.end
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
@@ -91,19 +93,19 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, s
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_s.at[slot], do_bar.at[slot])
 
             for j in range(stages):
-                pl.when(cta_first + j < q_blocks)(functools.partial(fetch, cta_first + j, j))
+                pl.when(first + j < last)(functools.partial(fetch, first + j, j))
 
-            @pl.loop(cta_first + stages, q_blocks)
+            @pl.loop(first + stages, last)
             def _(i):
-                slot = lax.rem(i - cta_first, stages)
+                slot = lax.rem(i - first, stages)
                 plgpu.barrier_wait(q_free.at[slot])
                 plgpu.barrier_wait(do_free.at[slot])
                 fetch(i, slot)
 
-            @pl.loop(jnp.maximum(q_blocks - stages, cta_first), q_blocks)
+            @pl.loop(jnp.maximum(last - stages, first), last)
             def _(i):  # the last blocks' releases
-                plgpu.barrier_wait(q_free.at[lax.rem(i - cta_first, stages)])
-                plgpu.barrier_wait(do_free.at[lax.rem(i - cta_first, stages)])
+                plgpu.barrier_wait(q_free.at[lax.rem(i - first, stages)])
+                plgpu.barrier_wait(do_free.at[lax.rem(i - first, stages)])
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
@@ -114,13 +116,12 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, s
             if segmented:
                 plgpu.copy_gmem_to_smem(kvseg_ref.at[b, rows], kvseg_s.at[wg], own_bar.at[wg])
             plgpu.barrier_wait(own_bar.at[wg])
-            first, unmasked_from = mask.query_blocks(kv_base, BLOCK_Q, BLOCK, q_blocks)
             shape = (BLOCK_Q, BLOCK)   # [keys, queries]
             kv_ids = block_segments(compiled, kvseg_s.at[wg], 1, shape) if segmented else None
 
             def step(i, carry, masked=False):
                 dk, dv = carry
-                slot = lax.rem(i - cta_first, stages)
+                slot = lax.rem(i - first, stages)
                 plgpu.barrier_wait(q_bar.at[slot])
                 s_t = tt(k_s.at[wg], q_s.at[slot]) * c                         # [keys, queries]
                 if masked:
@@ -140,16 +141,15 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, s
                 return dk, dv
 
             def skip(i, _):
-                slot = lax.rem(i - cta_first, stages)
+                slot = lax.rem(i - first, stages)
                 plgpu.barrier_wait(q_bar.at[slot])
                 plgpu.barrier_wait(do_bar.at[slot])
                 plgpu.barrier_arrive(do_free.at[slot])
                 plgpu.barrier_arrive(q_free.at[slot])
 
             zero = to_layout(compiled, ROWS, jnp.zeros((BLOCK_Q, head_dim), jnp.float32))
-            lax.fori_loop(cta_first, first, skip, None)
-            carry = lax.fori_loop(first, unmasked_from, functools.partial(step, masked=True), (zero, zero))
-            dk, dv = lax.fori_loop(unmasked_from, q_blocks, step, carry)
+            dk, dv = run_blocks(mask.query_blocks(kv_base, BLOCK_Q, BLOCK, q_blocks), first, last, step, skip,
+                                (zero, zero))
             k_s[wg] = (dk * scale).astype(jnp.bfloat16)   # the own tiles are free after the last products
             v_s[wg] = dv.astype(jnp.bfloat16)
             plgpu.commit_smem()
@@ -181,8 +181,9 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, s
     return kernel(shift, q, k, v, do, _finite_lse(lse), delta, q_seg, kv_seg)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "segmented", "kv_valid", "scale", "stages", "interpret"))
-def dq_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, segmented: bool, kv_valid: int,
+@functools.partial(jax.jit, static_argnames=("causal", "segmented", "window", "kv_valid", "scale", "stages",
+                                             "interpret"))
+def dq_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, segmented: bool, window, kv_valid: int,
               scale: float, stages: int = 2, interpret=None):
     """-> dq: [batch, q_len, heads, head_dim] bf16; arguments as for dkv_kernel."""
     batch, q_len, heads, head_dim = q.shape
@@ -201,8 +202,9 @@ def dq_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, se
         wg = lax.axis_index("wg")
         kv_head = head // (heads // kv_heads)
         tile_base = tile * TILE
-        mask = Mask(causal, kv_valid, load_shift(shift_ref), segmented)
-        _, cta_blocks = mask.key_blocks(tile_base, TILE, BLOCK)
+        mask = Mask(causal, kv_valid, load_shift(shift_ref), segmented, window)
+        tile_blocks = mask.key_blocks(tile_base, TILE, BLOCK, kv_blocks)
+        first, last = tile_blocks.start, tile_blocks.end
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
@@ -214,19 +216,19 @@ def dq_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, se
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[slot], v_bar.at[slot])
 
             for j in range(stages):
-                pl.when(j < cta_blocks)(functools.partial(fetch, j, j))
+                pl.when(first + j < last)(functools.partial(fetch, first + j, j))
 
-            @pl.loop(stages, cta_blocks)
+            @pl.loop(first + stages, last)
             def _(j):
-                slot = lax.rem(j, stages)
+                slot = lax.rem(j - first, stages)
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
                 fetch(j, slot)
 
-            @pl.loop(jnp.maximum(cta_blocks - stages, 0), cta_blocks)
+            @pl.loop(jnp.maximum(last - stages, first), last)
             def _(j):
-                plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
-                plgpu.barrier_wait(v_free.at[lax.rem(j, stages)])
+                plgpu.barrier_wait(k_free.at[lax.rem(j - first, stages)])
+                plgpu.barrier_wait(v_free.at[lax.rem(j - first, stages)])
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
@@ -239,11 +241,10 @@ def dq_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, se
             plgpu.barrier_wait(own_bar.at[wg])
             lse = lax.broadcast_in_dim(_vector(compiled, lse_s.at[wg], 1) * LOG2_E, (BLOCK_Q, BLOCK), [0])
             delta = lax.broadcast_in_dim(_vector(compiled, delta_s.at[wg], 1), (BLOCK_Q, BLOCK), [0])
-            unmasked_to, visible_to = mask.key_blocks(q_base, BLOCK_Q, BLOCK)
             q_ids = block_segments(compiled, qseg_s.at[wg], 1, (BLOCK_Q, BLOCK)) if segmented else None
 
             def step(j, dq, masked=False):
-                slot = lax.rem(j, stages)
+                slot = lax.rem(j - first, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 s = tt(q_s.at[wg], k_s.at[slot]) * c
                 if masked:
@@ -258,16 +259,14 @@ def dq_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, se
                 return dq
 
             def skip(j, _):
-                slot = lax.rem(j, stages)
+                slot = lax.rem(j - first, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
 
             dq = to_layout(compiled, ROWS, jnp.zeros((BLOCK_Q, head_dim), jnp.float32))
-            dq = lax.fori_loop(0, unmasked_to, step, dq)
-            dq = lax.fori_loop(unmasked_to, visible_to, functools.partial(step, masked=True), dq)
-            lax.fori_loop(visible_to, cta_blocks, skip, None)
+            dq = run_blocks(mask.key_blocks(q_base, BLOCK_Q, BLOCK, kv_blocks), first, last, step, skip, dq)
             q_s[wg] = (dq * scale).astype(jnp.bfloat16)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_s.at[wg], dq_ref.at[b, rows, head])
@@ -297,7 +296,7 @@ def dq_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, se
 
 
 def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, scale: float | None = None, q_offset=0,
-                    kv_offset=0, interpret=None):
+                    kv_offset=0, window: int | None = None, interpret=None):
     """(out, lse) as `flash_forward`, differentiable in q, k and v through both (lse's cotangent too)."""
     _check(q, k, v, causal, 128)
     if q.shape[-1] > 128:
@@ -310,7 +309,7 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, scale: f
     @jax.custom_vjp
     def attend(q, k, v, shift, segments):
         return flash_forward(q, k, v, causal=causal, segment_ids=segments if segmented else None, scale=scale,
-                             q_offset=shift[0], interpret=interpret)
+                             q_offset=shift[0], window=window, interpret=interpret)
 
     def attend_fwd(q, k, v, shift, segments):
         out, lse = attend(q, k, v, shift, segments)
@@ -325,7 +324,8 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, scale: f
         delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32)) - dlse
         padded = ([pad_to(x, TILE) for x in (q, k, v, do)] + [pad_to(lse, TILE, 2), pad_to(delta, TILE, 2)]
                   + [pad_to(ids, TILE) for ids in segments])
-        options = dict(causal=causal, segmented=segmented, kv_valid=kv_len, scale=scale, interpret=interpret)
+        options = dict(causal=causal, segmented=segmented, window=window, kv_valid=kv_len, scale=scale,
+                       interpret=interpret)
         dq = dq_kernel(shift, *padded, **options)[:, :q_len]
         dk, dv = (x[:, :kv_len] for x in dkv_kernel(shift, *padded, **options))
         group = q.shape[2] // kv_heads

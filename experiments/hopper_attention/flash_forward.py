@@ -1,7 +1,8 @@
 """Prototype (issue #4): the flash-attention forward pass as a Pallas Mosaic GPU (Hopper) kernel.
 
 Not wired into `longseq.ops` yet: bf16, head_dim a multiple of 64 (up to 256), any q_len and kv_len (padded to
-tiles inside, the padding masked), causal or not with global offsets (traced or not), segment ids, GQA. It is here to be
+tiles inside, the padding masked), causal or not with global offsets (traced or not), segment ids, sliding
+windows, GQA. It is here to be
 timed beside cuDNN on the GPU before it takes the place of the portable kernel on Hopper.
 
 Shapes (longseq's layout): q: [batch, q_len, heads, head_dim], k, v: [batch, kv_len, kv_heads, head_dim] ->
@@ -89,6 +90,9 @@ def accumulate_product(compiled: bool, acc, a, b_tile):
     return pl.run_state(product)(plgpu.ACC.init(acc))
 
 
+FAR = 1 << 30  # farther than any index: the bound of a band that has none
+
+
 def _floor_div(a, b: int):
     """max(a, 0) // b: the floor of a / b clamped at 0 (a may be a traced int32 that is negative)."""
     return jnp.maximum(a, 0) // b
@@ -98,43 +102,84 @@ def _ceil_div(a, b: int):
     return (jnp.maximum(a, 0) + b - 1) // b
 
 
+class Blocks(NamedTuple):
+    """How a warpgroup's rows see the streamed blocks [0, n): [start, unmasked_from) and [unmasked_to, end) in
+    part (masked), [unmasked_from, unmasked_to) whole, the rest not at all (skipped)."""
+    start: object
+    unmasked_from: object
+    unmasked_to: object
+    end: object
+
+
+def band_blocks(lo_first, lo_last, hi_first, hi_last, block: int, blocks: int, whole=True) -> Blocks:
+    """Owned rows r see the streamed indices lo(r) ... hi(r) (inclusive), both rising with r; lo_first, hi_first
+    are the first owned row's bounds, lo_last, hi_last the last's. whole false (a bool or a traced one): no block
+    is seen whole."""
+    start = jnp.minimum(_floor_div(lo_first, block), blocks)
+    end = jnp.clip(_ceil_div(jnp.minimum(hi_last, FAR - 1) + 1, block), start, blocks)
+    unmasked_from = jnp.clip(_ceil_div(lo_last, block), start, end)
+    unmasked_to = jnp.clip(_floor_div(jnp.minimum(hi_first, FAR - 1) + 1, block), unmasked_from, end)
+    return Blocks(start, unmasked_from, jnp.where(whole, unmasked_to, unmasked_from), end)
+
+
 class Mask(NamedTuple):
-    """Which (query, key) pairs are visible: keys before kv_valid (the rest is padding); with causal the keys
-    at global position kv_offset + j <= q_offset + i, i.e. j <= i + shift with shift = q_offset − kv_offset;
-    with segmented the keys of the query's segment (then every visible block is masked)."""
+    """Which (query i, key j) pairs are visible, with d = (q_offset + i) − (kv_offset + j) = i + shift − j:
+    j < kv_valid (the rest is padding); with causal d >= 0; with a window d < window (causal) or |d| < window;
+    with segmented, the same segment (then no block is seen whole)."""
     causal: bool
     kv_valid: int
-    shift: object = 0   # int, or a traced int32 scalar
+    shift: object = 0   # q_offset − kv_offset: an int, or a traced int32 scalar
     segmented: bool = False
+    window: int | None = None
 
     def visible(self, q_pos, kv_pos, q_seg=None, kv_seg=None):
+        d = q_pos + self.shift - kv_pos
         seen = kv_pos < self.kv_valid
         if self.causal:
-            seen = seen & (kv_pos <= q_pos + self.shift)
+            seen = seen & (d >= 0)
+        if self.window is not None:
+            seen = seen & (d < self.window) & (self.causal | (d > -self.window))
         return seen & (q_seg == kv_seg) if self.segmented else seen
 
-    def key_blocks(self, q_first, q_rows: int, block: int):
-        """For the queries [q_first, q_first + q_rows) over key blocks of `block` rows: (unmasked_to, visible_to):
-        blocks [0, unmasked_to) are visible whole, [unmasked_to, visible_to) in part, the rest not at all."""
-        visible_to, unmasked_to = -(-self.kv_valid // block), self.kv_valid // block
-        if self.causal:
-            visible_to = jnp.minimum(visible_to, _ceil_div(q_first + q_rows + self.shift, block))
-            unmasked_to = jnp.minimum(unmasked_to, _floor_div(q_first + self.shift + 1, block))
-        if self.segmented:
-            unmasked_to = 0
-        return jnp.minimum(unmasked_to, visible_to), visible_to
+    def _key_band(self, i):
+        """(lowest, highest) key query i may see."""
+        w = self.window
+        lo = i + self.shift - w + 1 if w is not None else -FAR
+        hi = i + self.shift if self.causal else (i + self.shift + w - 1 if w is not None else FAR)
+        return lo, jnp.minimum(hi, self.kv_valid - 1)
 
-    def query_blocks(self, kv_first, kv_rows: int, block: int, blocks: int):
-        """For the keys [kv_first, kv_first + kv_rows) over `blocks` query blocks of `block` rows: (first,
-        unmasked_from): blocks [0, first) do not see them, [first, unmasked_from) in part, the rest whole."""
-        padded = (kv_first + kv_rows > self.kv_valid) | self.segmented
-        first = jnp.where(kv_first >= self.kv_valid, blocks, 0)
-        unmasked_from = jnp.where(padded, blocks, first)
-        if self.causal:
-            first = jnp.maximum(first, jnp.minimum(blocks, _floor_div(kv_first - self.shift, block)))
-            unmasked_from = jnp.maximum(unmasked_from, jnp.minimum(
-                blocks, _ceil_div(kv_first + kv_rows - 1 - self.shift, block)))
-        return first, jnp.maximum(first, unmasked_from)
+    def key_blocks(self, q_first, q_rows: int, block: int, blocks: int) -> Blocks:
+        """The key blocks of `block` rows as the queries [q_first, q_first + q_rows) see them."""
+        (lo_first, hi_first), (lo_last, hi_last) = self._key_band(q_first), self._key_band(q_first + q_rows - 1)
+        return band_blocks(lo_first, lo_last, hi_first, hi_last, block, blocks, whole=not self.segmented)
+
+    def query_blocks(self, kv_first, kv_rows: int, block: int, blocks: int) -> Blocks:
+        """The query blocks of `block` rows as the keys [kv_first, kv_first + kv_rows) see them (keys past
+        kv_valid are padding, seen by no query)."""
+        w = self.window
+
+        def band(j):  # (lowest, highest) query that sees key j
+            lo = j - self.shift if self.causal else (j - self.shift - w + 1 if w is not None else -FAR)
+            return lo, (j - self.shift + w - 1 if w is not None else FAR)
+
+        (lo_first, hi_first) = band(kv_first)
+        (lo_last, hi_last) = band(jnp.minimum(kv_first + kv_rows, self.kv_valid) - 1)
+        whole = (kv_first + kv_rows <= self.kv_valid) & (not self.segmented)
+        seen = band_blocks(lo_first, lo_last, hi_first, hi_last, block, blocks, whole)
+        end = jnp.where(kv_first >= self.kv_valid, seen.start, seen.end)
+        return Blocks(seen.start, jnp.minimum(seen.unmasked_from, end), jnp.minimum(seen.unmasked_to, end), end)
+
+
+def run_blocks(blocks: Blocks, first, last, step, skip, carry):
+    """The streamed blocks [first, last) in order: skip before blocks.start, step(masked=True) on the parts seen in
+    part, step on the whole ones, skip after blocks.end (a warpgroup keeps every barrier's phases in step)."""
+    blocks = Blocks(*(jnp.clip(x, first, last) for x in blocks))   # a warpgroup that sees nothing stays inside
+    lax.fori_loop(first, blocks.start, skip, None)
+    carry = lax.fori_loop(blocks.start, blocks.unmasked_from, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(blocks.unmasked_from, blocks.unmasked_to, step, carry)
+    carry = lax.fori_loop(blocks.unmasked_to, blocks.end, functools.partial(step, masked=True), carry)
+    lax.fori_loop(blocks.end, last, skip, None)
+    return carry
 
 
 def pad_to(x, multiple: int, axis: int = 1):
@@ -182,13 +227,13 @@ def safe_max(m):
     return jnp.where(m == -jnp.inf, 0.0, m)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "block_kv", "stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "block_kv", "stages", "interpret"))
 def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: float | None = None, q_offset=0,
-                  kv_offset=0, block_kv: int = 128, stages: int = 2, interpret=None):
+                  kv_offset=0, window: int | None = None, block_kv: int = 128, stages: int = 2, interpret=None):
     """(out, lse) of softmax(scale · q kᵀ, masked) v; shapes in the module docstring. segment_ids: None or (q_ids
     [batch, q_len], kv_ids [batch, kv_len]) integers: a query sees only keys of its segment. q_offset, kv_offset:
-    global positions of q[:, 0] and k[:, 0] (ints or traced int32 scalars), used by causal. A query that sees no
-    key gets out = 0 and lse = −inf."""
+    global positions of q[:, 0] and k[:, 0] (ints or traced int32 scalars), used by causal and window. window:
+    None or a sliding window (`Mask`). A query that sees no key gets out = 0 and lse = −inf."""
     _check(q, k, v, causal, block_kv)
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
@@ -214,8 +259,9 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
         wg = lax.axis_index("wg")
         kv_head = head // (heads // kv_heads)
         tile_base = tile * tile_q
-        mask = Mask(causal, kv_len, load_shift(shift_ref), segmented)
-        _, cta_blocks = mask.key_blocks(tile_base, tile_q, block_kv)   # the blocks any query of the tile sees
+        mask = Mask(causal, kv_len, load_shift(shift_ref), segmented, window)
+        tile_blocks = mask.key_blocks(tile_base, tile_q, block_kv, kv_blocks)   # what any query of the tile sees
+        first, last = tile_blocks.start, tile_blocks.end
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
@@ -227,19 +273,19 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
                 plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[slot], v_bar.at[slot])
 
             for slot in range(stages):
-                pl.when(slot < cta_blocks)(functools.partial(fetch, slot, slot))
+                pl.when(first + slot < last)(functools.partial(fetch, first + slot, slot))
 
-            @pl.loop(stages, cta_blocks)
+            @pl.loop(first + stages, last)
             def _(step):
-                slot = lax.rem(step, stages)
+                slot = lax.rem(step - first, stages)
                 plgpu.barrier_wait(k_free.at[slot])  # both consumers are done with block step − stages
                 plgpu.barrier_wait(v_free.at[slot])
                 fetch(step, slot)
 
-            @pl.loop(jnp.maximum(cta_blocks - stages, 0), cta_blocks)
+            @pl.loop(jnp.maximum(last - stages, first), last)
             def _(step):  # the last blocks' releases: every phase of a barrier is observed
-                plgpu.barrier_wait(k_free.at[lax.rem(step, stages)])
-                plgpu.barrier_wait(v_free.at[lax.rem(step, stages)])
+                plgpu.barrier_wait(k_free.at[lax.rem(step - first, stages)])
+                plgpu.barrier_wait(v_free.at[lax.rem(step - first, stages)])
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
@@ -249,13 +295,12 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
             if segmented:
                 plgpu.copy_gmem_to_smem(qseg_ref.at[b, pl.ds(q_base, BLOCK_Q)], qseg_s.at[wg], q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
-            unmasked_to, visible_to = mask.key_blocks(q_base, BLOCK_Q, block_kv)
             shape = (BLOCK_Q, block_kv)
             q_ids = block_segments(compiled, qseg_s.at[wg], 1, shape) if segmented else None
 
             def step(i, carry, masked=False):
                 acc, m, l = carry
-                slot = lax.rem(i, stages)
+                slot = lax.rem(i - first, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 s = scores(q_tile, k_s.at[slot]) * exponent_scale
                 plgpu.barrier_arrive(k_free.at[slot])
@@ -273,7 +318,7 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
                 return acc, m_new, l
 
             def skip(i, _):  # a block this warpgroup does not see: keep the barriers' phases in step
-                slot = lax.rem(i, stages)
+                slot = lax.rem(i - first, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -282,10 +327,8 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
             carry = (wgmma_layout(jnp.zeros((BLOCK_Q, head_dim), jnp.float32)),
                      row_layout(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32)),
                      row_layout(jnp.zeros((BLOCK_Q,), jnp.float32)))
-            carry = lax.fori_loop(0, unmasked_to, step, carry)
-            carry = lax.fori_loop(unmasked_to, visible_to, functools.partial(step, masked=True), carry)
-            lax.fori_loop(visible_to, cta_blocks, skip, None)
-            acc, m, l = carry
+            acc, m, l = run_blocks(mask.key_blocks(q_base, BLOCK_Q, block_kv, kv_blocks), first, last, step, skip,
+                                   carry)
             seen = l > 0
             out = acc / lax.broadcast_in_dim(jnp.where(seen, l, 1.0), acc.shape, [0])
             q_tile[...] = out.astype(jnp.bfloat16)   # Q's tile is free after the last product

@@ -31,31 +31,30 @@ def test_forward_matches_the_reference():
     assert float(jnp.abs(lse - want_lse).max()) < 1e-3
 
 
-@pytest.mark.parametrize("segmented", [False, True])
-def test_causal_forward_and_gradients_match_the_reference(segmented, q_len=130, kv_len=190, q_offset=150,
-                                                          kv_offset=100):
-    """(out, lse) and the gradients of both (lse's cotangent too) against the reference, GQA. Tails padded inside
-    (two tiles each way), traced global offsets: blocks unmasked, masked and skipped in all three kernels, and
-    keys that no query sees; with segment ids, packed sequences (queries that see no key among them)."""
-    segment_ids = None
-    if segmented:
-        segment_ids = (jnp.arange(q_len)[None] // 50, jnp.arange(kv_len)[None] // 70)
+@pytest.mark.parametrize("causal, window, segmented, q_offset, kv_offset", [
+    (True, 70, False, 150, 100),   # blocks skipped, masked, whole, masked, skipped; keys no query sees
+    (False, 50, True, 30, 0),      # a two-sided window over packed sequences: every seen block masked
+])
+def test_forward_and_gradients_match_the_reference(causal, window, segmented, q_offset, kv_offset):
+    """(out, lse) and the gradients of both (lse's cotangent too) against the reference, GQA, tails padded
+    inside (130 queries and 190 keys: two tiles each way), traced global offsets."""
+    q_len, kv_len = 130, 190
+    segment_ids = (jnp.arange(q_len)[None] // 50, jnp.arange(kv_len)[None] // 70) if segmented else None
     q = _inputs(1, q_len, 2, 2, 64, seed=1)[0]
     _, k, v = _inputs(1, kv_len, 2, 1, 64, seed=2)
     do = _inputs(1, q_len, 2, 2, 64, seed=3)[0]
     dlse = jax.random.normal(jax.random.key(4), (1, 2, q_len), jnp.float32)
     offsets = jnp.int32(q_offset), jnp.int32(kv_offset)
+    options = dict(causal=causal, window=window, segment_ids=segment_ids)
 
     def vjp(attend, *args):
         (out, lse), pullback = jax.vjp(lambda q, k, v: attend(q, k, v, *offsets), *args)
         return out, lse, pullback((do.astype(out.dtype), dlse))
 
     out, lse, grads = vjp(lambda q, k, v, a, b: flash_backward.flash_attention(
-        q, k, v, causal=True, segment_ids=segment_ids, q_offset=a, kv_offset=b,
-        interpret=flash_backward.interpret_params()), q, k, v)
+        q, k, v, q_offset=a, kv_offset=b, interpret=flash_backward.interpret_params(), **options), q, k, v)
     want, want_lse, want_grads = vjp(lambda q, k, v, a, b: attention(
-        q, k, v, causal=True, segment_ids=segment_ids, q_offset=a, kv_offset=b, impl="reference"),
-        *(x.astype(jnp.float32) for x in (q, k, v)))
+        q, k, v, q_offset=a, kv_offset=b, impl="reference", **options), *(x.astype(jnp.float32) for x in (q, k, v)))
     assert float(jnp.abs(out.astype(jnp.float32) - want).max()) < 2e-2
     assert bool(jnp.all(jnp.isfinite(lse) == jnp.isfinite(want_lse)))
     assert float(jnp.abs(jnp.where(jnp.isfinite(want_lse), lse - want_lse, 0.0)).max()) < 1e-3
@@ -70,10 +69,11 @@ def test_lowers_for_cuda(causal):
     k = jax.ShapeDtypeStruct((2, 4096, 4, 128), jnp.bfloat16)
     forward = functools.partial(flash_forward.flash_forward, causal=causal)
     assert "mosaic_gpu" in jax.export.export(jax.jit(forward), platforms=["cuda"])(q, k, k).mlir_module()
-    ids = (jnp.zeros((2, 4096), jnp.int32),) * 2 if causal else None  # segment ids with causal, none without
+    ids = (jnp.zeros((2, 4096), jnp.int32),) * 2 if causal else None  # segment ids and a window with causal
+    window = 1024 if causal else None
 
     def loss(q, k, v):
-        return jnp.sum(flash_backward.flash_attention(q, k, v, causal=causal, segment_ids=ids)[0])
+        return jnp.sum(flash_backward.flash_attention(q, k, v, causal=causal, segment_ids=ids, window=window)[0])
     grad = jax.grad(loss, (0, 1, 2))
     assert jax.export.export(jax.jit(grad), platforms=["cuda"])(q, k, k).mlir_module().count("mosaic_gpu") >= 3
 
