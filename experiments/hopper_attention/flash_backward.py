@@ -30,8 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_forward import (BLOCK_Q, COMPUTE_WGS, LOG2_E, ROWS, Mask, _check, accumulate_product, block_iota,
-                           block_segments, flash_forward, interpret_params, load_shift, pad_to, run_blocks,
-                           times_transposed, to_layout, with_segments)
+                           block_segments, flash_forward, interpret_params, kv_fetcher, load_shift, pad_to,
+                           pass_over, produce, run_blocks, times_transposed, to_layout, with_segments)
 
 BLOCK = 64                      # rows of a streamed block (queries in dkv_kernel, keys in dq_kernel)
 TILE = COMPUTE_WGS * BLOCK_Q    # rows a CTA owns
@@ -92,20 +92,7 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, s
                 plgpu.copy_gmem_to_smem(do_ref.at[b, rows, head], do_s.at[slot], do_bar.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, head, rows], delta_s.at[slot], do_bar.at[slot])
 
-            for j in range(stages):
-                pl.when(first + j < last)(functools.partial(fetch, first + j, j))
-
-            @pl.loop(first + stages, last)
-            def _(i):
-                slot = lax.rem(i - first, stages)
-                plgpu.barrier_wait(q_free.at[slot])
-                plgpu.barrier_wait(do_free.at[slot])
-                fetch(i, slot)
-
-            @pl.loop(jnp.maximum(last - stages, first), last)
-            def _(i):  # the last blocks' releases
-                plgpu.barrier_wait(q_free.at[lax.rem(i - first, stages)])
-                plgpu.barrier_wait(do_free.at[lax.rem(i - first, stages)])
+            produce(fetch, first, last, stages, (q_free, do_free))
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
@@ -141,11 +128,7 @@ def dkv_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, s
                 return dk, dv
 
             def skip(i, _):
-                slot = lax.rem(i - first, stages)
-                plgpu.barrier_wait(q_bar.at[slot])
-                plgpu.barrier_wait(do_bar.at[slot])
-                plgpu.barrier_arrive(do_free.at[slot])
-                plgpu.barrier_arrive(q_free.at[slot])
+                pass_over(lax.rem(i - first, stages), ((q_bar, q_free), (do_bar, do_free)))
 
             zero = to_layout(compiled, ROWS, jnp.zeros((BLOCK_Q, head_dim), jnp.float32))
             dk, dv = run_blocks(mask.query_blocks(kv_base, BLOCK_Q, BLOCK, q_blocks), first, last, step, skip,
@@ -208,27 +191,9 @@ def dq_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, se
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
-            def fetch(j, slot):
-                rows = pl.ds(j * BLOCK, BLOCK)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_s.at[slot], k_bar.at[slot])
-                if segmented:
-                    plgpu.copy_gmem_to_smem(kvseg_ref.at[b, rows], kvseg_s.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[slot], v_bar.at[slot])
-
-            for j in range(stages):
-                pl.when(first + j < last)(functools.partial(fetch, first + j, j))
-
-            @pl.loop(first + stages, last)
-            def _(j):
-                slot = lax.rem(j - first, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                fetch(j, slot)
-
-            @pl.loop(jnp.maximum(last - stages, first), last)
-            def _(j):
-                plgpu.barrier_wait(k_free.at[lax.rem(j - first, stages)])
-                plgpu.barrier_wait(v_free.at[lax.rem(j - first, stages)])
+            fetch = kv_fetcher(b, kv_head, BLOCK, segmented, (k_ref, v_ref, kvseg_ref), (k_s, v_s, kvseg_s),
+                               (k_bar, v_bar))
+            produce(fetch, first, last, stages, (k_free, v_free))
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
@@ -259,11 +224,7 @@ def dq_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, *, causal: bool, se
                 return dq
 
             def skip(j, _):
-                slot = lax.rem(j - first, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
-                plgpu.barrier_arrive(k_free.at[slot])
+                pass_over(lax.rem(j - first, stages), ((k_bar, k_free), (v_bar, v_free)))
 
             dq = to_layout(compiled, ROWS, jnp.zeros((BLOCK_Q, head_dim), jnp.float32))
             dq = run_blocks(mask.key_blocks(q_base, BLOCK_Q, BLOCK, kv_blocks), first, last, step, skip, dq)

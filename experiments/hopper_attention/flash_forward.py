@@ -182,6 +182,48 @@ def run_blocks(blocks: Blocks, first, last, step, skip, carry):
     return carry
 
 
+def produce(fetch, first, last, stages: int, frees):
+    """The producer warpgroup's ring: the streamed blocks [first, last) into `stages` slots by fetch(block, slot),
+    a slot refilled once every consumer has released it (each barrier in `frees`); then the last releases
+    are awaited, so that every phase of every barrier is observed."""
+    for slot in range(stages):
+        pl.when(first + slot < last)(functools.partial(fetch, first + slot, slot))
+
+    @pl.loop(first + stages, last)
+    def _(step):
+        slot = lax.rem(step - first, stages)
+        for free in frees:
+            plgpu.barrier_wait(free.at[slot])
+        fetch(step, slot)
+
+    @pl.loop(jnp.maximum(last - stages, first), last)
+    def _(step):
+        for free in frees:
+            plgpu.barrier_wait(free.at[lax.rem(step - first, stages)])
+
+
+def kv_fetcher(b, kv_head, block: int, segmented: bool, refs, slots, loaded):
+    """fetch(step, slot) for `produce`: key block `step` of batch element b and kv head kv_head (its segment ids
+    too, when segmented) into a slot. refs: (k, v, kv segment ids) in HBM; slots: their shared-memory rings;
+    loaded: the (k, v) barriers, the ids arriving with k."""
+    (k_ref, v_ref, kvseg_ref), (k_s, v_s, kvseg_s), (k_bar, v_bar) = refs, slots, loaded
+
+    def fetch(step, slot):
+        rows = pl.ds(step * block, block)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_s.at[slot], k_bar.at[slot])
+        if segmented:
+            plgpu.copy_gmem_to_smem(kvseg_ref.at[b, rows], kvseg_s.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[slot], v_bar.at[slot])
+    return fetch
+
+
+def pass_over(slot, pairs):
+    """A streamed block a consumer does not see: wait for each (loaded, free) barrier pair's block and release it."""
+    for loaded, free in pairs:
+        plgpu.barrier_wait(loaded.at[slot])
+        plgpu.barrier_arrive(free.at[slot])
+
+
 def pad_to(x, multiple: int, axis: int = 1):
     """x zero-padded along `axis` to a multiple of `multiple`."""
     extra = -x.shape[axis] % multiple
@@ -265,27 +307,9 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
-            def fetch(step, slot):
-                rows = pl.ds(step * block_kv, block_kv)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_s.at[slot], k_bar.at[slot])
-                if segmented:
-                    plgpu.copy_gmem_to_smem(kvseg_ref.at[b, rows], kvseg_s.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[slot], v_bar.at[slot])
-
-            for slot in range(stages):
-                pl.when(first + slot < last)(functools.partial(fetch, first + slot, slot))
-
-            @pl.loop(first + stages, last)
-            def _(step):
-                slot = lax.rem(step - first, stages)
-                plgpu.barrier_wait(k_free.at[slot])  # both consumers are done with block step − stages
-                plgpu.barrier_wait(v_free.at[slot])
-                fetch(step, slot)
-
-            @pl.loop(jnp.maximum(last - stages, first), last)
-            def _(step):  # the last blocks' releases: every phase of a barrier is observed
-                plgpu.barrier_wait(k_free.at[lax.rem(step - first, stages)])
-                plgpu.barrier_wait(v_free.at[lax.rem(step - first, stages)])
+            fetch = kv_fetcher(b, kv_head, block_kv, segmented, (k_ref, v_ref, kvseg_ref), (k_s, v_s, kvseg_s),
+                               (k_bar, v_bar))
+            produce(fetch, first, last, stages, (k_free, v_free))
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
@@ -318,11 +342,7 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
                 return acc, m_new, l
 
             def skip(i, _):  # a block this warpgroup does not see: keep the barriers' phases in step
-                slot = lax.rem(i - first, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
-                plgpu.barrier_arrive(k_free.at[slot])
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
+                pass_over(lax.rem(i - first, stages), ((k_bar, k_free), (v_bar, v_free)))
 
             carry = (wgmma_layout(jnp.zeros((BLOCK_Q, head_dim), jnp.float32)),
                      row_layout(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32)),
