@@ -50,18 +50,22 @@ def test_kernel_spectrum_is_the_dft_in_the_kernels_order(n, kernel_len):
     assert np.abs(spectrum - want).max() < 1e-5 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("batch, group, ctas, wgs", [
-    (3, 1, 2, 2),  # 3 channels over 4 warpgroups: one gets none
-    (4, 4, 1, 2),  # 3 channels over 2 warpgroups: one gets two, 4 rows per phase
-    (4, 2, 1, 1),
+@pytest.mark.parametrize("batch, group, ctas, wgs, conj_khat", [
+    (3, 1, 2, 2, False),  # 3 channels over 4 warpgroups: one gets none
+    (4, 4, 1, 2, False),  # 3 channels over 2 warpgroups: one gets two, 4 rows per phase
+    (4, 2, 1, 1, True),   # the correlation: y[t] = Σ_s k[s - t] u[s]
 ])
-def test_conv_rows_matches_fft(batch, group, ctas, wgs):
+def test_conv_rows_matches_fft(batch, group, ctas, wgs, conj_khat):
     n = 1024
     u, k, _ = _inputs(n, batch, channels=3, kernel_len=n - 3)  # a kernel shorter than u
-    y = hopper.conv_rows(_rows(u), hopper.kernel_spectrum(k, n), channels=3, group=group, ctas=ctas, wgs=wgs,
-                         interpret=hopper.interpret_params())
+    y = hopper.conv_rows(_rows(u), hopper.kernel_rows(k, n), channels=3, conj_khat=conj_khat, group=group,
+                         ctas=ctas, wgs=wgs, interpret=hopper.interpret_params())
     assert y.shape == (batch * 3, n) and y.dtype == jnp.bfloat16
-    assert _rel_err(y, _rows(_reference(u, k))) < 1e-2
+    if conj_khat:  # the correlation is the convolution of the reversed sequence
+        want = _reference(u[:, ::-1], k)[:, ::-1]
+    else:
+        want = _reference(u, k)
+    assert _rel_err(y, _rows(want)) < 1e-2
 
 
 @pytest.mark.parametrize("seq, batch, kernel_len", [(1000, 4, 1000), (1500, 1, 31)])  # padded to 1024, 2048
@@ -109,9 +113,9 @@ def test_bad_input_is_refused():
         hopper.long_conv_monarch_hopper(u, k)
     rows = _rows(_inputs(1024, batch=3, channels=2, kernel_len=8)[0])
     with pytest.raises(ValueError, match="group: 2 must divide the batch 3"):
-        hopper.conv_rows(rows, jnp.zeros((2, 2, 2, 64, 16)), channels=2, group=2)
+        hopper.conv_rows(rows, jnp.zeros((2, 1024), jnp.bfloat16), channels=2, group=2)
     with pytest.raises(ValueError, match="u: the kernels take n in 1024, 2048, 4096, got 1000"):
-        hopper.conv_rows(rows[:, :1000], jnp.zeros((2, 2, 2, 64, 16)), channels=2)
+        hopper.conv_rows(rows[:, :1000], jnp.zeros((2, 1000), jnp.bfloat16), channels=2)
 
 
 def test_not_selected_off_hopper():

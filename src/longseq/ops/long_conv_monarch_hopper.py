@@ -24,15 +24,17 @@ transposed. The 128 rows of k1 run as two halves of 64 (one wgmma M); the halves
 the last stage, which accumulates both. Complex values are (re, im) planes; the right multiplies need
 −Im F2 as a third matrix because a wgmma cannot negate.
 
-`conv_rows`: persistent CTAs (one per SM) of 2 warpgroups. A warpgroup takes one channel at a time, with
-its K̂ in shared memory, and puts `group` rows of it (batch elements) through each phase together, one
-wait per phase for all of them: a phase's fixed cost (0.15–0.6 µs on an H200) is what bounds a lone row.
-The next rows of u are prefetched by TMA while the current ones compute; the twiddles and K̂ are bf16 in
-shared memory (which makes room for the second warpgroup at n = 4096).
+`conv_rows`: persistent CTAs (one per SM) of 2 warpgroups. A warpgroup takes one channel at a time: it
+makes the channel's K̂ from k's row by the first two phases (Y1, Z) into shared memory, then puts `group`
+rows of the channel (batch elements) through each phase together, one wait per phase for all of them: a
+phase's fixed cost (0.15–0.6 µs on an H200) is what bounds a lone row. The next rows of u are prefetched by
+TMA while the current ones compute; the twiddles and K̂ are bf16 in shared memory (which makes room for the
+second warpgroup at n = 4096).
 
 The backward (custom_vjp): du is `conv_rows` on dy with conj(K̂) (the correlation with k); K̂'s cotangent
 Σ_b (Re, −Im) Û_b ⊙ conj(D̂_b) is `spectrum_cotangent`, which puts u's and dy's rows through the first two
-phases and sums over the batch in registers; k's cotangent comes from the transpose of `kernel_spectrum` (an FFT).
+phases and sums over the batch in registers; k's cotangent is the transpose of `kernel_spectrum` (the same
+K̂ by jnp.fft: K̂ is linear in k) applied to it.
 """
 
 from __future__ import annotations
@@ -111,8 +113,8 @@ def constants(n: int):
 
 def kernel_spectrum(k: Array, n: int) -> Array:
     """k: [channels, kernel_len <= n] -> K̂: [channels, re/im, half, 64, r2] float32 in the kernels' order
-    (index k1 + 128·k2), 1/L folded in. By jnp.fft: on an H200 it took 0.05–0.12 ms at 768 channels and
-    n = 1K–4K, against 0.07–0.18 ms for the kernels' own two factors as XLA matmuls."""
+    (index k1 + 128·k2), 1/L folded in, by jnp.fft: what `conv_rows` makes in shared memory (there in bf16).
+    The backward takes its transpose for k's cotangent."""
     length = 2 * n
     r2 = length // R1
     spectrum = jnp.fft.fft(k.astype(jnp.float32), length, axis=-1) / length  # index k1 + 128·k2
@@ -195,12 +197,21 @@ def _check_rows(u, channels: int, group: int):
 # Kernels
 
 
-@functools.partial(jax.jit, static_argnames=("channels", "group", "ctas", "wgs", "interpret"))
-def conv_rows(u, khat, *, channels: int, group: int = 1, ctas: int = 132, wgs: int = WARPGROUPS, interpret=None):
-    """y = the causal convolution of each row with its channel's kernel, by K̂.
+def kernel_rows(k: Array, n: int) -> Array:
+    """k: [channels, kernel_len <= n] -> [channels, n] bf16: k zero-padded to n and divided by L = 2n (a power
+    of two, so exactly), the kernels' input from which `conv_rows` makes K̂ itself."""
+    return (jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n - k.shape[1]))) / (2 * n)).astype(jnp.bfloat16)
 
-    u: [rows, n] bf16, rows = batch · channels, batch divisible by group; khat: `kernel_spectrum(k, n)` ->
-    y: [rows, n] bf16. `ctas` persistent CTAs of `wgs` warpgroups; interpret: `interpret_params()` on CPU.
+
+@functools.partial(jax.jit, static_argnames=("channels", "conj_khat", "group", "ctas", "wgs", "interpret"))
+def conv_rows(u, k_rows, *, channels: int, conj_khat: bool = False, group: int = 1, ctas: int = 132,
+              wgs: int = WARPGROUPS, interpret=None):
+    """y = the causal convolution of each row with its channel's kernel (with conj_khat: the correlation).
+
+    u: [rows, n] bf16, rows = batch · channels, batch divisible by group; k_rows: `kernel_rows(k, n)` ->
+    y: [rows, n] bf16. A warpgroup makes its channel's K̂ (or conj(K̂)) from k_rows by the first two phases
+    of the transform, into shared memory, before the channel's rows. `ctas` persistent CTAs of `wgs`
+    warpgroups; interpret: `interpret_params()` on CPU.
     """
     _check_rows(u, channels, group)
     rows, n = u.shape
@@ -210,10 +221,10 @@ def conv_rows(u, khat, *, channels: int, group: int = 1, ctas: int = 132, wgs: i
     ctas = min(ctas, -(-channels // wgs))
     transposed_g1 = interpret is None
     f1c, twc, f2c, g1c = constants(n)
-    twc, khat = twc.astype(jnp.bfloat16), khat.astype(jnp.bfloat16)
+    twc = twc.astype(jnp.bfloat16)
     load, matmuls = _wgmma_helpers(r2, interpret)
 
-    def body(u_ref, kh_ref, f1_ref, tw_ref, f2_ref, g1_ref, y_ref, x_s, f1_s, f2_s, tw_s, y1_s, kh_s, *rest):
+    def body(u_ref, k_ref, f1_ref, tw_ref, f2_ref, g1_ref, y_ref, x_s, f1_s, f2_s, tw_s, y1_s, kh_s, *rest):
         if transposed_g1:
             const_bar, x_bar, k_bar = rest
             g1 = lambda c, half: plgpu.transpose_ref(f1_s.at[c, half], (1, 0))  # noqa: E731
@@ -248,10 +259,20 @@ def conv_rows(u, khat, *, channels: int, group: int = 1, ctas: int = 132, wgs: i
 
             @pl.when(new_channel)
             def _():  # the channel's K̂ (the last block's reads of the previous one are done)
-                for c in range(2):
-                    for half in range(2):
-                        plgpu.copy_gmem_to_smem(kh_ref.at[channel_of(i), c, half], kh_s.at[wg, c, half],
-                                                k_bar.at[wg])
+                k_s = kh_s.at[wg, 0, 0]  # k's row lands in the plane that half 0's real part takes last
+                plgpu.copy_gmem_to_smem(k_ref.at[channel_of(i)], k_s, k_bar.at[wg])
+                plgpu.barrier_wait(k_bar.at[wg])
+                y1 = y1_s.at[wg, 0]
+                for half in (1, 0):
+                    a_re, a_im = matmuls([(f1_s.at[0, half], k_s)], [(f1_s.at[1, half], k_s)])
+                    t_re, t_im = (load(tw_s.at[c, half]).astype(jnp.float32) for c in range(2))
+                    _store_product(y1, a_re, a_im, t_re, t_im)
+                    plgpu.commit_smem()
+                    z_re, z_im = matmuls([(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])],
+                                         [(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])])
+                    kh_s.at[wg, 0, half][...] = z_re.astype(jnp.bfloat16)
+                    kh_s.at[wg, 1, half][...] = (-z_im if conj_khat else z_im).astype(jnp.bfloat16)
+                plgpu.commit_smem()
 
             @pl.when(i + 1 < count)
             def _():
@@ -271,8 +292,6 @@ def conv_rows(u, khat, *, channels: int, group: int = 1, ctas: int = 132, wgs: i
                     plgpu.commit_smem()
                     z = matmuls(*[[(y1.at[0], f2_s.at[0]), (y1.at[1], f2_s.at[2])] for y1 in y1s],
                                 *[[(y1.at[0], f2_s.at[1]), (y1.at[1], f2_s.at[0])] for y1 in y1s])
-                    if half == 0:
-                        pl.when(new_channel)(lambda: plgpu.barrier_wait(k_bar.at[wg]))
                     k_re, k_im = (load(kh_s.at[wg, c, half]).astype(jnp.float32) for c in range(2))
                     for y1, z_re, z_im in zip(y1s, z[:group], z[group:]):
                         _store_product(y1, z_re, z_im, k_re, k_im)
@@ -303,12 +322,12 @@ def conv_rows(u, khat, *, channels: int, group: int = 1, ctas: int = 132, wgs: i
         scratch.append(_smem((2, 2, HALF, HALF), r2))
     scratch += [plgpu.Barrier(num_arrivals=11 if transposed_g1 else 15),
                 plgpu.Barrier(num_arrivals=group, num_barriers=2 * wgs),
-                plgpu.Barrier(num_arrivals=4, num_barriers=wgs)]
+                plgpu.Barrier(num_arrivals=1, num_barriers=wgs)]
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((rows, HALF, r2), u.dtype),
         grid=(ctas,), grid_names=("cta",), num_threads=wgs, thread_name="wg", scratch_types=scratch,
         interpret=interpret)
-    return kernel(u.reshape(rows, HALF, r2), khat, f1c, twc, f2c, g1c).reshape(rows, n)
+    return kernel(u.reshape(rows, HALF, r2), k_rows.reshape(channels, HALF, r2), f1c, twc, f2c, g1c).reshape(rows, n)
 
 
 @functools.partial(jax.jit, static_argnames=("channels", "group", "ctas", "wgs", "interpret"))
@@ -439,20 +458,22 @@ def long_conv_monarch_hopper(u: Array, k: Array, *, interpret=None, ctas: int | 
     options = dict(channels=channels, ctas=ctas, interpret=interpret)
 
     @jax.custom_vjp
-    def conv(rows, khat):
-        return conv_rows(rows, khat, group=group, **options)
+    def conv(rows, k):
+        return conv_rows(rows, kernel_rows(k, n), group=group, **options)
 
-    def conv_fwd(rows, khat):
-        return conv(rows, khat), (rows, khat)
+    def conv_fwd(rows, k):
+        return conv(rows, k), (rows, k)
 
     def conv_bwd(residuals, dy):
-        rows, khat = residuals
-        du = conv_rows(dy, khat.at[:, 1].multiply(-1.0), group=group, **options)  # conj(K̂): the correlation
-        return du, spectrum_cotangent(rows, dy, group=cotangent_group, wgs=cotangent_wgs, **options)
+        rows, k = residuals
+        du = conv_rows(dy, kernel_rows(k, n), conj_khat=True, group=group, **options)  # the correlation with k
+        khat_cotangent = spectrum_cotangent(rows, dy, group=cotangent_group, wgs=cotangent_wgs, **options)
+        (dk,) = jax.linear_transpose(lambda k: kernel_spectrum(k, n), k)(khat_cotangent)  # K̂ is linear in k
+        return du, dk
 
     conv.defvjp(conv_fwd, conv_bwd)
     rows = jnp.pad(u.transpose(0, 2, 1), ((0, 0), (0, 0), (0, n - seq))).reshape(batch * channels, n)
-    y = conv(rows, kernel_spectrum(k, n))
+    y = conv(rows, k)
     return y.reshape(batch, channels, n)[:, :, :seq].transpose(0, 2, 1)
 
 
