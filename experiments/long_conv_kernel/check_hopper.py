@@ -6,7 +6,7 @@ against the float32 FFT implementation), and timed beside what it replaces.
 Shapes: u [8, N, 768] bf16 (the layers' layout), k [768, N] float32, causal. Per N, forward and forward+backward
 milliseconds of:
   hopper     long_conv(impl="monarch") (the Hopper kernels, with the layout change and the padding);
-  rows       the kernels alone on u already in rows ([B·H, N]: what the layout change costs);
+  rows       the forward kernel alone on u already in rows ([B·H, N]: what the layout change costs);
   portable   the fused portable Pallas kernel (long_conv_monarch_pallas), which "monarch" took before;
   fft        long_conv(impl="fft");
   gated_*    the H3 / Hyena gate u ⊙ (k ∗ u + u) through gated_long_conv(impl="monarch") (hopper: the formula
@@ -81,12 +81,12 @@ def main():
                 row["err"][name] = f"{type(e).__name__}: {str(e)[:300]}"
         if seq in hopper.LENGTHS:
             u_rows = u.transpose(0, 2, 1).reshape(-1, seq)
-            khat = hopper.kernel_spectrum(k, seq)
+            k_rows = hopper.kernel_rows(k, seq)
             interpret = hopper.interpret_params() if device.platform == "cpu" else None  # a CPU smoke run
-            rows_fn = jax.jit(lambda x, kh: hopper.conv_rows(x, kh, channels=args.channels, interpret=interpret,
+            rows_fn = jax.jit(lambda x, kr: hopper.conv_rows(x, kr, channels=args.channels, interpret=interpret,
                                                              group=math.gcd(args.batch, hopper.default_group(seq)),
                                                              ctas=getattr(device, "core_count", 2)))
-            row["fwd"]["rows"] = time_calls(rows_fn, u_rows, khat, iters=20).median_ms
+            row["fwd"]["rows"] = time_calls(rows_fn, u_rows, k_rows, iters=20).median_ms
         rows.append(row)
         print(json.dumps(row), flush=True)
     nan = float("nan")
