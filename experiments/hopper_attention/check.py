@@ -2,13 +2,14 @@
 and gradients, on the cases the CPU tests run in the interpreter plus a larger one. Run it before bench.py, under
 a timeout: a barrier that never completes would hang here, on small shapes, rather than in the bench.
 
-    PYTHONPATH=src timeout 120 python3 experiments/hopper_attention/check.py
+    PYTHONPATH=src timeout 120 python3 experiments/hopper_attention/check.py [case index ...]
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ CASES = [  # (q_len, kv_len, heads, kv_heads, head_dim, options)
     (256, 256, 2, 2, 128, dict(causal=True)),
     (130, 190, 2, 1, 64, dict(causal=True, window=70, q_offset=150, kv_offset=100)),
     (130, 190, 2, 1, 64, dict(causal=False, window=50, q_offset=30, segments=True)),
+    (640, 640, 2, 1, 128, dict(causal=False)),   # more key blocks than pipeline slots: the ring wraps
     (2048, 2048, 4, 2, 128, dict(causal=True)),
 ]
 
@@ -31,7 +33,8 @@ def main():
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     on_cpu = jax.devices()[0].platform == "cpu"   # a smoke run of this script: the interpreter, small cases
     worst = 0.0
-    for q_len, kv_len, heads, kv_heads, head_dim, options in CASES[:2] if on_cpu else CASES:
+    chosen = [CASES[int(i)] for i in sys.argv[1:]] or (CASES[:2] if on_cpu else CASES)
+    for q_len, kv_len, heads, kv_heads, head_dim, options in chosen:
         options = dict(options)
         interpret = flash_backward.interpret_params() if on_cpu else None
         if options.pop("segments", False):
@@ -47,6 +50,9 @@ def main():
             (out, lse), pullback = jax.vjp(attend, *args)
             return (out, lse, *pullback((do.astype(out.dtype), dlse)))
 
+        start = time.perf_counter()   # the forward alone first: a hang shows which kernel it is in
+        jax.block_until_ready(flash_backward.flash_attention(q, k, v, interpret=interpret, **options))
+        print(f"  forward ran in {time.perf_counter() - start:.1f} s (compile included)", flush=True)
         got = jax.jit(lambda q, k, v: vjp(lambda *a: flash_backward.flash_attention(*a, interpret=interpret, **options),
                                           q, k, v))(q, k, v)
         want = vjp(lambda *a: attention(*a, impl="reference", **options), *(x.astype(jnp.float32) for x in (q, k, v)))
