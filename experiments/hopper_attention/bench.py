@@ -31,7 +31,8 @@ SHAPES = ((4, 4096, 16), (1, 16384, 16), (1, 32768, 16), (1, 65536, 8))
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
-    parser.add_argument("--block-kv", default="128,64", help="the prototype's block_kv values to time")
+    parser.add_argument("--stages", default="2",
+                        help="the forward's K/V pipeline depths to time (3 overflows shared memory at head_dim 128)")
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     rows = []
@@ -47,9 +48,9 @@ def main():
                                                                       implementation="cudnn"),
                 "pallas": lambda q, k, v: attention(q, k, v, causal=causal, impl="pallas")[0],
             }
-            for block_kv in map(int, args.block_kv.split(",")):
-                forwards[f"mosaic_kv{block_kv}"] = lambda q, k, v, b=block_kv: flash_forward.flash_forward(
-                    q, k, v, causal=causal, block_kv=b)[0]
+            for stages in map(int, args.stages.split(",")):
+                forwards[f"mosaic_s{stages}"] = lambda q, k, v, n=stages: flash_forward.flash_forward(
+                    q, k, v, causal=causal, stages=n)[0]
 
             def gradients(attend):
                 def loss(q, k, v):

@@ -14,6 +14,9 @@ One CTA per (head, tile of 128 queries, batch element), three warpgroups:
 - warpgroups 0 and 1 each own 64 queries (one wgmma M): S = Q Kᵀ by wgmma (K's slot read transposed), the
   online softmax in registers in base 2 (the scale and log2(e) folded into one multiply), then O += P V by
   wgmma with P as the A operand from registers.
+The two compute warpgroups take turns at the tensor cores (FlashAttention-3's ping-pong): a barrier both arrive
+at twice per block orders them so that one's softmax runs while the other's products do; the producer gives
+its registers up (set_max_registers) for theirs.
 Blocks a warpgroup sees whole run without a mask, blocks it sees in part with one, and blocks it does not see
 at all (`Mask`) are skipped. Every consumer waits on every block's barriers and releases every block in order,
 even the blocks it skips: a barrier's phases are tracked by parity, so no waiter may fall a phase behind and no
@@ -67,15 +70,20 @@ def block_iota(compiled: bool, shape, dim):
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def times_transposed(compiled: bool, a_tile, b_tile):
+def times_transposed(compiled: bool, a_tile, b_tile, then=None):
     """a_tile: [m, d], b_tile: [n, d] shared-memory refs (bf16) -> a bᵀ: [m, n] float32, by wgmma with b's tile
-    read transposed (jnp.dot in the interpreter)."""
+    read transposed (jnp.dot in the interpreter). then(): run after the product is issued, before it is awaited."""
     if not compiled:
-        return jnp.dot(a_tile[...], b_tile[...].T, preferred_element_type=jnp.float32)
+        result = jnp.dot(a_tile[...], b_tile[...].T, preferred_element_type=jnp.float32)
+        if then is not None:
+            then()
+        return result
     m, n = a_tile.shape[0], b_tile.shape[0]
 
     def product(acc):
         plgpu.wgmma(acc, a_tile, plgpu.transpose_ref(b_tile, (1, 0)))
+        if then is not None:
+            then()
         return acc[...]
     return pl.run_scoped(product, plgpu.ACC((m, n), jnp.float32))
 
@@ -296,7 +304,7 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
     accumulate = functools.partial(accumulate_product, compiled)
 
     def body(shift_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, q_s, k_s, v_s, lse_s, qseg_s,
-             kvseg_s, q_bar, k_bar, v_bar, k_free, v_free):
+             kvseg_s, q_bar, k_bar, v_bar, k_free, v_free, schedule):
         head, tile, b = lax.axis_index("heads"), lax.axis_index("q_tile"), lax.axis_index("batch")
         wg = lax.axis_index("wg")
         kv_head = head // (heads // kv_heads)
@@ -307,12 +315,16 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
 
         @pl.when(wg == COMPUTE_WGS)
         def _producer():
+            if compiled:
+                plgpu.set_max_registers(40, action="decrease")
             fetch = kv_fetcher(b, kv_head, block_kv, segmented, (k_ref, v_ref, kvseg_ref), (k_s, v_s, kvseg_s),
                                (k_bar, v_bar))
             produce(fetch, first, last, stages, (k_free, v_free))
 
         @pl.when(wg < COMPUTE_WGS)
         def _consumer():
+            if compiled:
+                plgpu.set_max_registers(232, action="increase")
             q_base = tile_base + wg * BLOCK_Q
             q_tile = q_s.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, BLOCK_Q), head], q_tile, q_bar.at[wg])
@@ -322,33 +334,46 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
             shape = (BLOCK_Q, block_kv)
             q_ids = block_segments(compiled, qseg_s.at[wg], 1, shape) if segmented else None
 
+            def take_turn():
+                plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(schedule)
+
             def step(i, carry, masked=False):
-                acc, m, l = carry
+                acc, m, l = carry   # m: the running maximum of exponent_scale · s
                 slot = lax.rem(i - first, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
-                s = scores(q_tile, k_s.at[slot]) * exponent_scale
+                s = scores(q_tile, k_s.at[slot], then=take_turn)
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
                     kv_ids = block_segments(compiled, kvseg_s.at[slot], 0, shape) if segmented else None
                     s = jnp.where(mask.visible(q_base + iota(0), i * block_kv + iota(1), q_ids, kv_ids), s, -jnp.inf)
-                m_new = jnp.maximum(m, s.max(axis=1))
+                m_new = jnp.maximum(m, s.max(axis=1) * exponent_scale)
                 alpha = jnp.exp2(m - safe_max(m_new))
-                p = jnp.exp2(s - lax.broadcast_in_dim(safe_max(m_new), s.shape, [0]))
-                l = l * alpha + p.sum(axis=1)
+                p = jnp.exp2(s * exponent_scale - lax.broadcast_in_dim(safe_max(m_new), s.shape, [0]))  # one FMA
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l = l * alpha + p.sum(axis=1)
+                p = p.astype(jnp.bfloat16)
+                if compiled:   # the softmax's values are all made before this warpgroup gives up its turn
+                    acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p))
+                plgpu.barrier_arrive(schedule)   # softmax done: the other warpgroup's turn
                 plgpu.barrier_wait(v_bar.at[slot])
-                acc = accumulate(acc, p.astype(jnp.bfloat16), v_s.at[slot])
+                plgpu.barrier_wait(schedule)     # ... until it has issued its next product
+                acc = accumulate(acc, p, v_s.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l
 
             def skip(i, _):  # a block this warpgroup does not see: keep the barriers' phases in step
                 pass_over(lax.rem(i - first, stages), ((k_bar, k_free), (v_bar, v_free)))
+                take_turn()
+                take_turn()
 
             carry = (wgmma_layout(jnp.zeros((BLOCK_Q, head_dim), jnp.float32)),
                      row_layout(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32)),
                      row_layout(jnp.zeros((BLOCK_Q,), jnp.float32)))
+            pl.when(wg == 1)(take_turn)   # warpgroup 0 goes first
             acc, m, l = run_blocks(mask.key_blocks(q_base, BLOCK_Q, block_kv, kv_blocks), first, last, step, skip,
                                    carry)
+            pl.when(wg == 0)(take_turn)   # both end with the same number of turns
             seen = l > 0
             out = acc / lax.broadcast_in_dim(jnp.where(seen, l, 1.0), acc.shape, [0])
             q_tile[...] = out.astype(jnp.bfloat16)   # Q's tile is free after the last product
@@ -377,6 +402,7 @@ def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: flo
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS),   # the compute warpgroups' turns at the tensor cores
         ],
         interpret=interpret)
     out, lse = kernel(shift, q, k, v, q_seg, kv_seg)

@@ -31,18 +31,19 @@ def test_forward_matches_the_reference():
     assert float(jnp.abs(lse - want_lse).max()) < 1e-3
 
 
-@pytest.mark.parametrize("causal, window, segmented, q_offset, kv_offset", [
-    (True, 70, False, 150, 100),   # blocks skipped, masked, whole, masked, skipped; keys no query sees
-    (False, 50, True, 30, 0),      # a two-sided window over packed sequences: every seen block masked
+@pytest.mark.parametrize("causal, window, segmented, q_offset, kv_offset, head_dim", [
+    (True, 70, False, 150, 100, 64),   # blocks skipped, masked, whole, masked, skipped; keys no query sees
+    (False, 50, True, 30, 0, 64),      # a two-sided window over packed sequences: every seen block masked
+    (True, None, False, 0, 0, 128),    # dQ's columns split between the warpgroups; one skips the diagonal block
 ])
-def test_forward_and_gradients_match_the_reference(causal, window, segmented, q_offset, kv_offset):
+def test_forward_and_gradients_match_the_reference(causal, window, segmented, q_offset, kv_offset, head_dim):
     """(out, lse) and the gradients of both (lse's cotangent too) against the reference, GQA, tails padded
     inside (130 queries and 190 keys: two tiles each way), traced global offsets."""
     q_len, kv_len = 130, 190
     segment_ids = (jnp.arange(q_len)[None] // 50, jnp.arange(kv_len)[None] // 70) if segmented else None
-    q = _inputs(1, q_len, 2, 2, 64, seed=1)[0]
-    _, k, v = _inputs(1, kv_len, 2, 1, 64, seed=2)
-    do = _inputs(1, q_len, 2, 2, 64, seed=3)[0]
+    q = _inputs(1, q_len, 2, 2, head_dim, seed=1)[0]
+    _, k, v = _inputs(1, kv_len, 2, 1, head_dim, seed=2)
+    do = _inputs(1, q_len, 2, 2, head_dim, seed=3)[0]
     dlse = jax.random.normal(jax.random.key(4), (1, 2, q_len), jnp.float32)
     offsets = jnp.int32(q_offset), jnp.int32(kv_offset)
     options = dict(causal=causal, window=window, segment_ids=segment_ids)
@@ -75,7 +76,7 @@ def test_lowers_for_cuda(causal):
     def loss(q, k, v):
         return jnp.sum(flash_backward.flash_attention(q, k, v, causal=causal, segment_ids=ids, window=window)[0])
     grad = jax.grad(loss, (0, 1, 2))
-    assert jax.export.export(jax.jit(grad), platforms=["cuda"])(q, k, k).mlir_module().count("mosaic_gpu") >= 3
+    assert jax.export.export(jax.jit(grad), platforms=["cuda"])(q, k, k).mlir_module().count("mosaic_gpu") >= 2
 
 
 def test_bad_input_is_refused():
