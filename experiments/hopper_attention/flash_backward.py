@@ -139,7 +139,8 @@ def backward_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, dq_acc, *, ca
                 plgpu.set_max_registers(240, action="increase")
             kv_base = tile_base + wg * BLOCK_Q
             rows = pl.ds(kv_base, BLOCK_Q)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_s.at[wg], own_bar.at[wg])
+            k_own = k_s.at[pl.ds(wg * BLOCK_Q, BLOCK_Q)]   # this warpgroup's keys in the CTA's [128, head_dim]
+            plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_own, own_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_s.at[wg], own_bar.at[wg])
             if segmented:
                 plgpu.copy_gmem_to_smem(kvseg_ref.at[b, rows], kvseg_s.at[wg], own_bar.at[wg])
@@ -152,7 +153,7 @@ def backward_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, dq_acc, *, ca
                 """Both warpgroups' dSᵀ [keys, queries] for query block i meet in shared memory; each then adds
                 its columns of dS k (all 128 keys) into dq_acc."""
                 buf = lax.rem(i, 2)   # double-buffered: a warpgroup may write block i + 1's while the other reads
-                ds_s[buf, wg] = ds_t
+                ds_s[buf, pl.ds(wg * BLOCK_Q, BLOCK_Q)] = ds_t
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ds_ready)
                 plgpu.barrier_wait(ds_ready)
@@ -160,8 +161,7 @@ def backward_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, dq_acc, *, ca
                 @pl.when(wg < dq_wgs)
                 def _():
                     dq = to_layout(compiled, ROWS, jnp.zeros((BLOCK, dq_cols), jnp.float32))
-                    for w in range(COMPUTE_WGS):
-                        dq = transposed_times(compiled, dq, ds_s.at[buf, w], k_s.at[w, :, cols])
+                    dq = transposed_times(compiled, dq, ds_s.at[buf], k_s.at[:, cols])   # [queries, keys] [keys, cols]
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last add has read dq_s
                     dq_s[wg] = dq
                     plgpu.commit_smem()
@@ -171,7 +171,7 @@ def backward_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, dq_acc, *, ca
                 dk, dv = carry
                 slot = lax.rem(i - first, stages)
                 plgpu.barrier_wait(q_bar.at[slot])
-                s_t = tt(k_s.at[wg], q_s.at[slot])                             # [keys, queries]
+                s_t = tt(k_own, q_s.at[slot])                                  # [keys, queries]
                 if masked:
                     q_ids = block_segments(compiled, qseg_s.at[slot], 0, shape) if segmented else None
                     seen = mask.visible(i * BLOCK + iota(1), kv_base + iota(0), q_ids, kv_ids)
@@ -198,16 +198,16 @@ def backward_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, dq_acc, *, ca
                                 (zero, zero))
             plgpu.barrier_arrive(ds_ready)   # the other warpgroup's last dQ product has read this one's K tile
             plgpu.barrier_wait(ds_ready)
-            k_s[wg] = (dk * scale).astype(jnp.bfloat16)   # the own tiles are free now
+            k_own[...] = (dk * scale).astype(jnp.bfloat16)   # the own tiles are free now
             v_s[wg] = dv.astype(jnp.bfloat16)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_s.at[wg], dk_ref.at[b, rows, head])
+            plgpu.copy_smem_to_gmem(k_own, dk_ref.at[b, rows, head])
             plgpu.copy_smem_to_gmem(v_s.at[wg], dv_ref.at[b, rows, head])
             plgpu.wait_smem_to_gmem(0)
 
     out = jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim), jnp.bfloat16)
     scratch = [
-        plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), jnp.bfloat16, transforms=TILED),
+        plgpu.SMEM((TILE, head_dim), jnp.bfloat16, transforms=TILED),
         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), jnp.bfloat16, transforms=TILED),
         plgpu.SMEM((stages, BLOCK, head_dim), jnp.bfloat16, transforms=TILED),
         plgpu.SMEM((stages, BLOCK, head_dim), jnp.bfloat16, transforms=TILED),
@@ -215,7 +215,7 @@ def backward_kernel(shift, q, k, v, do, lse, delta, q_seg, kv_seg, dq_acc, *, ca
         plgpu.SMEM((stages, BLOCK), jnp.float32),
         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q), jnp.int32),
         plgpu.SMEM((stages, BLOCK), jnp.int32),
-        plgpu.SMEM((2, COMPUTE_WGS, BLOCK_Q, BLOCK), jnp.bfloat16, transforms=TILED),   # dSᵀ, two buffers
+        plgpu.SMEM((2, TILE, BLOCK), jnp.bfloat16, transforms=TILED),   # dSᵀ [keys, queries], two buffers
         plgpu.SMEM((COMPUTE_WGS, BLOCK, dq_cols), jnp.float32),                         # dQ's columns, to add
         plgpu.Barrier(num_arrivals=2 + segmented, num_barriers=COMPUTE_WGS),
         plgpu.Barrier(num_arrivals=2 + segmented, num_barriers=stages),
