@@ -383,8 +383,9 @@ class FlashAttentionConfig(_Checked):
 class KernelsConfig(_Checked):
     """Which implementation runs each op (`auto` = the fastest correct one for the platform)."""
 
-    attention: Literal["auto", "pallas", "reference", "xla", "cudnn"] = param(
-        "auto", "implementation of longseq.ops.attention")
+    attention: Literal["auto", "pallas", "pallas_mosaic_gpu", "reference", "xla", "cudnn"] = param(
+        "auto", "implementation of longseq.ops.attention (pallas_mosaic_gpu: the Hopper kernels, bfloat16 and "
+                "head_dim 64 or 128)")
     long_conv: Literal["auto", "fft", "monarch", "direct"] = param(
         "auto", "implementation of longseq.ops.long_conv (auto: the Hopper Monarch kernels where they apply, else fft; "
                 "monarch: DFT as matmuls, the fastest Pallas kernel that applies)")
@@ -422,6 +423,12 @@ class Config(_Checked):
             raise ConfigError(f"kernels.attention: attention_parallel={self.model.attention_parallel} runs each "
                               "block's backward from the merged statistics, which 'xla' cannot; use 'auto', "
                               "'cudnn', 'pallas' or 'reference'")
+        if "attention" in self.model.layer_mixers() and self.kernels.attention == "pallas_mosaic_gpu":
+            head_dim = self.model.d_model // self.model.num_heads
+            if self.model.compute_dtype != "bfloat16" or head_dim not in (64, 128):
+                raise ConfigError(f"kernels.attention: pallas_mosaic_gpu takes model.compute_dtype bfloat16 and "
+                                  f"head_dim (d_model / num_heads) 64 or 128, got {self.model.compute_dtype} and "
+                                  f"{head_dim}")
         if self.model.attention_keep_gathered and self.model.attention_parallel not in ("attention2d", "auto"):
             raise ConfigError("model.attention_keep_gathered: only attention2d gathers blocks it could keep "
                               f"(attention_parallel is {self.model.attention_parallel!r}); set it false or use "

@@ -121,6 +121,7 @@ def test_dense_implementations_skip_long_sequences():
     assert skip_reason("anchor_xla", AttentionShape(1, 16384, 16, 128), "gpu") is None
     assert skip_reason("anchor_cudnn", long, "gpu") is None
     assert "needs a GPU" in skip_reason("anchor_cudnn", TINY, "cpu")
+    assert "needs a Hopper GPU" in skip_reason("pallas_mosaic_gpu", TINY, "cpu")
 
 
 def test_unknown_impl_is_a_value_error_naming_it():

@@ -130,7 +130,7 @@ def default_impls(platform: str) -> tuple[str, ...]:
     from longseq.ops import ATTENTION_IMPLS
 
     if platform == "gpu":
-        wanted = ("pallas", "anchor_cudnn", "anchor_xla", "anchor_jax_pallas_mha")
+        wanted = ("pallas", "pallas_mosaic_gpu", "anchor_cudnn", "anchor_xla", "anchor_jax_pallas_mha")
     else:
         wanted = ("reference", "anchor_xla")
     return tuple(name for name in wanted if name in ANCHOR_IMPLS or name in ATTENTION_IMPLS)
@@ -227,11 +227,18 @@ def build_flash_configs(flash_variants: Mapping[str, Mapping[str, int]] | None) 
     return configs
 
 
-def skip_reason(impl: str, shape: AttentionShape, platform: str) -> str | None:
+def skip_reason(impl: str, shape: AttentionShape, platform: str, dtype: Any = "bfloat16") -> str | None:
     """Why a row is not even tried, or None: GPU-only anchors off a GPU, dense ones past 16K."""
     if impl in ("anchor_cudnn", "cudnn", "anchor_jax_pallas_mha") and platform != "gpu":
         needs = "Triton" if impl == "anchor_jax_pallas_mha" else "cuDNN"
         return f"needs a GPU ({needs}); platform is {platform}"
+    if impl == "pallas_mosaic_gpu":
+        from longseq.ops.attention_hopper import supports
+        from longseq.ops.mosaic_gpu import on_hopper
+
+        if not on_hopper():
+            return f"needs a Hopper GPU (Mosaic GPU kernels); platform is {platform}"
+        return supports(dtype, shape.head_dim)
     if impl in DENSE_IMPLS and shape.seq_len > DENSE_MAX_SEQ_LEN:
         return f"dense N² scores, N > {DENSE_MAX_SEQ_LEN}"
     return None
@@ -419,7 +426,7 @@ def _measure_impl(impl: str, shape: AttentionShape, dtype: jnp.dtype, causal: bo
     """
     q, k, v, dout = inputs
     rows = [_row(impl, shape, dtype, causal, pass_, flash_variants) for pass_ in passes]
-    reason = skip_reason(impl, shape, platform)
+    reason = skip_reason(impl, shape, platform, dtype)
     forward = grads = None
     if reason is None:
         try:

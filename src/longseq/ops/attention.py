@@ -41,11 +41,17 @@ Implementations (`impl=`), all computing the function above:
     most 128; no segment ids), through `attention_cudnn.py`: float32 lse, any causal offsets (blocks
     cuDNN cannot mask run the Pallas kernel), and a backward from statistics. Its lse has no
     gradient: differentiating through it raises.
+  - "pallas_mosaic_gpu": flash-attention kernels written for Hopper GPUs (H100 / H200) with Pallas
+    Mosaic GPU (`attention_hopper.py`: TMA, wgmma, warp specialisation): bfloat16, head_dim 64 or
+    128, every feature of "pallas". On an H200 0.93–1.05× cuDNN forward and 0.93–0.99×
+    forward + backward (docs/attention.md). Elsewhere it raises, unless interpret=True (the Pallas
+    GPU interpreter on CPU: slow, for tests).
   - "xla": `jax.nn.dot_product_attention(implementation="xla")`, for comparison. Its lse is NOT
     differentiable (JAX returns it with a stopped gradient) and rows with no visible key are not
     zeroed.
-  - "auto": on GPUs "cudnn" where it applies (see above), else "pallas"; "reference" elsewhere (and
-    for float64). The choice is logged once per platform, dtype and reason.
+  - "auto": on GPUs "cudnn" where it applies (see above), else "pallas_mosaic_gpu" where it applies
+    (segment ids on a Hopper GPU), else "pallas"; "reference" elsewhere (and for float64). cuDNN
+    stays first while it measures faster. The choice is logged once per platform, dtype and reason.
 
 The file reads: validation → reference implementation → merge_partials → the jax.nn wrappers →
 public `attention`, which dispatches on `impl`.
@@ -63,9 +69,10 @@ import jax
 import jax.numpy as jnp
 
 from longseq.config import FlashAttentionConfig
+from longseq.ops import mosaic_gpu
 from longseq.ops.attention_cudnn import cudnn_attention, cudnn_attention_backward, cudnn_supports
 
-ATTENTION_IMPLS = ("auto", "pallas", "reference", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "pallas", "pallas_mosaic_gpu", "reference", "xla", "cudnn")
 
 logger = logging.getLogger("longseq")
 
@@ -297,7 +304,12 @@ def _resolve_impl(impl: str, q, segment_ids) -> str:
         resolved = "reference"
     else:
         reason = cudnn_supports(q.dtype, q.shape[-1], segment_ids)
-        resolved = "pallas" if reason else "cudnn"
+        resolved = "cudnn"
+        if reason:
+            from longseq.ops.attention_hopper import supports
+
+            hopper = mosaic_gpu.on_hopper() and supports(q.dtype, q.shape[-1]) is None
+            resolved = "pallas_mosaic_gpu" if hopper else "pallas"
     _log_auto_choice(platform, dtype, resolved, reason)
     return resolved
 
@@ -310,6 +322,22 @@ def _pallas_functions(flash, interpret):
         interpret = jax.default_backend() not in ("gpu", "tpu")
     bound = dict(flash=flash or FlashAttentionConfig(), interpret=interpret)
     return functools.partial(flash_attention, **bound), functools.partial(flash_attention_backward, **bound)
+
+
+def _hopper_functions(q, interpret):
+    """The Hopper kernels' forward and backward-from-statistics, after checking they can run here."""
+    from longseq.ops.attention_hopper import hopper_attention, hopper_attention_backward, supports
+
+    reason = supports(q.dtype, q.shape[-1])
+    if reason:
+        raise ValueError(f"q: {reason}; use impl='pallas'")
+    if not interpret and not mosaic_gpu.on_hopper():
+        device = jax.devices()[0]
+        raise ValueError(f"impl: 'pallas_mosaic_gpu' runs on Hopper GPUs (compute capability 9.x), not on "
+                         f"{device.platform} {device.device_kind!r}; use impl='pallas' (any platform), or "
+                         "interpret=True to run it in the Pallas GPU interpreter (slow: for tests)")
+    bound = dict(interpret=bool(interpret))
+    return functools.partial(hopper_attention, **bound), functools.partial(hopper_attention_backward, **bound)
 
 
 def _check_cudnn(q, segment_ids) -> None:
@@ -339,7 +367,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids
       window: None, or a positive int: sliding-window attention (see the module docstring).
       impl: one of ATTENTION_IMPLS (see the module docstring).
       flash: tiling of the Pallas kernel (impl="pallas"); default FlashAttentionConfig().
-      interpret: run the Pallas kernels in interpret mode; default: unless on a GPU or TPU.
+      interpret: run the Pallas kernels in interpret mode; default: unless on a GPU or TPU
+        ("pallas_mosaic_gpu": only when True).
 
     Returns:
       out: [batch, q_len, heads, head_dim] in q's dtype.
@@ -359,6 +388,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids
         return _attention_reference(q, k, v, **common)
     if name == "xla":
         return _attention_xla(q, k, v, **common)
+    if name == "pallas_mosaic_gpu":
+        return _hopper_functions(q, interpret)[0](q, k, v, **common)
     if name == "cudnn":
         _check_cudnn(q, segment_ids)
     elif q.dtype not in _PALLAS_DTYPES:
@@ -391,8 +422,8 @@ def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dou
       out: [batch, q_len, heads, head_dim] the rows' attention output; lse: [batch, heads, q_len]
         their log-sum-exp (-inf for rows that see no key: zero gradient).
       dout: [batch, q_len, heads, head_dim] the cotangent of out.
-      impl: "pallas", "cudnn", "reference" or "auto" (resolved as in `attention`); "xla" keeps its
-        statistics to itself and is refused.
+      impl: "pallas", "pallas_mosaic_gpu", "cudnn", "reference" or "auto" (resolved as in `attention`);
+        "xla" keeps its statistics to itself and is refused.
 
     Returns:
       dq [batch, q_len, heads, head_dim], dk and dv [batch, kv_len, kv_heads, head_dim], in the
@@ -406,7 +437,8 @@ def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dou
             raise ValueError(f"{name}: expected shape {shape}, got {jnp.shape(x)}")
     name = _resolve_impl(impl, q, segment_ids)
     if name == "xla":
-        raise ValueError("impl: attention_backward runs 'pallas', 'cudnn' or 'reference' (or 'auto'), "
+        raise ValueError("impl: attention_backward runs 'pallas', 'pallas_mosaic_gpu', 'cudnn' or 'reference' "
+                         "(or 'auto'), "
                          f"got {impl!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -414,6 +446,8 @@ def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dou
                   kv_offset=kv_offset, window=window)
     if name == "reference":
         return _attention_backward_reference(q, k, v, out, lse, dout, **common)
+    if name == "pallas_mosaic_gpu":
+        return _hopper_functions(q, interpret)[1](q, k, v, out, lse, dout, **common)
     _, backward = _pallas_functions(flash, interpret)
     if name == "cudnn":
         _check_cudnn(q, segment_ids)

@@ -49,6 +49,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from longseq.ops.mosaic_gpu import interpret_params, on_hopper  # noqa: F401 (on_hopper: long_conv's dispatch)
+
 Array = jax.Array
 
 R1 = 128
@@ -62,12 +64,6 @@ WARPGROUPS = 2
 # Where it applies
 
 
-def on_hopper() -> bool:
-    """Whether the default device is a Hopper GPU (compute capability 9.x), which the kernels need."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
-
-
 def padded_length(seq: int) -> int:
     """The n in LENGTHS a sequence of `seq` is zero-padded to."""
     return next(n for n in LENGTHS if n >= seq)
@@ -76,15 +72,6 @@ def padded_length(seq: int) -> int:
 def applies(seq: int, kernel_len: int, dtype, *, causal: bool) -> bool:
     """Whether the kernels take this problem (on any device; `on_hopper` says whether they can run)."""
     return causal and dtype == jnp.bfloat16 and MIN_SEQ <= seq <= LENGTHS[-1] and kernel_len <= seq
-
-
-def interpret_params():
-    """The Pallas GPU interpreter's parameters (a CPU run of these kernels). jax 0.10 keeps the class in a
-    private module; the interpreter has no plgpu.load and no transposed refs, which is why the kernels
-    below take those paths only when interpret is None."""
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
 
 
 # ----------------------------------------------------------------------------------------------
