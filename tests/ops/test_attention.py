@@ -199,7 +199,7 @@ def test_impl_auto_is_the_reference_off_gpu():
     q, k, v = random_qkv(rng, q_len=6, kv_len=10, kv_heads=2)
     auto = attention(q, k, v, causal=True, impl="auto")
     ref = attention(q, k, v, causal=True, impl="reference")
-    assert set(ATTENTION_IMPLS) == {"auto", "pallas", "reference", "xla", "cudnn"}
+    assert set(ATTENTION_IMPLS) == {"auto", "pallas", "pallas_mosaic_gpu", "reference", "xla", "cudnn"}
     for a, r in zip(auto, ref):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
 
@@ -460,7 +460,8 @@ def _bad_call(case):
         ("segment_dtype", r"^segment_ids: expected integer q_ids"),
         ("q_offset", r"^q_offset: expected an integer scalar"),
         ("kv_offset", r"^kv_offset: expected an integer scalar"),
-        ("impl", r"^impl: expected one of 'auto', 'pallas', 'reference', 'xla', 'cudnn', got 'foo'$"),
+        ("impl", r"^impl: expected one of 'auto', 'pallas', 'pallas_mosaic_gpu', 'reference', 'xla', 'cudnn', "
+                 r"got 'foo'$"),
         ("merge_lses", r"^lses: expected stacked shape"),
         ("merge_outs", r"^outs: expected"),
     ],
@@ -527,7 +528,8 @@ def test_attention_backward_refuses_what_it_cannot_run():
 
     q = jnp.ones((1, 4, 2, 8))
     lse = jnp.zeros((1, 2, 4))
-    with pytest.raises(ValueError, match="impl: attention_backward runs 'pallas', 'cudnn' or 'reference'"):
+    with pytest.raises(ValueError, match="impl: attention_backward runs 'pallas', 'pallas_mosaic_gpu', 'cudnn' or "
+                                         "'reference'"):
         attention_backward(q, q, q, q, lse, q, impl="xla")
     with pytest.raises(ValueError, match=r"lse: expected shape \(1, 2, 4\)"):
         attention_backward(q, q, q, q, lse[:, :, :3], q)
