@@ -158,6 +158,23 @@ def test_interpreter_matches_reference(name, head_dim):
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="the interpreter stands in for the GPU")
+@pytest.mark.parametrize("causal, window, q_offset", [(True, None, 350), (False, 300, 100)])
+def test_interpreter_forward_over_many_key_blocks(causal, window, q_offset):
+    """600 keys: five blocks of 128 through a ring of two slots (it wraps twice); the warpgroups of a tile see
+    different numbers of blocks, some none (causal: queries before the first key)."""
+    qkv, _, _ = random_inputs(4, batch=1, q_len=200, kv_len=600, heads=2, kv_heads=1, head_dim=64,
+                              dtype=jnp.bfloat16)
+    options = dict(causal=causal, window=window, q_offset=q_offset, kv_offset=400 if causal else 0)
+    out, lse = attention(*qkv, impl="pallas_mosaic_gpu", interpret=True, **options)
+    want, want_lse = attention(*(x.astype(jnp.float32) for x in qkv), impl="reference", **options)
+    finite = np.isfinite(want_lse)
+    assert 0 < finite.sum() < finite.size if causal else finite.all()
+    np.testing.assert_array_equal(np.isfinite(lse), finite)
+    np.testing.assert_allclose(np.where(finite, lse, 0), np.where(finite, want_lse, 0), atol=2e-2)
+    assert relative_error(out, want) < 1e-2
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="the interpreter stands in for the GPU")
 def test_interpreter_backward_from_statistics_matches_the_reference():
     qkv, _, _ = random_inputs(9, batch=1, q_len=70, kv_len=90, heads=2, kv_heads=1, head_dim=64,
                               dtype=jnp.bfloat16)
