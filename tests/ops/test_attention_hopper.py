@@ -126,8 +126,10 @@ def test_backward_from_statistics_matches_the_reference():
 
 
 def _interpreted(name, head_dim, seed=1):
-    """A case of CASES through `attention(impl="pallas_mosaic_gpu", interpret=True)` and the reference."""
-    q_len, kv_len, heads, kv_heads, _, causal, window, segments, q_off, kv_off = CASES[name]
+    """A case of CASES through `attention(impl="pallas_mosaic_gpu", interpret=True)` and the reference, with 2 query
+    heads over 1 kv head (the interpreter simulates every thread of every CTA: fewer heads, less CI time)."""
+    q_len, kv_len, _, _, _, causal, window, segments, q_off, kv_off = CASES[name]
+    heads, kv_heads = 2, 1
     qkv, weights, segment_ids = random_inputs(seed, batch=1, q_len=q_len, kv_len=kv_len, heads=heads,
                                               kv_heads=kv_heads, head_dim=head_dim, dtype=jnp.bfloat16,
                                               segments=segments)
@@ -158,17 +160,16 @@ def test_interpreter_matches_reference(name, head_dim):
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="the interpreter stands in for the GPU")
-@pytest.mark.parametrize("causal, window, q_offset", [(True, None, 350), (False, 300, 100)])
-def test_interpreter_forward_over_many_key_blocks(causal, window, q_offset):
+def test_interpreter_forward_over_many_key_blocks():
     """600 keys: five blocks of 128 through a ring of two slots (it wraps twice); the warpgroups of a tile see
-    different numbers of blocks, some none (causal: queries before the first key)."""
+    different numbers of blocks (causal, queries from position 350, keys from 400), some none at all."""
     qkv, _, _ = random_inputs(4, batch=1, q_len=200, kv_len=600, heads=2, kv_heads=1, head_dim=64,
                               dtype=jnp.bfloat16)
-    options = dict(causal=causal, window=window, q_offset=q_offset, kv_offset=400 if causal else 0)
+    options = dict(causal=True, q_offset=350, kv_offset=400)
     out, lse = attention(*qkv, impl="pallas_mosaic_gpu", interpret=True, **options)
     want, want_lse = attention(*(x.astype(jnp.float32) for x in qkv), impl="reference", **options)
     finite = np.isfinite(want_lse)
-    assert 0 < finite.sum() < finite.size if causal else finite.all()
+    assert 0 < finite.sum() < finite.size
     np.testing.assert_array_equal(np.isfinite(lse), finite)
     np.testing.assert_allclose(np.where(finite, lse, 0), np.where(finite, want_lse, 0), atol=2e-2)
     assert relative_error(out, want) < 1e-2
