@@ -43,8 +43,8 @@ Implementations (`impl=`), all computing the function above:
     gradient: differentiating through it raises.
   - "pallas_mosaic_gpu": flash-attention kernels written for Hopper GPUs (H100 / H200) with Pallas
     Mosaic GPU (`attention_hopper.py`: TMA, wgmma, warp specialisation): bfloat16, head_dim 64 or
-    128, every feature of "pallas". On an H200 0.93–1.05× cuDNN forward and 0.93–0.99×
-    forward + backward (docs/attention.md). Elsewhere it raises, unless interpret=True (the Pallas
+    128, every feature of "pallas". On an H200 0.94–1.03× cuDNN forward and 0.91–0.99×
+    forward + backward (`longseq bench attention`, docs/attention.md). Elsewhere it raises, unless interpret=True (the Pallas
     GPU interpreter on CPU: slow, for tests).
   - "xla": `jax.nn.dot_product_attention(implementation="xla")`, for comparison. Its lse is NOT
     differentiable (JAX returns it with a stopped gradient) and rows with no visible key are not
@@ -438,8 +438,7 @@ def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dou
     name = _resolve_impl(impl, q, segment_ids)
     if name == "xla":
         raise ValueError("impl: attention_backward runs 'pallas', 'pallas_mosaic_gpu', 'cudnn' or 'reference' "
-                         "(or 'auto'), "
-                         f"got {impl!r}")
+                         f"(or 'auto'), got {impl!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     common = dict(causal=causal, segment_ids=segment_ids, scale=scale, q_offset=q_offset,
