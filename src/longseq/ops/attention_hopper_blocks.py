@@ -49,7 +49,7 @@ def times_transposed(compiled: bool, a_tile, b_tile, then=None):
     m, n = a_tile.shape[0], b_tile.shape[0]
 
     def product(acc):
-        plgpu.wgmma(acc, a_tile, plgpu.transpose_ref(b_tile, (1, 0)))
+        plgpu.wgmma(acc, a_tile, b_tile.transpose((1, 0)))
         if then is not None:
             then()
         return acc[...]
@@ -73,7 +73,7 @@ def transposed_times(compiled: bool, acc, a_tile, b_tile):
         return acc + jnp.dot(a_tile[...].T, b_tile[...], preferred_element_type=jnp.float32)
 
     def product(acc_ref):
-        plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_tile, (1, 0)), b_tile)
+        plgpu.wgmma(acc_ref, a_tile.transpose((1, 0)), b_tile)
     return pl.run_state(product)(plgpu.ACC.init(acc))
 
 

@@ -214,7 +214,7 @@ def conv_rows(u, k_rows, *, channels: int, conj_khat: bool = False, group: int =
     def body(u_ref, k_ref, f1_ref, tw_ref, f2_ref, g1_ref, y_ref, x_s, f1_s, f2_s, tw_s, y1_s, kh_s, *rest):
         if transposed_g1:
             const_bar, x_bar, k_bar = rest
-            g1 = lambda c, half: plgpu.transpose_ref(f1_s.at[c, half], (1, 0))  # noqa: E731
+            g1 = lambda c, half: f1_s.at[c, half].transpose((1, 0))  # noqa: E731
         else:
             g1_s, const_bar, x_bar, k_bar = rest
             g1 = lambda c, half: g1_s.at[c, half]  # noqa: E731
