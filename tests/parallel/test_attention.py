@@ -46,9 +46,11 @@ def random_inputs(seed, batch=2, seq=64, heads=8, kv_heads=2, head_dim=16):
 
 
 def outputs_and_grads(fn, qkv, weights):
-    out = jax.jit(fn)(*qkv)
-    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * weights), argnums=(0, 1, 2)))(*qkv)
-    return out, grads
+    """fn's output and the gradients of sum(output * weights), from one compiled call."""
+    def both(q, k, v):
+        out, pullback = jax.vjp(fn, q, k, v)
+        return out, pullback(weights)
+    return jax.jit(both)(*qkv)
 
 
 def assert_matches_reference(qkv, weights, *, mesh, strategy, causal, segment_ids, window=None,
