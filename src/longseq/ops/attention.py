@@ -43,7 +43,7 @@ Implementations (`impl=`), all computing the function above:
     gradient: differentiating through it raises.
   - "pallas_mosaic_gpu": flash-attention kernels written for Hopper GPUs (H100 / H200) with Pallas
     Mosaic GPU (`attention_hopper.py`: TMA, wgmma, warp specialisation): bfloat16, head_dim 64 or
-    128, every feature of "pallas". On an H200 0.94–1.03× cuDNN forward and 0.91–0.99×
+    128, every feature of "pallas". On an H200 0.94–1.11× cuDNN forward and 0.91–1.04×
     forward + backward (`longseq bench attention`, docs/attention.md). Elsewhere it raises, unless interpret=True (the Pallas
     GPU interpreter on CPU: slow, for tests).
   - "xla": `jax.nn.dot_product_attention(implementation="xla")`, for comparison. Its lse is NOT

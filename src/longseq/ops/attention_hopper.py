@@ -81,17 +81,16 @@ def supports(dtype, head_dim: int) -> str | None:
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "segmented", "window", "scale", "stages", "interpret"))
-def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, segmented: bool | None = None,
-                  scale: float | None = None, q_offset=0, kv_offset=0, window: int | None = None, stages: int = 2,
-                  interpret=None):
+@functools.partial(jax.jit, static_argnames=("causal", "window", "scale", "stages", "interpret"))
+def flash_forward(q, k, v, *, causal: bool = False, segment_ids=None, scale: float | None = None, q_offset=0,
+                  kv_offset=0, window: int | None = None, stages: int = 2, interpret=None):
     """(out, lse) of softmax(scale · q kᵀ, masked) v; shapes in the module docstring. segment_ids: None or (q_ids
     [batch, q_len], kv_ids [batch, kv_len]) integers: a query sees only keys of its segment. q_offset, kv_offset:
     global positions of q[:, 0] and k[:, 0] (ints or traced int32 scalars), used by causal and window. window:
     None or a sliding window (`Mask`). A query that sees no key gets out = 0 and lse = −inf."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    segmented = segment_ids is not None if segmented is None else segmented
+    segmented = segment_ids is not None
     tile_q, block_kv = TILE, BLOCK_KV
     q_seg, kv_seg = with_segments(segment_ids, batch, q_len, kv_len)
     q, q_seg = pad_to(q, tile_q), pad_to(q_seg, tile_q)
@@ -413,9 +412,7 @@ def hopper_attention(q: Array, k: Array, v: Array, *, causal: bool = False, segm
 
     @jax.custom_vjp
     def attend(q, k, v, shift, segments):
-        # the segment ids are passed even when unused (zeros): made inside, they would be constants the
-        # custom_vjp closes over
-        return computed_once(flash_forward(q, k, v, causal=causal, segment_ids=segments, segmented=segmented,
+        return computed_once(flash_forward(q, k, v, causal=causal, segment_ids=segments if segmented else None,
                                            scale=scale, q_offset=shift[0], window=window, interpret=interpret))
 
     def attend_fwd(q, k, v, shift, segments):
