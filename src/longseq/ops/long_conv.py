@@ -24,8 +24,9 @@ works; FFT libraries handle prime lengths too, just with a worse constant).
 
 The Monarch implementation writes the DFT as small dense matrices (matmuls), in
 `long_conv_monarch.py` (plain JAX, any length), `long_conv_monarch_pallas.py` (one fused portable
-kernel for padded lengths 512 … 8192, interpret mode off GPUs) and `long_conv_monarch_hopper.py`
-(Mosaic GPU kernels for Hopper: bf16, causal, seq 513 … 4096, where "auto" takes it too).
+kernel for padded lengths 512 … 8192, interpret mode off GPUs), `long_conv_monarch_hopper.py`
+(Mosaic GPU kernels for Hopper: bf16, causal, seq 513 … 4096) and `long_conv_monarch_passes.py`
+(three portable passes through HBM: bf16, causal, seq 4097 … 2^20).
 
 `gated_long_conv(u, k, gate, skip)` is the H3 / Hyena block's gate ⊙ (long_conv(u, k) + skip ⊙ u): one
 fused kernel with impl "monarch" where the fused kernel applies (the gate and skip read, and y written, in the
@@ -35,11 +36,13 @@ The file reads: validation → direct reference → FFT implementation → publi
 dispatches on `impl`, and `gated_long_conv`:
 
     "fft"      jnp.fft (cuFFT / the platform's FFT)
-    "monarch"  the Hopper kernels where they apply (on an H100 / H200), else the fused portable
-               Pallas kernel where it applies (interpret mode on CPU), else the Monarch matmuls as
-               XLA ops (e.g. on TPUs, or for longer sequences)
-    "auto"     "monarch" where the Hopper kernels apply, "fft" elsewhere (the portable kernel and
-               the XLA matmuls are not faster than cuFFT: docs/long_conv.md)
+    "monarch"  the Hopper kernels where they apply (on an H100 / H200), else (on GPUs, and in
+               Pallas interpret mode on CPU) the passes for bf16 causal seq > 4096, else the fused
+               portable kernel where it applies, else the Monarch matmuls as XLA ops (e.g. on TPUs,
+               float32 past 8K, circular past 8K, learned butterflies)
+    "auto"     "monarch" where its kernels were measured faster than cuFFT on a GPU (the Hopper
+               kernels; the passes at the padded lengths of `long_conv_monarch_passes.AUTO_LENGTHS`),
+               "fft" elsewhere (docs/long_conv.md)
     "direct"   the O(seq²) Toeplitz matrix (`long_conv_direct`): ground truth for tests
 """
 
@@ -154,21 +157,44 @@ def _fused_kernel_interpret() -> bool | None:
     return {"gpu": False, "cpu": True}.get(jax.devices()[0].platform)
 
 
-def _hopper_kernel_applies(u: Array, k: Array, *, causal: bool) -> bool:
+def _monarch_path(u: Array, k: Array, *, causal: bool) -> str:
+    """Which Monarch implementation impl "monarch" runs: "hopper", "passes", "portable" (the fused portable
+    kernel) or "xla" (the matmuls as XLA ops)."""
     from longseq.ops import long_conv_monarch_hopper as hopper
+    from longseq.ops import long_conv_monarch_pallas as portable
+    from longseq.ops import long_conv_monarch_passes as passes
 
-    return hopper.applies(u.shape[1], k.shape[1], u.dtype, causal=causal) and hopper.on_hopper()
+    seq, kernel_len = u.shape[1], k.shape[1]
+    if hopper.applies(seq, kernel_len, u.dtype, causal=causal) and hopper.on_hopper():
+        return "hopper"
+    if _fused_kernel_interpret() is None:
+        return "xla"
+    if passes.applies(seq, kernel_len, u.dtype, causal=causal):
+        return "passes"
+    return "portable" if portable.supports(seq, kernel_len, causal=causal) else "xla"
+
+
+def _monarch_is_faster(u: Array, k: Array, *, causal: bool) -> bool:
+    """Whether impl "auto" takes "monarch": where its kernels were measured faster than jnp.fft on a GPU."""
+    from longseq.ops import long_conv_monarch_passes as passes
+
+    path = _monarch_path(u, k, causal=causal)
+    return path == "hopper" or (path == "passes" and jax.devices()[0].platform == "gpu"
+                                and passes.padded_length(u.shape[1]) in passes.AUTO_LENGTHS)
 
 
 def _long_conv_monarch(u: Array, k: Array, *, causal: bool, butterflies=None) -> Array:
-    from longseq.ops import long_conv_monarch, long_conv_monarch_hopper, long_conv_monarch_pallas
+    from longseq.ops import (long_conv_monarch, long_conv_monarch_hopper, long_conv_monarch_pallas,
+                             long_conv_monarch_passes)
 
-    if butterflies is None and _hopper_kernel_applies(u, k, causal=causal):
+    path = "xla" if butterflies is not None else _monarch_path(u, k, causal=causal)
+    if path == "hopper":
         return long_conv_monarch_hopper.long_conv_monarch_hopper(u, k)
-    interpret = _fused_kernel_interpret()
-    if (butterflies is None and interpret is not None
-            and long_conv_monarch_pallas.supports(u.shape[1], k.shape[1], causal=causal)):
-        return long_conv_monarch_pallas.long_conv_monarch_pallas(u, k, causal=causal, interpret=interpret)
+    if path == "passes":
+        return long_conv_monarch_passes.long_conv_monarch_passes(u, k, interpret=_fused_kernel_interpret())
+    if path == "portable":
+        return long_conv_monarch_pallas.long_conv_monarch_pallas(u, k, causal=causal,
+                                                                 interpret=_fused_kernel_interpret())
     return long_conv_monarch.long_conv_monarch_xla(u, k, causal=causal, butterflies=butterflies)
 
 
@@ -184,7 +210,7 @@ def _resolve_impl(impl: str, u: Array, k: Array, *, causal: bool) -> str:
         expected = ", ".join(repr(name) for name in LONG_CONV_IMPLS)
         raise ValueError(f"impl: expected one of {expected}, got {impl!r}")
     if impl == "auto":
-        return "monarch" if _hopper_kernel_applies(u, k, causal=causal) else "fft"
+        return "monarch" if _monarch_is_faster(u, k, causal=causal) else "fft"
     return impl
 
 
@@ -197,7 +223,9 @@ def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto", bu
       causal: True: linear convolution, y[b, t, c] = Σ_{s ≤ t} k[c, t − s] · u[b, s, c].
         False: circular convolution of length seq with k zero-padded to seq.
       impl: one of LONG_CONV_IMPLS; "auto" picks the fastest measured: "monarch" where the Hopper
-        kernels apply (bf16, causal, 513 <= seq <= 4096 on an H100 / H200), "fft" elsewhere.
+        kernels apply (bf16, causal, 513 <= seq <= 4096 on an H100 / H200) and where the passes were
+        faster on a GPU (bf16, causal, seq padded to `long_conv_monarch_passes.AUTO_LENGTHS`), "fft"
+        elsewhere.
       butterflies: (forward, inverse) `long_conv_monarch.Butterfly` factors replacing the exact DFT
         (a learned butterfly), causal only, with impl "monarch" or "auto"; their length must be
         at least seq + kernel_len − 1.
@@ -237,12 +265,12 @@ def gated_long_conv(u: Array, k: Array, gate: Array, skip: Array, *, causal: boo
         raise ValueError(f"gate: expected the shape of u {u.shape}, got {gate.shape}")
     if skip.shape != (u.shape[2],):
         raise ValueError(f"skip: expected shape ({u.shape[2]},) = [channels], got {skip.shape}")
-    interpret = _fused_kernel_interpret()
-    if (_resolve_impl(impl, u, k, causal=causal) == "monarch" and interpret is not None
-            and not _hopper_kernel_applies(u, k, causal=causal)):
+    if (_resolve_impl(impl, u, k, causal=causal) == "monarch"
+            and _monarch_path(u, k, causal=causal) == "portable"):
         from longseq.ops import long_conv_monarch_pallas as fused
 
         if fused.gating_fuses(u.shape[1], k.shape[1], u.shape[2], causal=causal):
-            return fused.gated_long_conv_monarch_pallas(u, k, gate, skip, causal=causal, interpret=interpret)
+            return fused.gated_long_conv_monarch_pallas(u, k, gate, skip, causal=causal,
+                                                        interpret=_fused_kernel_interpret())
     z = long_conv(u, k, causal=causal, impl=impl).astype(jnp.float32)
     return (gate.astype(jnp.float32) * (z + skip.astype(jnp.float32) * u.astype(jnp.float32))).astype(u.dtype)

@@ -1,9 +1,16 @@
-"""Prototype (issue #5): the causal Monarch long convolution as portable Pallas passes through HBM.
+"""The causal Monarch long convolution past 4K as three portable Pallas passes through HBM, forward and backward.
 
-NOTES.md ("Past N = 4K") has the reasoning. Each pass is a tiled GEMM with its complex epilogue fused, so no
-pass waits on another's phases the way the single Hopper kernel's chain does
-(`longseq/ops/long_conv_monarch_hopper.py`). The intermediates are complex bf16 in HBM. Three passes at every
-N (1K … 1M), forward and backward.
+`long_conv(impl="monarch")` takes this path on GPUs (and in Pallas interpret mode on CPU) for bf16 u, causal,
+4096 < seq <= 2^20 (u zero-padded to a power of two n); "auto" takes it where it was measured faster than
+jnp.fft (`AUTO_LENGTHS`; docs/long_conv.md has the table). One row's spectrum does not fit one CTA's shared
+memory past 4K, so unlike the Hopper kernels (`long_conv_monarch_hopper.py`, a chain of 15 dependent phases
+per row in one kernel) each pass here is a tiled GEMM with its complex epilogue fused, and the intermediates
+are complex bf16 in HBM. The passes are ordinary Pallas (Triton on GPUs), so TPUs could lower the same code.
+experiments/long_conv_kernel/NOTES.md has the design's history and measurements.
+
+Shapes: the passes work on rows, u: [rows, n] bf16 with rows = batch · channels (channel = row mod channels),
+which `long_conv_monarch_passes` makes from u: [batch, seq, channels] by a transpose. k: [channels,
+kernel_len <= seq].
 
 L = 2N = 128 · M. Two factors (M = r2 <= 128, N <= 8K), or three (M = r2 · r3, r2, r3 >= 16, N = 16K … 1M).
 x is viewed as X[n1, n2, n3] (n = n1·M + n2·r3 + n3; rows n1 >= 64 are the causal zero padding), the spectrum
@@ -21,23 +28,21 @@ A row's intermediates are stored as [re/im, outer, 128, inner] = [2, n2, k1, n3]
 T1 is never stored whole: T1[k1, n2·r3 + n3] = ω_L^(k1·r3·n2) · ω_L^(k1·n3) is formed in registers from two
 small float32 tables (pass A: ω_L^(k1·c·tile) · ω_L^(k1·j) for column block c). T2 is one [r2, r3] table.
 
-Pairs (`pair=True`, even batch): the rows of batch b and b + B/2 (same channel) go through as one complex row
+Pairs (even batch): the rows of batch b and b + B/2 (same channel) go through as one complex row
 u_b + i·u_{b+B/2}; A takes the complex input, A' returns the real and imaginary parts as the two outputs. The
 maps are complex-linear and K̂ is the spectrum of a real kernel, so this is exact, and it halves the
-intermediates. Batch loop (`batch_loop=True`): one program of C takes (channel, k1 group) and loops over the
-batch, so K̂ is read once per channel.
+intermediates. One program of C takes (channel, k1 group) and loops over the batch, so K̂ is read once per
+channel.
 
 HBM bytes per row of N (u, y: 2N each; an intermediate: 8N, or 4N per row for a pair; K̂ in bf16: 8N per
 channel), `traffic()`:
     forward   A 2N + 8N/P | C 16N/P + 8N/B | A' 8N/P + 2N         = 4N + 32N/P + 8N/B  (P = 2: 20N; 1: 36N)
     backward  A on dy and u 2 × (2N + 8N/P) | C (du and K̂'s cotangent, fused) 24N/P + 24N/B | A' 8N/P + 2N
-The old five-pass version moved 68N (three factors) or 36N, plus K̂ in float32 per row (16N) and the twiddle
-tables per program. The backward: du by the same passes with conj(K̂); K̂'s cotangent Σ_b (Re, −Im) Û_b ⊙
-conj(D̂_b) from A and the first half of C on u and dy, reduced over the batch inside C. With pairs the sum
-gains i·(Û_b' conj(D̂_b) − Û_b conj(D̂_b')), i times a Hermitian spectrum, which adds nothing to a real
-kernel's gradient: K̂'s cotangent is right after projection onto spectra of real kernels, which
-`kernel_spectrum`'s VJP does (so `long_conv_passes` wants the K̂ of a real kernel). `interpret=True` runs it
-on CPU. Checked in float64 by `_numpy_model`. What the options do: `long_conv_passes`; timed by bench_passes.py.
+The backward: du by the same passes with conj(K̂); K̂'s cotangent Σ_b (Re, −Im) Û_b ⊙ conj(D̂_b) from A and
+the first half of C on u and dy, reduced over the batch inside C. With pairs the sum gains
+i·(Û_b' conj(D̂_b) − Û_b conj(D̂_b')), i times a Hermitian spectrum, which adds nothing to a real kernel's
+gradient: K̂'s cotangent is right after projection onto spectra of real kernels, which `kernel_spectrum`'s VJP
+does (so `conv_rows` wants the K̂ of a real kernel). Checked in float64 by `_numpy_model`.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ from jax.experimental import pallas as pl
 
 R1 = 128
 HALF = R1 // 2
+MIN_LENGTH, MAX_LENGTH = 1 << 10, 1 << 20  # the n the passes take (powers of two)
+MIN_SEQ = 4097          # shorter causal bf16 sequences take the Hopper kernels or the fused portable kernel
+AUTO_LENGTHS = (8192, 16384, 32768, 65536)  # the padded n where "auto" takes the passes (measured faster than
+                                            # jnp.fft on an H200: docs/long_conv.md)
 
 
 class Plan(NamedTuple):
@@ -75,10 +84,20 @@ class Plan(NamedTuple):
         return self.r3 if self.r3 > 1 else self.r2
 
 
+def padded_length(seq: int) -> int:
+    """The n (a power of two, at least MIN_LENGTH) a sequence of `seq` is zero-padded to."""
+    return max(MIN_LENGTH, 1 << (seq - 1).bit_length())
+
+
+def applies(seq: int, kernel_len: int, dtype, *, causal: bool) -> bool:
+    """Whether `long_conv(impl="monarch")` takes the passes for this problem (on a GPU, or interpreted)."""
+    return causal and dtype == jnp.bfloat16 and MIN_SEQ <= seq <= MAX_LENGTH and kernel_len <= seq
+
+
 def plan(n: int) -> Plan:
     """The factors for N = n (a power of two, 1024 … 2^20). r3 (the inner axis) takes the larger share."""
-    if n < 1024 or n > 1 << 20 or n & (n - 1):
-        raise ValueError(f"u: N = {n}: the prototype takes powers of two from 1024 to 1048576")
+    if n < MIN_LENGTH or n > MAX_LENGTH or n & (n - 1):
+        raise ValueError(f"u: padded length {n}: the passes take powers of two from {MIN_LENGTH} to {MAX_LENGTH}")
     length = 2 * n
     m = length // R1
     if m <= 128:
@@ -142,19 +161,17 @@ def kernel_spectrum(k: jax.Array, p: Plan, dtype=jnp.float32) -> jax.Array:
     return jnp.stack([spectrum.real, spectrum.imag], 1).astype(dtype)
 
 
-def traffic(n: int, batch: int, *, pair: bool = True, khat_bytes: int = 2, fuse_backward: bool = True) -> dict:
+def traffic(n: int, batch: int) -> dict:
     """Model HBM bytes per row (one of batch · channels) of each pass, forward and backward: the bytes each
-    pass must read and write once, with K̂ (and its cotangent, float32) counted once per channel."""
-    p = 2 if pair and batch % 2 == 0 else 1
+    pass must read and write once, with K̂ (bf16, and its cotangent, float32) counted once per channel."""
+    p = 2 if batch % 2 == 0 else 1
+    khat_bytes = 2
     spectrum = 8 * n / p                    # one intermediate: 2N complex bf16 values, shared by a pair's rows
     khat = 2 * 2 * n * khat_bytes / batch   # [re/im, 2N] per channel
     cotangent = 2 * 2 * n * 4 / batch
     fwd = {"A": 2 * n + spectrum, "C": 2 * spectrum + khat, "A'": spectrum + 2 * n}
-    bwd = {"A(dy), A(u)": 2 * (2 * n + spectrum), "A'": spectrum + 2 * n}
-    if fuse_backward:
-        bwd["C (du, dK̂)"] = 3 * spectrum + khat + cotangent
-    else:
-        bwd["C (du)"], bwd["C (dK̂)"] = 2 * spectrum + khat, 2 * spectrum + cotangent
+    bwd = {"A(dy), A(u)": 2 * (2 * n + spectrum), "C (du, dK̂)": 3 * spectrum + khat + cotangent,
+           "A'": spectrum + 2 * n}
     return {"fwd": fwd, "bwd": bwd}
 
 
@@ -198,32 +215,24 @@ def _left(f, a, conj=False):
     return _dot(fr, ar) + _dot(-fi, ai), _dot(fr, ai) + _dot(fi, ar)
 
 
-def _invariant(make, hoist):
-    """A loop-invariant value: made once before the loop (hoist: it stays in registers), or at each use."""
-    if hoist:
-        value = make()
-        return lambda: value
-    return make
-
-
 def _planes_of(ref):
-    return lambda: (ref[0], ref[1])
+    """A reader of a ref's (re, im) planes: kernels read their constants at each use, inside their loops."""
+    def read():
+        return ref[0], ref[1]
+    return read
 
 
-def _pass_a_kernel(x_ref, f_ref, ta_ref, tb_ref, y_ref, *, pairs, steps, hoist):
+def _pass_a_kernel(x_ref, f_ref, ta_ref, tb_ref, y_ref, *, pairs, steps):
     """x_ref: [P, R, 64, tile] u-like rows (P = 2: a pair's real and imaginary parts), f_ref: [2, P, 128, 64],
     ta_ref: [2, 128], tb_ref: [2, 128, tile] -> y_ref: [R, 2, 128, tile] = (F1 @ x) ⊙ (ta ⊗ tb), row by row."""
-    f = _invariant(lambda: [(f_ref[0, q], f_ref[1, q]) for q in range(pairs)], hoist)
-    t = _invariant(lambda: _mul((ta_ref[0][:, None], ta_ref[1][:, None]), (tb_ref[0], tb_ref[1])), hoist)
-
-    def row(i, carry):
-        matrices = f()
+    def row(i, carry):  # the constants are read at each use: holding them through the loop spills registers
         x = x_ref[0, i]
-        re, im = _dot(matrices[0][0], x), _dot(matrices[0][1], x)
+        re, im = _dot(f_ref[0, 0], x), _dot(f_ref[1, 0], x)
         if pairs == 2:
             x = x_ref[1, i]
-            re, im = re + _dot(matrices[1][0], x), im + _dot(matrices[1][1], x)
-        re, im = _mul((re, im), t())
+            re, im = re + _dot(f_ref[0, 1], x), im + _dot(f_ref[1, 1], x)
+        t1 = _mul((ta_ref[0][:, None], ta_ref[1][:, None]), (tb_ref[0], tb_ref[1]))
+        re, im = _mul((re, im), t1)
         y_ref[i, 0] = re.astype(y_ref.dtype)
         y_ref[i, 1] = im.astype(y_ref.dtype)
         return carry
@@ -231,14 +240,12 @@ def _pass_a_kernel(x_ref, f_ref, ta_ref, tb_ref, y_ref, *, pairs, steps, hoist):
     jax.lax.fori_loop(0, steps, row, 0)
 
 
-def _pass_a_inverse_kernel(w_ref, g_ref, y_ref, *, pairs, steps, hoist):
+def _pass_a_inverse_kernel(w_ref, g_ref, y_ref, *, pairs, steps):
     """w_ref: [R, 2, 128, tile], g_ref: [P, 2, 64, 128] -> y_ref: [P, R, 64, tile]: Re (and Im) of conj(G) @ w."""
-    g = _invariant(lambda: [(g_ref[q, 0], g_ref[q, 1]) for q in range(pairs)], hoist)
-
     def row(i, carry):
         w_re, w_im = w_ref[i, 0], w_ref[i, 1]
-        for q, (g_re, g_im) in enumerate(g()):
-            y_ref[q, i] = (_dot(g_re, w_re) + _dot(g_im, w_im)).astype(y_ref.dtype)
+        for q in range(pairs):
+            y_ref[q, i] = (_dot(g_ref[q, 0], w_re) + _dot(g_ref[q, 1], w_im)).astype(y_ref.dtype)
         return carry
 
     jax.lax.fori_loop(0, steps, row, 0)
@@ -281,8 +288,8 @@ class _Slab(NamedTuple):
         return tuple(jnp.broadcast_to(x[:, None, :], (self.outer, self.group, self.inner)) for x in z)
 
 
-def _middle_kernel(*refs, slab: _Slab, steps, conj_khat, with_w, with_cotangent, hoist):
-    """Pass C on a (batch block, channel, k1 group): for each of `steps` rows, y -> spectrum Z; with_w: × K̂
+def _middle_kernel(*refs, slab: _Slab, steps, conj_khat, with_w, with_cotangent):
+    """Pass C on a (channel, k1 group): for each of `steps` rows (the batch), y -> spectrum Z; with_w: × K̂
     (or conj(K̂)) and back, into w; with_cotangent: Σ (Re, −Im) Zu ⊙ conj(Z) over the rows of yu, into cot.
 
     refs: y [steps, 2, block], [yu [steps, 2, block]], [kh [2, block]], fl [2, inner, inner], cb [2, G|-, inner],
@@ -292,12 +299,16 @@ def _middle_kernel(*refs, slab: _Slab, steps, conj_khat, with_w, with_cotangent,
     y_ref = refs.pop(0)
     yu_ref = refs.pop(0) if with_cotangent else None
     kh_ref = refs.pop(0) if with_w else None
-    fl, cb_ref = _invariant(_planes_of(refs.pop(0)), hoist), refs.pop(0)
+    fl, cb_ref = _planes_of(refs.pop(0)), refs.pop(0)
     if slab.three:
-        f2, t2_ref, ca_ref = _invariant(_planes_of(refs.pop(0)), hoist), refs.pop(0), refs.pop(0)
-        t2 = _invariant(lambda: _f32(slab.broadcast((t2_ref[0], t2_ref[1]))), hoist)   # [outer, G|-, inner]
+        f2, t2_ref, ca_ref = _planes_of(refs.pop(0)), refs.pop(0), refs.pop(0)
+
+        def t2():  # [outer, G|-, inner]
+            return _f32(slab.broadcast((t2_ref[0], t2_ref[1])))
     if with_w:
-        kh = _invariant(lambda: slab.right((kh_ref[0], kh_ref[1])), hoist)
+
+        def kh():
+            return slab.right((kh_ref[0], kh_ref[1]))
     w_ref = refs.pop(0) if with_w else None
     cot_ref = refs.pop(0) if with_cotangent else None
 
@@ -308,7 +319,7 @@ def _middle_kernel(*refs, slab: _Slab, steps, conj_khat, with_w, with_cotangent,
             z = _bf16(_mul(_left(f2(), slab.left(z)), slab.left(t2())))
         return _right(slab.right(z), fl())
 
-    def make_t1():
+    def t1():
         """T1 on the block, as stored."""
         b = cb_ref[0], cb_ref[1]
         if not slab.three:
@@ -317,8 +328,6 @@ def _middle_kernel(*refs, slab: _Slab, steps, conj_khat, with_w, with_cotangent,
         if slab.group == 1:
             return _mul((a[0][:, None], a[1][:, None]), (b[0][None, :], b[1][None, :]))
         return _mul((a[0][:, :, None], a[1][:, :, None]), (b[0][None], b[1][None]))
-
-    t1 = _invariant(make_t1, hoist)
 
     def back(p):
         """P (bf16, right view) -> W1 (f32, as stored)."""
@@ -351,15 +360,6 @@ def _middle_kernel(*refs, slab: _Slab, steps, conj_khat, with_w, with_cotangent,
 # Passes
 
 
-def _params(num_warps: int, num_stages: int, interpret: bool):
-    """Triton compiler parameters (pallas_call on a GPU otherwise lowers through Mosaic GPU)."""
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def _full(a):
     return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
 
@@ -380,37 +380,39 @@ class _Config(NamedTuple):
     batch: int            # batch elements per pass (pairs count once)
     channels: int
     rows_per_program: int
-    batch_block: int      # rows of one channel per program of pass C
     slab: _Slab           # pass C's forward block
     slab_bwd: _Slab       # pass C's backward block (half the values: it holds three spectra)
-    hoist: bool
-    khat_dtype: object
-    options: tuple        # (num_warps, num_stages, interpret)
+    interpret: bool
 
     def compiler(self, slab=None):
-        warps, stages, interpret = self.options
-        if slab is not None:  # pass C: a complex f32 block at most 64 registers a thread
-            warps = max(warps, min(16, slab.outer * slab.group * slab.inner // 1024))
-        return dict(interpret=interpret, compiler_params=_params(warps, stages, interpret))
+        """Triton's parameters: 8 warps (more in C: a complex f32 block at most 64 registers a thread), two
+        pipeline stages (one at N = 8K, r2 = 128, where two overflow an H200's shared memory by 1 KB)."""
+        if self.interpret:
+            return dict(interpret=True)
+        from jax.experimental.pallas import triton as pltriton
+
+        warps = 8 if slab is None else max(8, min(16, slab.outer * slab.group * slab.inner // 1024))
+        stages = 1 if self.p.r3 == 1 and self.p.r2 == 128 else 2
+        return dict(compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages))
 
 
-def _configure(rows, n, channels, *, pair=True, batch_loop=True, khat_dtype=jnp.bfloat16,
-               table_dtype=jnp.bfloat16, tile=64, rows_per_program=4, block=8192, num_warps=8, num_stages=None,
-               hoist=False, interpret=False) -> _Config:
+TILE = 64                # columns of A's and A''s blocks
+ROWS_PER_PROGRAM = 4     # rows A and A' loop over per program
+BLOCK = 8192             # about how many spectrum values of a row one program of C holds (half in the backward)
+
+
+def _configure(rows: int, n: int, channels: int, interpret: bool) -> _Config:
     p = plan(n)
-    if num_stages is None:  # 2 stages overflow shared memory by 1 KB at N = 8K (r2 = 128) on an H200
-        num_stages = 1 if p.r3 == 1 and p.r2 == 128 else 2
     batch = rows // channels
-    pairs = 2 if pair and batch % 2 == 0 else 1
-    tile = min(tile, p.inner)
+    pairs = 2 if batch % 2 == 0 else 1
 
     def slab(values):
+        """G = values / M k1 slabs (at least 1); with two factors at least 16 k1 rows."""
         group = max(1, values // p.m) if p.r3 > 1 else max(16, values // p.inner)
         return _Slab(p.outer, _pow2_divisor(R1, group), p.inner)
 
-    return _Config(p, factors(p, tile, table_dtype=table_dtype), pairs, rows // pairs, batch // pairs, channels,
-                   _pow2_divisor(rows // pairs, rows_per_program), batch // pairs if batch_loop else 1,
-                   slab(block), slab(block // 2), hoist, khat_dtype, (num_warps, num_stages, interpret))
+    return _Config(p, factors(p, min(TILE, p.inner)), pairs, rows // pairs, batch // pairs, channels,
+                   _pow2_divisor(rows // pairs, ROWS_PER_PROGRAM), slab(BLOCK), slab(BLOCK // 2), interpret)
 
 
 def _pass_a(x, c: _Config):
@@ -419,7 +421,7 @@ def _pass_a(x, c: _Config):
     tile = f.tb.shape[-1]
     per_n2 = p.inner // tile
     return pl.pallas_call(
-        functools.partial(_pass_a_kernel, pairs=c.pairs, steps=step, hoist=c.hoist),
+        functools.partial(_pass_a_kernel, pairs=c.pairs, steps=step),
         grid=(c.rows // step, p.m // tile),
         in_specs=[pl.BlockSpec((c.pairs, step, HALF, tile), lambda r, j: (0, r, 0, j)),
                   pl.BlockSpec((2, c.pairs, R1, HALF), lambda r, j: (0, 0, 0, 0)),
@@ -435,7 +437,7 @@ def _pass_a_inverse(w, c: _Config, dtype):
     tile = f.tb.shape[-1]
     per_n2 = p.inner // tile
     return pl.pallas_call(
-        functools.partial(_pass_a_inverse_kernel, pairs=c.pairs, steps=step, hoist=c.hoist),
+        functools.partial(_pass_a_inverse_kernel, pairs=c.pairs, steps=step),
         grid=(c.rows // step, p.m // tile),
         in_specs=[pl.BlockSpec((step, 2, None, R1, tile), lambda r, j: (r, 0, j // per_n2, 0, j % per_n2)),
                   pl.BlockSpec((c.pairs, 2, HALF, R1), lambda r, j: (0, 0, 0, 0))],
@@ -446,29 +448,28 @@ def _pass_a_inverse(w, c: _Config, dtype):
 
 def _pass_c(ys, khat, c: _Config, slab: _Slab, *, conj_khat=False, with_w=True, with_cotangent=False):
     """ys: one or two (y, then yu) [rows, re/im, outer, 128, inner] -> [W1 like y] (with_w: y's spectrum × K̂ or
-    conj(K̂), transformed back), [K̂'s cotangent summed over each program's batch block: [batch / batch_block,
-    channels, re/im, outer, 128, inner] f32] (with_cotangent). Grid (batch block, channel, k1 group), the batch
-    block fastest: consecutive programs share K̂'s block."""
+    conj(K̂), transformed back), [K̂'s cotangent summed over the batch: [channels, re/im, outer, 128, inner] f32]
+    (with_cotangent). Grid (channel, k1 group); each program loops over the batch, so K̂ is read once."""
     p, f = c.p, c.f
     shape = (c.batch, c.channels, 2, p.outer, R1, p.inner)
     ys = [y.reshape(shape) for y in ys]
-    grid = (c.batch // c.batch_block, c.channels, R1 // slab.group)
-    data = pl.BlockSpec((c.batch_block, None, 2, *slab.dims), lambda b, h, j: (b, h, 0, 0, j, 0))
-    per_channel = pl.BlockSpec((None, 2, *slab.dims), lambda b, h, j: (h, 0, 0, j, 0))
+    grid = (c.channels, R1 // slab.group)
+    data = pl.BlockSpec((c.batch, None, 2, *slab.dims), lambda h, j: (0, h, 0, 0, j, 0))
+    per_channel = pl.BlockSpec((None, 2, *slab.dims), lambda h, j: (h, 0, 0, j, 0))
     tables = [f.fl, f.cb]
-    specs = [_full(f.fl), pl.BlockSpec((2, slab.dims[1], p.inner), lambda b, h, j: (0, j, 0))]
+    specs = [_full(f.fl), pl.BlockSpec((2, slab.dims[1], p.inner), lambda h, j: (0, j, 0))]
     if slab.three:
         tables += [f.f2, f.t2, f.ca]
-        specs += [_full(f.f2), _full(f.t2), pl.BlockSpec((2, p.outer, slab.dims[1]), lambda b, h, j: (0, 0, j))]
+        specs += [_full(f.f2), _full(f.t2), pl.BlockSpec((2, p.outer, slab.dims[1]), lambda h, j: (0, 0, j))]
     out_specs, out_shape = [], []
     if with_w:
         out_specs.append(data)
         out_shape.append(jax.ShapeDtypeStruct(shape, jnp.bfloat16))
     if with_cotangent:
-        out_specs.append(pl.BlockSpec((None, None, 2, *slab.dims), lambda b, h, j: (b, h, 0, 0, j, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((grid[0], *shape[1:]), jnp.float32))
-    kernel = functools.partial(_middle_kernel, slab=slab, steps=c.batch_block, conj_khat=conj_khat, with_w=with_w,
-                               with_cotangent=with_cotangent, hoist=c.hoist)
+        out_specs.append(per_channel)
+        out_shape.append(jax.ShapeDtypeStruct(shape[1:], jnp.float32))
+    kernel = functools.partial(_middle_kernel, slab=slab, steps=c.batch, conj_khat=conj_khat, with_w=with_w,
+                               with_cotangent=with_cotangent)
     outs = list(pl.pallas_call(
         kernel, grid=grid, in_specs=[data] * len(ys) + ([per_channel] if with_w else []) + specs,
         out_specs=out_specs, out_shape=out_shape, **c.compiler(slab),
@@ -478,39 +479,29 @@ def _pass_c(ys, khat, c: _Config, slab: _Slab, *, conj_khat=False, with_w=True, 
     return outs
 
 
-def pass_functions(rows: int, n: int, channels: int, **options) -> dict:
-    """The forward passes one at a time, for timing: {"A": u [rows, n] -> Y1, "C": (Y1, K̂ in khat_dtype) -> W1,
-    "A'": W1 -> y [rows, n]}, with the options of `long_conv_passes` (fuse_backward aside)."""
-    c = _configure(rows, n, channels, **options)
+def pass_functions(rows: int, n: int, channels: int, interpret: bool = False) -> dict:
+    """The forward passes one at a time, for timing: {"A": u [rows, n] -> Y1, "C": (Y1, K̂ in bf16) -> W1,
+    "A'": W1 -> y [rows, n]}."""
+    c = _configure(rows, n, channels, interpret)
     return {"A": lambda u: _pass_a(u.reshape(c.pairs, c.rows, HALF, c.p.m), c),
             "C": lambda y, khat: _pass_c([y], khat, c, c.slab)[0],
             "A'": lambda w: _pass_a_inverse(w, c, jnp.bfloat16).reshape(rows, n)}
 
 
-_STATIC = ("channels", "pair", "batch_loop", "khat_dtype", "table_dtype", "tile", "rows_per_program", "block",
-           "num_warps", "num_stages", "hoist", "fuse_backward", "interpret")
+@functools.partial(jax.jit, static_argnames=("channels", "interpret"))
+def conv_rows(u, khat, *, channels: int, interpret: bool = False):
+    """y[r] = causal conv of u[r] with channel (r mod channels)'s kernel; differentiable in u and khat.
 
+    Args:
+      u: [rows, n] bf16, rows = batch · channels, n a power of two (1024 … 2^20).
+      khat: `kernel_spectrum(k, plan(n))` of real kernels k (float32; bf16 in HBM inside).
+      channels: H. interpret: Pallas interpret mode (CPU).
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def long_conv_passes(u, khat, *, channels: int, pair: bool = True, batch_loop: bool = True,
-                     khat_dtype=jnp.bfloat16, table_dtype=jnp.bfloat16, tile: int = 64, rows_per_program: int = 4,
-                     block: int = 8192, num_warps: int = 8, num_stages: int | None = None, hoist: bool = False,
-                     fuse_backward: bool = True, interpret: bool = False):
-    """y[r] = causal conv of u[r] with channel (r mod channels)'s kernel. u: [rows, n] bf16, rows = batch ·
-    channels; khat: `kernel_spectrum(k, plan(n))`. Differentiable in u and khat (see the module docstring).
-
-    pair: two batch elements as one complex row (even batch). batch_loop: pass C loops over the batch per
-    (channel, k1 group) (else one row per program, the batch fastest in the grid). khat_dtype: K̂ in HBM.
-    table_dtype: T2. tile: the columns of A's and A''s blocks (at most inner). rows_per_program: rows A and A'
-    loop over per program. block: about how many spectrum values of a row one program of C holds (G = block / M
-    k1 slabs, at least 1; two factors: at least 16 rows k1); half that in the backward. num_warps: at least
-    block / 1024 in C. num_stages: Triton's software pipelining of those loops (default 2; 1 at N = 8K, where
-    2 overflow shared memory). hoist: make each program's matrices, twiddles and K̂ block once, before its
-    loop, rather than at each use. fuse_backward: du and K̂'s cotangent in one pass C."""
+    Returns:
+      y: [rows, n] like u.
+    """
     rows, n = u.shape
-    c = _configure(rows, n, channels, pair=pair, batch_loop=batch_loop, khat_dtype=khat_dtype,
-                   table_dtype=table_dtype, tile=tile, rows_per_program=rows_per_program, block=block,
-                   num_warps=num_warps, num_stages=num_stages, hoist=hoist, interpret=interpret)
+    c = _configure(rows, n, channels, interpret)
     khat_in = khat.dtype
 
     def spectra(x):
@@ -522,33 +513,38 @@ def long_conv_passes(u, khat, *, channels: int, pair: bool = True, batch_loop: b
 
     @jax.custom_vjp
     def conv(u, khat):
-        return forward(u, khat.astype(khat_dtype))
+        return forward(u, khat.astype(jnp.bfloat16))
 
     def conv_fwd(u, khat):
-        kh = khat.astype(khat_dtype)
+        kh = khat.astype(jnp.bfloat16)
         return forward(u, kh), (u, kh)
 
     def conv_bwd(residuals, dy):
         u, kh = residuals
         yd, yu = spectra(dy.astype(u.dtype)), spectra(u)
-        if fuse_backward:
-            wd, cot = _pass_c([yd, yu], kh, c, c.slab_bwd, conj_khat=True, with_cotangent=True)
-        else:
-            [wd] = _pass_c([yd], kh, c, c.slab, conj_khat=True)
-            [cot] = _pass_c([yd, yu], None, c, c.slab_bwd, with_w=False, with_cotangent=True)
-        return _pass_a_inverse(wd, c, u.dtype).reshape(rows, n), cot.sum(0).astype(khat_in)
+        wd, cot = _pass_c([yd, yu], kh, c, c.slab_bwd, conj_khat=True, with_cotangent=True)
+        return _pass_a_inverse(wd, c, u.dtype).reshape(rows, n), cot.astype(khat_in)
 
     conv.defvjp(conv_fwd, conv_bwd)
     return conv(u, khat)
 
 
-def long_conv_bhn(u, k, **options):
-    """u: [B, H, N] bf16, k: [H, kernel_len <= N] -> y: [B, H, N] bf16; differentiable in u and k. options: those
-    of `long_conv_passes` (defaults: the fastest expected)."""
-    batch, channels, n = u.shape
-    khat = kernel_spectrum(k, plan(n))
-    y = long_conv_passes(u.reshape(batch * channels, n), khat, channels=channels, **options)
-    return y.reshape(batch, channels, n)
+def long_conv_monarch_passes(u: jax.Array, k: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """The causal long convolution by the passes (`applies` says when `long_conv` calls it).
+
+    Args:
+      u: [batch, seq, channels] bf16, seq <= 2^20.
+      k: [channels, kernel_len <= seq].
+      interpret: Pallas interpret mode (CPU).
+
+    Returns:
+      y: [batch, seq, channels] bf16; differentiable in u and k (k's gradient through `kernel_spectrum`).
+    """
+    batch, seq, channels = u.shape
+    n = padded_length(seq)
+    rows = jnp.pad(u, ((0, 0), (0, n - seq), (0, 0))).transpose(0, 2, 1).reshape(batch * channels, n)
+    y = conv_rows(rows, kernel_spectrum(k, plan(n)), channels=channels, interpret=interpret)
+    return y.reshape(batch, channels, n)[:, :, :seq].transpose(0, 2, 1)
 
 
 def _numpy_model(n: int) -> float:

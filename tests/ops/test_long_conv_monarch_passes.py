@@ -1,0 +1,124 @@
+"""The three Monarch passes for long sequences (longseq.ops.long_conv_monarch_passes): in Pallas interpret mode on
+CPU against jnp.fft, forward and gradients, paired and unpaired batches, two and three factors; the dispatch of
+long_conv(impl="monarch"); and their lowering through Triton for CUDA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longseq.ops import long_conv, long_conv_monarch_passes as passes
+from longseq.ops.long_conv import _monarch_path
+
+
+def _rel_err(got, want):
+    return float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+
+
+def _inputs(batch, seq, channels, kernel_len, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    u = jax.random.normal(keys[0], (batch, seq, channels), jnp.float32).astype(jnp.bfloat16)
+    k = jax.random.normal(keys[1], (channels, kernel_len), jnp.float32) / np.sqrt(kernel_len)
+    dy = jax.random.normal(keys[2], (batch, seq, channels), jnp.float32).astype(jnp.bfloat16)
+    return u, k, dy
+
+
+def test_passes_factorisation_is_the_linear_convolution():
+    for n in (1024, 16384, 1 << 20):  # two factors, three factors of 16, three of 128
+        assert passes._numpy_model(n) < 1e-12
+
+
+ON_GPU = jax.devices()[0].platform == "gpu"
+on_gpu_only = pytest.mark.skipif(not ON_GPU, reason="long rows: compiled passes only (a GPU)")
+
+
+# (batch, seq, channels, kernel_len): an even batch goes through in pairs, an odd one unpaired; seq 1000 pads to
+# 1024 (two factors), 9001 to 16384 (three factors, the middle pass's [r2, G, r3] blocks). Interpreted on CPU,
+# compiled on a GPU, which also runs 2^17 and 2^20 (three factors of 128).
+@pytest.mark.parametrize("shape", [
+    pytest.param((4, 1000, 3, 995), id="pairs_two_factors"),
+    pytest.param((1, 9001, 2, 4000), id="unpaired_three_factors"),
+    pytest.param((2, 70001, 8, 65536), id="pairs_128k", marks=on_gpu_only),
+    pytest.param((1, 1 << 20, 4, 1 << 20), id="unpaired_1m", marks=on_gpu_only),
+])
+def test_passes_match_fft(shape):
+    batch, seq, channels, kernel_len = shape
+    u, k, dy = _inputs(batch, seq, channels, kernel_len)
+
+    def loss(conv):
+        return lambda u, k: jnp.sum(conv(u, k).astype(jnp.float32) * dy.astype(jnp.float32))
+
+    def conv(u, k):
+        return passes.long_conv_monarch_passes(u, k, interpret=not ON_GPU)
+
+    def reference(u, k):
+        return long_conv(u.astype(jnp.float32), k, impl="fft")
+
+    (y, vjp) = jax.vjp(conv, u, k)
+    assert y.shape == u.shape and y.dtype == u.dtype
+    assert _rel_err(y, reference(u, k)) < 1e-2
+    du, dk = vjp(dy)
+    want_du, want_dk = jax.grad(loss(reference), (0, 1))(u, k)
+    assert du.dtype == u.dtype and dk.dtype == k.dtype
+    assert _rel_err(du, want_du) < 1e-2
+    assert _rel_err(dk, want_dk) < 1e-2
+
+
+def test_pass_functions_compose_to_the_forward():
+    """bench_passes.py times the passes one at a time: together they are the forward."""
+    u, k, _ = _inputs(2, 1024, 2, 1000)
+    rows = u.transpose(0, 2, 1).reshape(4, 1024)
+    fns = passes.pass_functions(4, 1024, 2, interpret=True)
+    khat = passes.kernel_spectrum(k, passes.plan(1024), jnp.bfloat16)
+    y = fns["A'"](fns["C"](fns["A"](rows), khat))
+    np.testing.assert_array_equal(y, passes.conv_rows(rows, passes.kernel_spectrum(k, passes.plan(1024)),
+                                                      channels=2, interpret=True))
+
+
+def test_traffic_counts_the_pairs_and_the_kernel_once_per_channel():
+    n = 8192
+    assert sum(passes.traffic(n, 8)["fwd"].values()) == 20 * n + 8 * n / 8
+    assert sum(passes.traffic(n, 1)["fwd"].values()) == 36 * n + 8 * n
+
+
+def _path(seq, dtype=jnp.bfloat16, causal=True, kernel_len=None):
+    u = jax.ShapeDtypeStruct((1, seq, 4), dtype)
+    k = jax.ShapeDtypeStruct((4, kernel_len or seq), jnp.float32)
+    return _monarch_path(u, k, causal=causal)
+
+
+def test_monarch_takes_the_passes_for_bf16_causal_past_4k():
+    assert _path(4097) == _path(1 << 20) == "passes"
+    assert _path(4096) == "portable"                        # the fused kernel (the Hopper kernels on Hopper)
+    assert _path(6000, dtype=jnp.float32, kernel_len=2000) == "portable"  # the passes compute in bf16
+    assert _path(8192, causal=False) == "portable"
+    assert _path(16384, dtype=jnp.float32) == "xla"
+    assert _path((1 << 20) + 1) == "xla"
+
+
+def test_long_conv_runs_the_passes_and_auto_takes_them_where_measured_on_gpus():
+    u, k, _ = _inputs(2, 4100, 2, 300)
+    y = long_conv(u, k, impl="monarch")
+    np.testing.assert_array_equal(y, passes.long_conv_monarch_passes(u, k, interpret=not ON_GPU))
+    auto = "monarch" if ON_GPU and 8192 in passes.AUTO_LENGTHS else "fft"
+    np.testing.assert_array_equal(long_conv(u, k), long_conv(u, k, impl=auto))
+
+
+# forward: A, C, A'; the gradient: A on dy and u, C (du and K̂'s cotangent in one), A'
+@pytest.mark.parametrize("shape", [(8, 8192, 768), (1, 65536, 768)])
+def test_passes_lower_through_triton(shape):
+    u = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((shape[2], shape[1]), jnp.float32)
+    conv = passes.long_conv_monarch_passes
+    grad = jax.grad(lambda u, k: jnp.sum(conv(u, k).astype(jnp.float32)), (0, 1))
+    for fn, calls in ((conv, 3), (grad, 4)):
+        exported = jax.export.export(
+            jax.jit(fn), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(u, k)
+        assert exported.mlir_module().count("__gpu$xla.gpu.triton") == calls
+
+
+@pytest.mark.parametrize("n", [512, 3000, 1 << 21])
+def test_passes_refuse_other_lengths(n):
+    with pytest.raises(ValueError, match="powers of two from 1024 to 1048576"):
+        passes.plan(n)
