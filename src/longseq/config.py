@@ -387,8 +387,8 @@ class KernelsConfig(_Checked):
         "auto", "implementation of longseq.ops.attention (pallas_mosaic_gpu: the Hopper kernels, bfloat16 and "
                 "head_dim 64 or 128)")
     long_conv: Literal["auto", "fft", "monarch", "direct"] = param(
-        "auto", "implementation of longseq.ops.long_conv (auto: the Hopper Monarch kernels where they apply, else fft; "
-                "monarch: DFT as matmuls, the fastest Pallas kernel that applies)")
+        "auto", "implementation of longseq.ops.long_conv (auto: the Monarch kernels where they were measured faster "
+                "on a GPU, else fft; monarch: DFT as matmuls, the fastest Pallas kernel that applies)")
     flash_attention: FlashAttentionConfig = param(FlashAttentionConfig(), "tiling of the Pallas attention kernel")
 
 

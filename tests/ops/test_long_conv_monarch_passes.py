@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from longseq.ops import long_conv, long_conv_monarch_passes as passes
-from longseq.ops.long_conv import _monarch_path
+from longseq.ops.long_conv import _monarch_path, _resolve_impl
 
 
 def _rel_err(got, want):
@@ -89,19 +89,28 @@ def _path(seq, dtype=jnp.bfloat16, causal=True, kernel_len=None):
 
 def test_monarch_takes_the_passes_for_bf16_causal_past_4k():
     assert _path(4097) == _path(1 << 20) == "passes"
-    assert _path(4096) == "portable"                        # the fused kernel (the Hopper kernels on Hopper)
+    from longseq.ops.long_conv_monarch_hopper import on_hopper
+
+    assert _path(4096) == ("hopper" if on_hopper() else "portable")
     assert _path(6000, dtype=jnp.float32, kernel_len=2000) == "portable"  # the passes compute in bf16
     assert _path(8192, causal=False) == "portable"
     assert _path(16384, dtype=jnp.float32) == "xla"
     assert _path((1 << 20) + 1) == "xla"
 
 
-def test_long_conv_runs_the_passes_and_auto_takes_them_where_measured_on_gpus():
+def test_long_conv_runs_the_passes():
     u, k, _ = _inputs(2, 4100, 2, 300)
     y = long_conv(u, k, impl="monarch")
     np.testing.assert_array_equal(y, passes.long_conv_monarch_passes(u, k, interpret=not ON_GPU))
-    auto = "monarch" if ON_GPU and 8192 in passes.AUTO_LENGTHS else "fft"
-    np.testing.assert_array_equal(long_conv(u, k), long_conv(u, k, impl=auto))
+
+
+def test_auto_takes_the_passes_only_where_they_were_measured_faster():
+    assert passes.faster_than_fft(2, 20000) and passes.faster_than_fft(4, 1 << 17)
+    assert not passes.faster_than_fft(1, 1 << 16)        # unpaired
+    assert not passes.faster_than_fft(8, 1 << 14)        # 16K: lost at batch 2
+    assert not passes.faster_than_fft(2, (1 << 17) + 1)  # 2^18: the middle pass is slower
+    u, k = jax.ShapeDtypeStruct((2, 20000, 4), jnp.bfloat16), jax.ShapeDtypeStruct((4, 20000), jnp.float32)
+    assert _resolve_impl("auto", u, k, causal=True) == ("monarch" if ON_GPU else "fft")
 
 
 # forward: A, C, A'; the gradient: A on dy and u, C (du and K̂'s cotangent in one), A'

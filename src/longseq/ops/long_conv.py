@@ -41,8 +41,8 @@ dispatches on `impl`, and `gated_long_conv`:
                portable kernel where it applies, else the Monarch matmuls as XLA ops (e.g. on TPUs,
                float32 past 8K, circular past 8K, learned butterflies)
     "auto"     "monarch" where its kernels were measured faster than cuFFT on a GPU (the Hopper
-               kernels; the passes at the padded lengths of `long_conv_monarch_passes.AUTO_LENGTHS`),
-               "fft" elsewhere (docs/long_conv.md)
+               kernels; the passes at an even batch and seq 16K < seq <= 128K:
+               `long_conv_monarch_passes.faster_than_fft`), "fft" elsewhere (docs/long_conv.md)
     "direct"   the O(seq²) Toeplitz matrix (`long_conv_direct`): ground truth for tests
 """
 
@@ -180,7 +180,7 @@ def _monarch_is_faster(u: Array, k: Array, *, causal: bool) -> bool:
 
     path = _monarch_path(u, k, causal=causal)
     return path == "hopper" or (path == "passes" and jax.devices()[0].platform == "gpu"
-                                and passes.padded_length(u.shape[1]) in passes.AUTO_LENGTHS)
+                                and passes.faster_than_fft(u.shape[0], u.shape[1]))
 
 
 def _long_conv_monarch(u: Array, k: Array, *, causal: bool, butterflies=None) -> Array:
@@ -224,8 +224,7 @@ def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto", bu
         False: circular convolution of length seq with k zero-padded to seq.
       impl: one of LONG_CONV_IMPLS; "auto" picks the fastest measured: "monarch" where the Hopper
         kernels apply (bf16, causal, 513 <= seq <= 4096 on an H100 / H200) and where the passes were
-        faster on a GPU (bf16, causal, seq padded to `long_conv_monarch_passes.AUTO_LENGTHS`), "fft"
-        elsewhere.
+        faster on a GPU (bf16, causal, even batch, 16K < seq <= 128K), "fft" elsewhere.
       butterflies: (forward, inverse) `long_conv_monarch.Butterfly` factors replacing the exact DFT
         (a learned butterfly), causal only, with impl "monarch" or "auto"; their length must be
         at least seq + kernel_len − 1.

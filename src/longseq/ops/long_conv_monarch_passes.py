@@ -59,8 +59,11 @@ R1 = 128
 HALF = R1 // 2
 MIN_LENGTH, MAX_LENGTH = 1 << 10, 1 << 20  # the n the passes take (powers of two)
 MIN_SEQ = 4097          # shorter causal bf16 sequences take the Hopper kernels or the fused portable kernel
-AUTO_LENGTHS = (8192, 16384, 32768, 65536)  # the padded n where "auto" takes the passes (measured faster than
-                                            # jnp.fft on an H200: docs/long_conv.md)
+# Where "auto" takes the passes: an even batch (rows go through in pairs) and these padded n, where they were
+# 1.2-1.7x jnp.fft forward and forward + backward on an H200 (B x 768 channels, B = 2-8). At 8K-16K they
+# won at batch 8 but lost at batch 2 (16K, 1024 channels: 0.77x), at 2^18 and 2^20 the middle pass's 128-point
+# factors make them slower, and an odd batch runs unpaired (batch 1: 0.5-0.9x). docs/long_conv.md.
+AUTO_LENGTHS = (1 << 15, 1 << 16, 1 << 17)
 
 
 class Plan(NamedTuple):
@@ -92,6 +95,11 @@ def padded_length(seq: int) -> int:
 def applies(seq: int, kernel_len: int, dtype, *, causal: bool) -> bool:
     """Whether `long_conv(impl="monarch")` takes the passes for this problem (on a GPU, or interpreted)."""
     return causal and dtype == jnp.bfloat16 and MIN_SEQ <= seq <= MAX_LENGTH and kernel_len <= seq
+
+
+def faster_than_fft(batch: int, seq: int) -> bool:
+    """Whether the passes were measured faster than jnp.fft on this problem (on a GPU): "auto" takes them."""
+    return batch % 2 == 0 and padded_length(seq) in AUTO_LENGTHS
 
 
 def plan(n: int) -> Plan:
