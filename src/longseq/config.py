@@ -115,8 +115,8 @@ class ModelConfig(_Checked):
     tie_embeddings: bool = param(True, "LM head shares the input embedding matrix")
     scan_layers: bool = param(
         False, "run the layers as one lax.scan over repeats of the mixer pattern (mixer, or hybrid_pattern): "
-        "compiles one repeat instead of every layer, same numerics (the 24-layer 370M LM with cuDNN attention: "
-        "~10 s against ~4 min on an H200, for a 6-16% slower step); num_layers must be a multiple of the "
+        "compiles one repeat instead of every layer, same numerics (the 24-layer 370M LM's step: ~10 s "
+        "against ~21 s on an H200, for a 6-16% slower step); num_layers must be a multiple of the "
         "pattern's length")
     compute_dtype: Literal["float32", "bfloat16"] = param(
         "float32", "dtype of activations and matmuls (parameters stay float32)")
