@@ -1,4 +1,4 @@
-"""The communication benchmark: the HLO reader on hand-written HLO, and one run for P = 4, 8.
+"""The communication benchmark: the HLO reader on hand-written HLO, and one run for P = 8 (its four grids).
 
 The run compiles in subprocesses with simulated devices, so it holds on any machine and device count.
 """
@@ -99,7 +99,7 @@ def test_bad_arguments_exit_2_naming_the_flag(capsys):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bench_comm")
-    rows = run_comm_bench((4, 8), seq_len=256, heads=8, head_dim=16, out_dir=out_dir, verbose=False, command="test")
+    rows = run_comm_bench((8,), seq_len=256, heads=8, head_dim=16, out_dir=out_dir, verbose=False, command="test")
     return rows, out_dir
 
 
@@ -109,7 +109,7 @@ def test_end_to_end_measured_bytes_follow_the_model(bench):
     assert {row["strategy"] for row in rows} == set(STRATEGIES)
     for strategy in ("attention2d", "usp", "double_ring"):
         assert {(row["P"], row["grid"]) for row in rows if row["strategy"] == strategy} == {
-            (4, "1x4"), (4, "2x2"), (4, "4x1"), (8, "1x8"), (8, "2x4"), (8, "4x2"), (8, "8x1")}
+            (8, "1x8"), (8, "2x4"), (8, "4x2"), (8, "8x1")}
     for row in rows:  # the cost model's bytes are the compiled program's, collective by collective
         if row["pass"] == "fwd" or row["strategy"] in ("ulysses", "allgather_kv"):
             assert row["bytes"] == pytest.approx(row["analytic_bytes"], rel=1e-3), (row["strategy"], row["grid"])

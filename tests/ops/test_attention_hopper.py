@@ -154,6 +154,7 @@ def _interpreted(name, head_dim, seed=1):
     kwargs = dict(causal=causal, window=window, segment_ids=segment_ids, q_offset=jnp.int32(q_off),
                   kv_offset=jnp.int32(kv_off))
 
+    @functools.partial(jax.jit, static_argnums=(0, 1))  # one compiled call: op by op, the interpreter is slower
     def run(impl, interpret, *qkv):
         def loss(q, k, v):
             out, lse = attention(q, k, v, impl=impl, interpret=interpret, **kwargs)
