@@ -1,4 +1,4 @@
-"""Pass C's warps and pipeline stages at 256K and 1M, where its [r2, r3] = [32 | 128, 128] blocks spill (one H200).
+"""Pass C's warps and pipeline stages at 256K and 1M, where its blocks are largest (one H200; at 256K neither changed anything: NOTES.md).
 
     PYTHONPATH=src python3 experiments/long_conv_kernel/warps_sweep.py
 
@@ -7,7 +7,8 @@ compiler parameters patched, warps in C capped at 16 (the default) or 32, stages
 """
 
 import itertools
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +17,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from longseq.ops import long_conv_monarch_passes as passes
 
-
-def median_ms(fn, *args, calls=10, repeats=3):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outs = [fn(*args) for _ in range(calls)]
-        jax.block_until_ready(outs)
-        times.append((time.perf_counter() - start) * 1e3 / calls)
-    return float(np.median(times))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_passes import median_ms  # noqa: E402
 
 
 def patched(cap, stages):
