@@ -1,4 +1,6 @@
-"""Pass C's warps and pipeline stages at 256K and 1M, where its blocks are largest (one H200; at 256K neither changed anything: NOTES.md).
+"""Pass C's warps and pipeline stages at 256K and 1M, where its blocks are largest (one H200).
+
+At 256K neither changed anything (NOTES.md).
 
     PYTHONPATH=src python3 experiments/long_conv_kernel/warps_sweep.py
 
