@@ -122,8 +122,8 @@ def test_bad_input_is_refused():
         hopper.conv_rows(rows[:, :1000], jnp.zeros((2, 1000), jnp.bfloat16), channels=2)
 
 
+@pytest.mark.skipif(hopper.on_hopper(), reason="checks the path off Hopper")
 def test_not_selected_off_hopper():
-    assert not hopper.on_hopper()  # CI's CPU
     u, k, _ = _inputs(1024, batch=1, channels=2, kernel_len=1024)
     jaxpr = str(jax.make_jaxpr(lambda u, k: long_conv(u, k, impl="auto"))(u, k))
     assert "fft" in jaxpr and "pallas_call" not in jaxpr
