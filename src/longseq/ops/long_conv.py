@@ -151,9 +151,9 @@ def _long_conv_fft(u: Array, k: Array, *, causal: bool) -> Array:
 # Monarch implementation (matmuls)
 
 
-def _fused_kernel_interpret() -> bool | None:
-    """How the fused Monarch kernel runs here: compiled (False) on GPUs, interpreted (True) on CPUs,
-    not at all (None) elsewhere (TPUs take the XLA matmuls)."""
+def _portable_kernels_interpret() -> bool | None:
+    """How the portable Pallas Monarch kernels (the fused kernel, the passes) run here: compiled (False) on
+    GPUs, interpreted (True) on CPUs, not at all (None) elsewhere (TPUs take the XLA matmuls)."""
     return {"gpu": False, "cpu": True}.get(jax.devices()[0].platform)
 
 
@@ -167,7 +167,7 @@ def _monarch_path(u: Array, k: Array, *, causal: bool) -> str:
     seq, kernel_len = u.shape[1], k.shape[1]
     if hopper.applies(seq, kernel_len, u.dtype, causal=causal) and hopper.on_hopper():
         return "hopper"
-    if _fused_kernel_interpret() is None:
+    if _portable_kernels_interpret() is None:
         return "xla"
     if passes.applies(seq, kernel_len, u.dtype, causal=causal):
         return "passes"
@@ -191,10 +191,10 @@ def _long_conv_monarch(u: Array, k: Array, *, causal: bool, butterflies=None) ->
     if path == "hopper":
         return long_conv_monarch_hopper.long_conv_monarch_hopper(u, k)
     if path == "passes":
-        return long_conv_monarch_passes.long_conv_monarch_passes(u, k, interpret=_fused_kernel_interpret())
+        return long_conv_monarch_passes.long_conv_monarch_passes(u, k, interpret=_portable_kernels_interpret())
     if path == "portable":
         return long_conv_monarch_pallas.long_conv_monarch_pallas(u, k, causal=causal,
-                                                                 interpret=_fused_kernel_interpret())
+                                                                 interpret=_portable_kernels_interpret())
     return long_conv_monarch.long_conv_monarch_xla(u, k, causal=causal, butterflies=butterflies)
 
 
@@ -270,6 +270,6 @@ def gated_long_conv(u: Array, k: Array, gate: Array, skip: Array, *, causal: boo
 
         if fused.gating_fuses(u.shape[1], k.shape[1], u.shape[2], causal=causal):
             return fused.gated_long_conv_monarch_pallas(u, k, gate, skip, causal=causal,
-                                                        interpret=_fused_kernel_interpret())
+                                                        interpret=_portable_kernels_interpret())
     z = long_conv(u, k, causal=causal, impl=impl).astype(jnp.float32)
     return (gate.astype(jnp.float32) * (z + skip.astype(jnp.float32) * u.astype(jnp.float32))).astype(u.dtype)
