@@ -1,16 +1,19 @@
 """The LM loss, plain and chunked (`train.loss_chunk`): equal sums and gradients, and the chunked one never
-holds the [batch, seq, vocab] logits."""
+holds the [batch, seq, vocab] logits; the per-token statistics against optax; the vocabulary projection's
+backward in the compute dtype."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from longseq.config import load_config
+from longseq.models.lm import vocab_logits
 from longseq.train import train
-from longseq.train.losses import chunked_lm_sums, lm_sums
+from longseq.train.losses import chunked_lm_sums, lm_sums, token_statistics
 from longseq.train.metrics import read_metrics
 
 
@@ -53,6 +56,69 @@ def test_chunked_equals_plain_forward_and_gradients(dtype, rtol, chunk, z_loss):
     for name, g, w in zip(("hidden", "head", "weights"), got_grads, want_grads):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0])  # 300: exp would overflow without the shift
+def test_token_statistics_equal_optax_and_logsumexp_forward_and_gradients(scale):
+    keys = jax.random.split(jax.random.key(1), 3)
+    logits = jax.random.normal(keys[0], (3, 7, 41), jnp.float32) * scale
+    top = logits[0, 0].max()
+    logits = logits.at[0, 0, 0].set(top).at[0, 0, 40].set(top)  # a tie: argmax predicts the first index
+    targets = jax.random.randint(keys[1], (3, 7), 0, 41).at[0, 0].set(40)
+    g_z, g_loss = jax.random.normal(keys[2], (2, 3, 7))
+
+    def want(x):
+        log_z = jax.nn.logsumexp(x, axis=-1)
+        loss = optax.softmax_cross_entropy_with_integer_labels(x, targets)
+        return log_z, loss, (jnp.argmax(x, axis=-1) == targets).astype(jnp.float32)
+
+    def scalar(fn):
+        return lambda x: jnp.sum(g_z * fn(x)[0]) + jnp.sum(g_loss * fn(x)[1])
+
+    got, expected = token_statistics(logits, targets), want(logits)
+    for name, g, w in zip(("log_z", "loss", "correct"), got, expected):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * scale, err_msg=name)
+    assert float(got[2][0, 0]) == 0.0  # the tie went to index 0, not to the target 40
+    np.testing.assert_allclose(jax.grad(scalar(lambda x: token_statistics(x, targets)))(logits),
+                               jax.grad(scalar(want))(logits), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_vocab_logits_gradients_match_autodiff_with_the_matmuls_in_the_compute_dtype(dtype, rtol):
+    hidden, head, _, _ = problem(dtype)
+    d_logits = jax.random.normal(jax.random.key(7), (*hidden.shape[:2], head.shape[0]), jnp.float32)
+
+    def reference(h, w):  # float32 throughout: what the compute-dtype backward approximates
+        return jnp.einsum("bld,vd->blv", h.astype(jnp.float32), w)
+
+    def autodiff(h, w):  # JAX's own transpose of the float32-output matmul
+        return jnp.einsum("bld,vd->blv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    np.testing.assert_allclose(vocab_logits(hidden, head), autodiff(hidden, head), rtol=0, atol=0)
+    got = jax.vjp(vocab_logits, hidden, head)[1](d_logits)
+    want = jax.vjp(reference, hidden, head)[1](d_logits)
+    assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+    for name, g, w in zip(("hidden", "head"), got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max(), err_msg=name)
+
+    def dot_operand_dtypes(fn):  # of every matmul in the backward, inside the custom rule too
+        dtypes = set()
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "dot_general":
+                    dtypes.update(str(v.aval.dtype) for v in eqn.invars)
+                for param in eqn.params.values():
+                    inner = getattr(param, "jaxpr", param)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+        walk(jax.make_jaxpr(lambda h, w, g: jax.vjp(fn, h, w)[1](g))(hidden, head, d_logits).jaxpr)
+        return dtypes
+
+    assert dot_operand_dtypes(vocab_logits) == {jnp.dtype(dtype).name}
+    if dtype == jnp.bfloat16:  # what the custom rule is for: JAX's own backward multiplies in float32
+        assert "float32" in dot_operand_dtypes(autodiff)
 
 
 def test_the_chunked_loss_never_holds_the_logits():

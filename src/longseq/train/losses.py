@@ -19,16 +19,26 @@ import numpy as np
 import optax
 
 
+def token_statistics(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits: [..., vocab] float32, targets: [...] int -> (log Z, cross-entropy, correct), each [...] float32.
+
+    One pass finds each row's largest logit and its index (the prediction); log Z shifts by that logit, so
+    no second pass looks for the maximum (the 370M LM's logits are 4 GiB at 4 × 8K).
+    """
+    best = jnp.argmax(logits, axis=-1)
+    shift = jax.lax.stop_gradient(jnp.take_along_axis(logits, best[..., None], axis=-1))
+    log_z = shift[..., 0] + jnp.log(jnp.sum(jnp.exp(logits - shift), axis=-1))
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z, log_z - target_logit, (best == targets).astype(jnp.float32)
+
+
 def lm_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
     """Weighted next-token cross-entropy.
 
     logits: [batch, seq, vocab] (float32), targets: [batch, seq] int, weights: [batch, seq] float
     (1 where the position counts). Returns {"loss_sum", "z_sum", "correct_sum", "weight_sum"}, float32 scalars.
     """
-    logits = logits.astype(jnp.float32)
-    token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    log_z, token_loss, correct = token_statistics(logits.astype(jnp.float32), targets)
     weights = weights.astype(jnp.float32)
     return {"loss_sum": jnp.sum(token_loss * weights), "z_sum": jnp.sum(log_z ** 2 * weights),
             "correct_sum": jnp.sum(correct * weights), "weight_sum": jnp.sum(weights)}
@@ -66,11 +76,7 @@ def _blocked_forward(h_blocks, head, t_blocks, w_blocks):
     """(loss_sum, z_sum, correct_sum) and each token's (log Z, cross-entropy + log Z² terms) for the backward."""
     def block(sums, xs):
         h, t, w = xs
-        logits = _block_logits(h, head)
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        token_loss = log_z - target_logit
-        correct = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+        log_z, token_loss, correct = token_statistics(_block_logits(h, head), t)
         sums = (sums[0] + jnp.sum(token_loss * w), sums[1] + jnp.sum(log_z ** 2 * w), sums[2] + jnp.sum(correct * w))
         return sums, (log_z, token_loss)
 
