@@ -1,14 +1,19 @@
-"""Where one train step of a config spends its GPU time: attention, matmuls, everything else.
+"""Where one train step of a config spends its GPU time: attention, matmuls, long conv, the rest, the host.
 
 Compiles the step `longseq bench train` times (`longseq.bench.train.prepare_step`), runs it a few times,
 traces one under `jax.profiler` and sums the GPU kernel time by kind: attention kernels (cuDNN / Pallas),
-matmul kernels (cuBLAS / cuBLASLt / CUTLASS GEMMs), and the rest (XLA fusions: norms, activations, casts,
-the loss, the optimizer), with the 20 longest of the rest by name.
+matmul kernels (cuBLAS / cuBLASLt / CUTLASS GEMMs), long-convolution kernels (cuFFT / the Monarch kernels),
+and the rest (XLA fusions), split by the JAX operation each fusion came from (its `op_name`): the forward
+pass's norms, activations, casts and loss ("jvp"), the backward pass's ("transpose", rematerialisation
+included), and the update (AdamW, the gradient norm, the finite check: neither). "outside the GPU span" is
+the untraced wall time per step less the traced step's span from its first kernel to its last (the host's
+dispatch and the result's return; the traced step can run a few ms slower, so it can come out negative). It prints the 20
+longest of the rest by name, and one row of the breakdown in milliseconds.
 
     PYTHONPATH=src python3 experiments/end_to_end/profile_train.py configs/bench_lm_370m.yaml [overrides] [--out DIR]
 
 With `--out DIR` it also writes DIR/kernels.json (every GPU kernel of the traced step: name, kind, total ns,
-launches) and DIR/step.hlo.txt (the compiled step's optimized HLO, where a fusion's kernel name is its
+launches; and the breakdown) and DIR/step.hlo.txt (the compiled step's optimized HLO, where a fusion's kernel name is its
 instruction's name), for reading offline which fusions take the time.
 """
 
@@ -18,6 +23,7 @@ import collections
 import glob
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -29,17 +35,31 @@ from longseq.config import load_config
 
 ATTENTION = ("cudnn", "fmha", "flash", "attention", "mha")
 MATMUL = ("gemm", "cublas", "cutlass", "nvjet", "xmma", "sm90_", "sm100_", "matmul", "dot")
+LONG_CONV = ("fft", "monarch", "long_conv",
+             "real_complex", "scal_kernel")  # cuFFT's real-to-complex steps; XLA's inverse FFT scales by cuBLAS
 
 
 def kind(name: str) -> str:
     lowered = name.lower()
     if any(word in lowered for word in ATTENTION):
         return "attention"
+    if any(word in lowered for word in LONG_CONV):
+        return "long conv"
     if any(word in lowered for word in MATMUL):
         return "matmul"
     if "memcpy" in lowered or "memset" in lowered:
         return "copy"
     return "other"
+
+
+def fusion_phases(hlo_text: str) -> dict[str, str]:
+    """Kernel name of each XLA instruction (its name with "." and "-" as "_") -> "forward", "backward" or
+    "update", read from the JAX operation in its metadata."""
+    phases = {}
+    for name, op_name in re.findall(r'%([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text):
+        phase = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update"
+        phases.setdefault(name.replace(".", "_").replace("-", "_"), phase)
+    return phases
 
 
 def main(argv: list[str]) -> None:
@@ -61,6 +81,8 @@ def main(argv: list[str]) -> None:
             jax.block_until_ready(step.call())
         data = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
     print(f"{argv}: {wall_ms:.2f} ms per step untraced; model {step.flops['flops'] / wall_ms / 1e9:.0f} TFLOP/s")
+    phases = fusion_phases(step.compiled.as_text())
+    breakdown = {}
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -72,6 +94,8 @@ def main(argv: list[str]) -> None:
             for event in line.events:
                 what = kind(event.name)
                 totals[what] += event.duration_ns
+                part = f"other, {phases.get(event.name, 'unnamed')}" if what == "other" else what
+                breakdown[part] = breakdown.get(part, 0) + event.duration_ns / 1e6
                 every[event.name] += event.duration_ns
                 launches[event.name] += 1
                 first, last = min(first, event.start_ns), max(last, event.start_ns + event.duration_ns)
@@ -87,11 +111,15 @@ def main(argv: list[str]) -> None:
               f"{step.flops['matmul_flops'] / max(totals['matmul'], 1):.0f} GFLOP/s of matmul kernel time")
         for name, ns in others.most_common(20):
             print(f"      {ns / 1e6:7.3f} ms  {name}")
+        breakdown = {part: round(ms, 2) for part, ms in sorted(breakdown.items(), key=lambda kv: -kv[1])}
+        breakdown["outside the GPU span"] = round(wall_ms - (last - first) / 1e6, 2)
+        print("  breakdown (ms): " + json.dumps(breakdown))
         if out:
             rows = [{"name": name, "kind": kind(name), "ns": ns, "launches": launches[name]}
                     for name, ns in every.most_common()]
             with open(os.path.join(out, "kernels.json"), "w") as f:
-                json.dump({"wall_ms": wall_ms, "span_ms": (last - first) / 1e6, "kernels": rows}, f, indent=0)
+                json.dump({"argv": argv, "wall_ms": wall_ms, "span_ms": (last - first) / 1e6,
+                           "breakdown": breakdown, "kernels": rows}, f, indent=0)
     if out:
         with open(os.path.join(out, "step.hlo.txt"), "w") as f:
             f.write(step.compiled.as_text())

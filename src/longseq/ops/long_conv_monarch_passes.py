@@ -436,6 +436,7 @@ def _pass_a(x, c: _Config):
                   pl.BlockSpec((2, None, R1), lambda r, j: (0, j, 0)), _full(f.tb)],
         out_specs=pl.BlockSpec((step, 2, None, R1, tile), lambda r, j: (r, 0, j // per_n2, 0, j % per_n2)),
         out_shape=jax.ShapeDtypeStruct((c.rows, 2, p.outer, R1, p.inner), jnp.bfloat16), **c.compiler(),
+        name="longseq_monarch_pass_a",
     )(x, f.fa[:, :c.pairs], f.ta, f.tb)
 
 
@@ -451,6 +452,7 @@ def _pass_a_inverse(w, c: _Config, dtype):
                   pl.BlockSpec((c.pairs, 2, HALF, R1), lambda r, j: (0, 0, 0, 0))],
         out_specs=pl.BlockSpec((c.pairs, step, HALF, tile), lambda r, j: (0, r, 0, j)),
         out_shape=jax.ShapeDtypeStruct((c.pairs, c.rows, HALF, p.m), dtype), **c.compiler(),
+        name="longseq_monarch_pass_a_inverse",
     )(w, f.ga[:c.pairs])
 
 
@@ -480,7 +482,7 @@ def _pass_c(ys, khat, c: _Config, slab: _Slab, *, conj_khat=False, with_w=True, 
                                with_cotangent=with_cotangent)
     outs = list(pl.pallas_call(
         kernel, grid=grid, in_specs=[data] * len(ys) + ([per_channel] if with_w else []) + specs,
-        out_specs=out_specs, out_shape=out_shape, **c.compiler(slab),
+        out_specs=out_specs, out_shape=out_shape, **c.compiler(slab), name="longseq_monarch_pass_c",
     )(*ys, *([khat] if with_w else []), *tables))
     if with_w:
         outs[0] = outs[0].reshape(c.rows, 2, p.outer, R1, p.inner)
