@@ -11,7 +11,8 @@ from flax import nnx
 
 from longseq.layers.long_conv import LongConv
 from longseq.ops import long_conv, long_conv_direct
-from longseq.ops.long_conv_monarch import dft_butterflies, long_conv_monarch_xla, monarch_plan, split_factors
+from longseq.ops.long_conv_monarch import (dft_butterflies, long_conv_monarch_xla, monarch_plan, real_signal_dft,
+                                           split_factors)
 from longseq.ops.long_conv_monarch_pallas import long_conv_monarch_pallas, make_plan, supports
 
 
@@ -69,6 +70,19 @@ def test_xla_monarch_matches_numpy_in_float32(seq, kernel_len, causal):
     u, k, _ = random_inputs(seq + kernel_len, 2, seq, 3, kernel_len)
     y = jax.jit(long_conv_monarch_xla, static_argnames="causal")(u, k, causal=causal)
     assert relative_error(y, numpy_conv(u, k, causal=causal)) < 2e-6
+
+
+@pytest.mark.parametrize("kernel_len,length", [(7, 16), (1000, 2048), (2048, 2048)])
+def test_real_signal_dft_is_the_full_fft_forward_and_transposed(kernel_len, length):
+    """The kernels' spectrum by rfft and symmetry equals jnp.fft.fft of the real rows, and so does k's cotangent."""
+    k = jax.random.normal(jax.random.key(0), (3, kernel_len), jnp.float32)
+    re, im = jax.random.normal(jax.random.key(1), (2, 3, length), jnp.float32)
+    full = lambda x: jnp.fft.fft(x.astype(jnp.float32), length, axis=-1)
+    got, got_vjp = jax.vjp(lambda x: real_signal_dft(x, length), k)
+    want, want_vjp = jax.vjp(full, k)
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
+    np.testing.assert_allclose(got_vjp(re + 1j * im)[0], want_vjp(re + 1j * im)[0], rtol=1e-5, atol=1e-4)
 
 
 def test_three_factor_plan_matches_fft():

@@ -209,6 +209,16 @@ def operand_dtype_for(dtype) -> jnp.dtype:
     return jnp.dtype(dtype) if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else jnp.dtype(jnp.float32)
 
 
+def real_signal_dft(k: Array, length: int) -> Array:
+    """k: [channels, kernel_len <= length] real -> its DFT at `length` (even) points: [channels, length] complex64.
+
+    What the fused kernels need of the kernel k (`kernel_spectrum` in the Hopper and passes modules): jnp.fft.rfft,
+    half the work of jnp.fft.fft on a real row, and the other half by symmetry, X[length − f] = conj(X[f]).
+    k's cotangent goes through rfft's transpose, again half of fft's."""
+    half = jnp.fft.rfft(k.astype(jnp.float32), length, axis=-1)  # bins 0 … length / 2
+    return jnp.concatenate([half, jnp.conj(half[:, -2:0:-1])], axis=-1)
+
+
 def kernel_spectrum(k: Array, plan: MonarchPlan, forward: Butterfly, *, operand_dtype=jnp.float32):
     """The transform of k: [channels, kernel_len] -> (re, im), each [L, channels] float32. Computed
     once per call, not per batch element."""

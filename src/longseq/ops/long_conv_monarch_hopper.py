@@ -49,6 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from longseq.ops.long_conv_monarch import real_signal_dft
 from longseq.ops.mosaic_gpu import interpret_params, on_hopper  # noqa: F401 (on_hopper: long_conv's dispatch)
 
 Array = jax.Array
@@ -104,7 +105,7 @@ def kernel_spectrum(k: Array, n: int) -> Array:
     The backward takes its transpose for k's cotangent."""
     length = 2 * n
     r2 = length // R1
-    spectrum = jnp.fft.fft(k.astype(jnp.float32), length, axis=-1) / length  # index k1 + 128·k2
+    spectrum = real_signal_dft(k, length) / length                          # index k1 + 128·k2
     spectrum = spectrum.reshape(k.shape[0], r2, R1).transpose(0, 2, 1)       # [channels, k1, k2]
     return jnp.stack([spectrum.real, spectrum.imag], 1).reshape(k.shape[0], 2, 2, HALF, r2)
 

@@ -55,6 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from longseq.ops.long_conv_monarch import real_signal_dft
+
 R1 = 128
 HALF = R1 // 2
 MIN_LENGTH, MAX_LENGTH = 1 << 10, 1 << 20  # the n the passes take (powers of two)
@@ -163,7 +165,7 @@ def factors(p: Plan, tile: int = 64, matrix_dtype=jnp.bfloat16, table_dtype=jnp.
 def kernel_spectrum(k: jax.Array, p: Plan, dtype=jnp.float32) -> jax.Array:
     """k: [channels, kernel_len <= N] -> K̂: [channels, re/im, outer, 128, inner] (dtype), pass C's order, / L."""
     channels = k.shape[0]
-    spectrum = jnp.fft.fft(k.astype(jnp.float32), p.length, axis=-1) / p.length
+    spectrum = real_signal_dft(k, p.length) / p.length
     # k = k1 + 128·k2 (+ 128·r2·k3) -> [k2, k1, k3] (three factors) or [1, k1, k2] (two)
     spectrum = spectrum.reshape(channels, p.m // p.outer, p.outer, R1).transpose(0, 2, 3, 1)
     return jnp.stack([spectrum.real, spectrum.imag], 1).astype(dtype)
