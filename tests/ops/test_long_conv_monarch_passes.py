@@ -1,5 +1,5 @@
 """The three Monarch passes for long sequences (longseq.ops.long_conv_monarch_passes): in Pallas interpret mode on
-CPU against jnp.fft, forward and gradients, rows paired by batch, by channel or unpaired, two and three factors; the dispatch of
+CPU against jnp.fft, forward and gradients, paired and unpaired batches, two and three factors; the dispatch of
 long_conv(impl="monarch"); and their lowering through Triton for CUDA."""
 
 import jax
@@ -26,26 +26,20 @@ def _inputs(batch, seq, channels, kernel_len, seed=0):
 def test_passes_factorisation_is_the_linear_convolution():
     for n in (1024, 16384, 1 << 20):  # two factors, three factors of 16, three of 128
         assert passes._numpy_model(n) < 1e-12
-        assert passes._numpy_model(n, channel_pairs=True) < 1e-12  # two kernels through the mirrored spectrum
 
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 on_gpu_only = pytest.mark.skipif(not ON_GPU, reason="long rows: compiled passes only (a GPU)")
 
 
-# (batch, seq, channels, kernel_len): an even batch goes through in pairs of batch rows, an odd batch with an even
-# channel count in pairs of channels (pass C reads each block's mirror), else unpaired; seq 1000 pads to 1024
-# (two factors), 9001 to 16384 (three factors, the middle pass's [r2, G, r3] blocks). Interpreted on CPU,
-# compiled on a GPU, which also runs 2^17 and 2^20 (three factors of 128; one k1 slab per block of C).
+# (batch, seq, channels, kernel_len): an even batch goes through in pairs, an odd one unpaired; seq 1000 pads to
+# 1024 (two factors), 9001 to 16384 (three factors, the middle pass's [r2, G, r3] blocks). Interpreted on CPU,
+# compiled on a GPU, which also runs 2^17 and 2^20 (three factors of 128).
 @pytest.mark.parametrize("shape", [
-    pytest.param((4, 1000, 3, 995), id="batch_pairs_two_factors"),
-    pytest.param((3, 1000, 2, 700), id="channel_pairs_two_factors"),
-    pytest.param((1, 9001, 2, 4000), id="channel_pairs_three_factors"),
-    pytest.param((1, 9001, 3, 4000), id="unpaired_three_factors"),
-    pytest.param((2, 70001, 8, 65536), id="batch_pairs_128k", marks=on_gpu_only),
-    pytest.param((1, 70001, 8, 65536), id="channel_pairs_128k", marks=on_gpu_only),
-    pytest.param((1, 1 << 20, 4, 1 << 20), id="channel_pairs_1m", marks=on_gpu_only),
-    pytest.param((1, 1 << 20, 3, 1 << 20), id="unpaired_1m", marks=on_gpu_only),
+    pytest.param((4, 1000, 3, 995), id="pairs_two_factors"),
+    pytest.param((1, 9001, 2, 4000), id="unpaired_three_factors"),
+    pytest.param((2, 70001, 8, 65536), id="pairs_128k", marks=on_gpu_only),
+    pytest.param((1, 1 << 20, 4, 1 << 20), id="unpaired_1m", marks=on_gpu_only),
 ])
 def test_passes_match_fft(shape):
     batch, seq, channels, kernel_len = shape
@@ -85,7 +79,6 @@ def test_traffic_counts_the_pairs_and_the_kernel_once_per_channel():
     n = 8192
     assert sum(passes.traffic(n, 8)["fwd"].values()) == 20 * n + 8 * n / 8
     assert sum(passes.traffic(n, 1)["fwd"].values()) == 36 * n + 8 * n
-    assert sum(passes.traffic(n, 1, channels=2)["fwd"].values()) == 24 * n + 8 * n  # C reads the mirror too
 
 
 def _path(seq, dtype=jnp.bfloat16, causal=True, kernel_len=None):

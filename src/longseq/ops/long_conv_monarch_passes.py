@@ -59,10 +59,6 @@ from longseq.ops.long_conv_monarch import real_signal_dft
 
 R1 = 128
 HALF = R1 // 2
-# The order of the k1 slabs in every intermediate and table: k1 = K1_ORDER[position]. Position p < 64 holds
-# k1 = p and position 64 + p holds −p mod 128 (64 at position 64), so slab p's mirror −k1 sits 64 positions on
-# (0 and 64 are their own mirrors): pass C reads a block and its mirror block for channel pairs.
-K1_ORDER = np.concatenate([np.arange(HALF), [HALF], R1 - np.arange(1, HALF)])
 MIN_LENGTH, MAX_LENGTH = 1 << 10, 1 << 20  # the n the passes take (powers of two)
 MIN_SEQ = 4097          # shorter causal bf16 sequences take the Hopper kernels or the fused portable kernel
 # Where "auto" takes the passes: an even batch (rows go through in pairs) and these padded n, where they were
@@ -143,16 +139,15 @@ class Factors(NamedTuple):
     f2: np.ndarray   # [2, r2, r2] bf16 (three factors)
     t2: np.ndarray   # [2, r2, r3] table_dtype (three factors)
     fl: np.ndarray   # [2, inner, inner] bf16: the last factor
-    om: np.ndarray   # [2, outer, inner] f32: ω_M^m, m = n2·r3 + n3 (channel pairs: the mirror's twiddle)
 
 
 def factors(p: Plan, tile: int = 64, matrix_dtype=jnp.bfloat16, table_dtype=jnp.bfloat16,
             twiddle_dtype=np.float32) -> Factors:
-    f1 = _dft(R1)[K1_ORDER, :HALF]
-    g1 = np.conj(_dft(R1)[:HALF, K1_ORDER])
+    f1 = _dft(R1)[:, :HALF]
+    g1 = np.conj(_dft(R1)[:HALF, :])
     fa = np.stack([np.stack([f1.real, -f1.imag]), np.stack([f1.imag, f1.real])])   # (re, im) of F1 (x_a + i x_b)
     ga = np.stack([np.stack([g1.real, -g1.imag]), np.stack([g1.imag, g1.real])])   # (re, im) of conj(G) W
-    k1 = K1_ORDER
+    k1 = np.arange(R1)
     ta = _omega(np.outer(np.arange(p.m // tile) * tile, k1), p.length)
     tb = _omega(np.outer(k1, np.arange(tile)), p.length)
     ca = _omega(np.outer(np.arange(p.outer) * p.inner, k1), p.length)
@@ -164,8 +159,7 @@ def factors(p: Plan, tile: int = 64, matrix_dtype=jnp.bfloat16, table_dtype=jnp.
     tw = twiddle_dtype
     return Factors(fa.astype(matrix_dtype), ga.astype(matrix_dtype), _planes(ta, tw), _planes(tb, tw),
                    _planes(ca, tw), _planes(cb, tw), _planes(f2, matrix_dtype), _planes(t2, table_dtype),
-                   _planes(_dft(p.inner), matrix_dtype),
-                   _planes(_omega(np.arange(p.m).reshape(p.outer, p.inner), p.m), twiddle_dtype))
+                   _planes(_dft(p.inner), matrix_dtype))
 
 
 def kernel_spectrum(k: jax.Array, p: Plan, dtype=jnp.float32) -> jax.Array:
@@ -173,23 +167,20 @@ def kernel_spectrum(k: jax.Array, p: Plan, dtype=jnp.float32) -> jax.Array:
     channels = k.shape[0]
     spectrum = real_signal_dft(k, p.length) / p.length
     # k = k1 + 128·k2 (+ 128·r2·k3) -> [k2, k1, k3] (three factors) or [1, k1, k2] (two)
-    spectrum = spectrum.reshape(channels, p.m // p.outer, p.outer, R1).transpose(0, 2, 3, 1)[:, :, K1_ORDER]
+    spectrum = spectrum.reshape(channels, p.m // p.outer, p.outer, R1).transpose(0, 2, 3, 1)
     return jnp.stack([spectrum.real, spectrum.imag], 1).astype(dtype)
 
 
-def traffic(n: int, batch: int, channels: int = 1) -> dict:
+def traffic(n: int, batch: int) -> dict:
     """Model HBM bytes per row (one of batch · channels) of each pass, forward and backward: the bytes each
-    pass must read and write once, with K̂ (bf16, and its cotangent, float32) counted once per channel. Pairs
-    of channels (an odd batch, an even channel count) read each intermediate twice in C: it and its mirror."""
-    mirror = batch % 2 == 1 and channels % 2 == 0
-    p = 2 if batch % 2 == 0 or mirror else 1
+    pass must read and write once, with K̂ (bf16, and its cotangent, float32) counted once per channel."""
+    p = 2 if batch % 2 == 0 else 1
     khat_bytes = 2
     spectrum = 8 * n / p                    # one intermediate: 2N complex bf16 values, shared by a pair's rows
     khat = 2 * 2 * n * khat_bytes / batch   # [re/im, 2N] per channel
     cotangent = 2 * 2 * n * 4 / batch
-    reads = 2 if mirror else 1              # C's reads of each intermediate
-    fwd = {"A": 2 * n + spectrum, "C": (reads + 1) * spectrum + khat, "A'": spectrum + 2 * n}
-    bwd = {"A(dy), A(u)": 2 * (2 * n + spectrum), "C (du, dK̂)": (2 * reads + 1) * spectrum + khat + cotangent,
+    fwd = {"A": 2 * n + spectrum, "C": 2 * spectrum + khat, "A'": spectrum + 2 * n}
+    bwd = {"A(dy), A(u)": 2 * (2 * n + spectrum), "C (du, dK̂)": 3 * spectrum + khat + cotangent,
            "A'": spectrum + 2 * n}
     return {"fwd": fwd, "bwd": bwd}
 
@@ -307,23 +298,16 @@ class _Slab(NamedTuple):
         return tuple(jnp.broadcast_to(x[:, None, :], (self.outer, self.group, self.inner)) for x in z)
 
 
-def _middle_kernel(*refs, slab: _Slab, steps, conj_khat, with_w, with_cotangent, mirror=False):
+def _middle_kernel(*refs, slab: _Slab, steps, conj_khat, with_w, with_cotangent):
     """Pass C on a (channel, k1 group): for each of `steps` rows (the batch), y -> spectrum Z; with_w: × K̂
     (or conj(K̂)) and back, into w; with_cotangent: Σ (Re, −Im) Zu ⊙ conj(Z) over the rows of yu, into cot.
 
     refs: y [steps, 2, block], [yu [steps, 2, block]], [kh [2, block]], fl [2, inner, inner], cb [2, G|-, inner],
     [f2 [2, outer, outer], t2 [2, outer, inner], ca [2, outer, G|-]] (three factors), then the outputs
-    [w [steps, 2, block]], [cot [2, block] f32]. `block` is slab.dims without the squeezed axes.
-
-    mirror (channel pairs h, h'): y and yu are each followed by their mirror block, kh and cot are [2, 2, block]
-    (P = (K̂_h + K̂_h')/2, M = (K̂_h − K̂_h')/2), and om [2, outer, inner] (ω_M^m) follows the tables. Z·K̂ becomes
-    Z·P + Zc·M, where Zc = conj(Z(−f)) is the spectrum of conj(Y1 at −k1) ⊙ ω_M^m (`_numpy_model` derives it);
-    the cotangent gains Σ (Re, −Im) Zuc ⊙ conj(Z) for M."""
+    [w [steps, 2, block]], [cot [2, block] f32]. `block` is slab.dims without the squeezed axes."""
     refs = list(refs)
     y_ref = refs.pop(0)
-    ym_ref = refs.pop(0) if mirror else None
     yu_ref = refs.pop(0) if with_cotangent else None
-    yum_ref = refs.pop(0) if with_cotangent and mirror else None
     kh_ref = refs.pop(0) if with_w else None
     fl, cb_ref = _planes_of(refs.pop(0)), refs.pop(0)
     if slab.three:
@@ -331,40 +315,16 @@ def _middle_kernel(*refs, slab: _Slab, steps, conj_khat, with_w, with_cotangent,
 
         def t2():  # [outer, G|-, inner]
             return _f32(slab.broadcast((t2_ref[0], t2_ref[1])))
-    om_ref = refs.pop(0) if mirror else None
     if with_w:
 
-        def kh(q=None):
-            if q is None:
-                return slab.right((kh_ref[0], kh_ref[1]))
-            return slab.right((kh_ref[q, 0], kh_ref[q, 1]))
+        def kh():
+            return slab.right((kh_ref[0], kh_ref[1]))
     w_ref = refs.pop(0) if with_w else None
     cot_ref = refs.pop(0) if with_cotangent else None
 
-    def row_of(ref, i):
-        return ref[i, 0], ref[i, 1]
-
-    j = pl.program_id(1)  # the k1 group (outside the loops: the interpreter wants it at the top)
-
-    def mirrored(ref, mirror_ref, i):
-        """conj(Y1[−k1]) ⊙ ω_M^m on this block (bf16, as stored). Slab 0 of the first block of each half is
-        k1 = 0 or 64, its own mirror: from this block, and for k1 = 0 without ω_M^m."""
-        shape = tuple(d for d in slab.dims if d is not None)
-        if slab.group == 1:
-            first = jnp.full(shape, True)
-        else:
-            first = jax.lax.broadcasted_iota(jnp.int32, shape, 1 if slab.three else 0) == 0
-        own = first & (j % (R1 // 2 // slab.group) == 0)
-        unit = own & (j == 0)
-        re = jnp.where(own, ref[i, 0], mirror_ref[i, 0]).astype(jnp.float32)
-        im = -jnp.where(own, ref[i, 1], mirror_ref[i, 1]).astype(jnp.float32)
-        om = om_ref[0], om_ref[1]
-        om = slab.broadcast(om) if slab.three else tuple(jnp.broadcast_to(x, shape) for x in om)
-        om = jnp.where(unit, 1.0, om[0]), jnp.where(unit, 0.0, om[1])
-        return _bf16(_mul((re, im), om))
-
-    def spectrum(z):
-        """A row's Z (z: bf16 as stored), the right view (f32)."""
+    def spectrum(ref, i):
+        """Row i's Z, the right view (f32)."""
+        z = ref[i, 0], ref[i, 1]
         if slab.three:
             z = _bf16(_mul(_left(f2(), slab.left(z)), slab.left(t2())))
         return _right(slab.right(z), fl())
@@ -387,39 +347,23 @@ def _middle_kernel(*refs, slab: _Slab, steps, conj_khat, with_w, with_cotangent,
             w = slab.block(_left(f2(), slab.left(w), conj=True))
         return _mul(w, t1(), conj=True)
 
-    def accumulate(acc, zu, z):
-        return acc[0] + zu[0] * z[0] + zu[1] * z[1], acc[1] + zu[0] * z[1] - zu[1] * z[0]
-
-    def row(i, accs):
-        z = spectrum(row_of(y_ref, i))
+    def row(i, acc):
+        z = spectrum(y_ref, i)
         if with_cotangent:  # first, so that z is not held through `back`
-            new = [accumulate(accs[0], spectrum(row_of(yu_ref, i)), z)]
-            if mirror:
-                new.append(accumulate(accs[1], spectrum(mirrored(yu_ref, yum_ref, i)), z))
-            accs = new
+            zu = spectrum(yu_ref, i)
+            acc = acc[0] + zu[0] * z[0] + zu[1] * z[1], acc[1] + zu[0] * z[1] - zu[1] * z[0]
         if with_w:
-            if mirror:
-                p = _mul(z, _f32(kh(0)), conj=conj_khat)
-                pm = _mul(spectrum(mirrored(y_ref, ym_ref, i)), _f32(kh(1)), conj=conj_khat)
-                p = p[0] + pm[0], p[1] + pm[1]
-            else:
-                p = _mul(z, _f32(kh()), conj=conj_khat)
-            w = back(_bf16(p))
+            w = back(_bf16(_mul(z, _f32(kh()), conj=conj_khat)))
             w_ref[i, 0] = w[0].astype(w_ref.dtype)
             w_ref[i, 1] = w[1].astype(w_ref.dtype)
-        return accs
+        return acc
 
     zero = jnp.zeros((slab.outer * slab.group, slab.inner), jnp.float32)
-    accs = jax.lax.fori_loop(0, steps, row, [(zero, zero)] * (2 if mirror else 1) if with_cotangent else 0)
+    acc = jax.lax.fori_loop(0, steps, row, (zero, zero) if with_cotangent else 0)
     if with_cotangent:
-        for q, acc in enumerate(accs):
-            acc = slab.block(acc)
-            if mirror:
-                cot_ref[q, 0] = acc[0]
-                cot_ref[q, 1] = acc[1]
-            else:
-                cot_ref[0] = acc[0]
-                cot_ref[1] = acc[1]
+        acc = slab.block(acc)
+        cot_ref[0] = acc[0]
+        cot_ref[1] = acc[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,11 +385,10 @@ class _Config(NamedTuple):
     """Everything static about one call: the plan, the constants, and each pass's blocking."""
     p: Plan
     f: Factors
-    pairs: int            # 2: rows b and b + B/2 (or channels h and h + H/2) as one complex row
-    mirror: bool          # the pairs are channels: pass C also reads each block's mirror (two kernels)
+    pairs: int            # 2: rows b and b + B/2 as one complex row
     rows: int             # rows per pass (pairs count once)
-    batch: int            # batch elements per pass (pairs of rows count once)
-    channels: int         # channels per pass (pairs of channels count once)
+    batch: int            # batch elements per pass (pairs count once)
+    channels: int
     rows_per_program: int
     slab: _Slab           # pass C's forward block
     slab_bwd: _Slab       # pass C's backward block (half the values: it holds three spectra)
@@ -469,23 +412,17 @@ BLOCK = 8192             # about how many spectrum values of a row one program o
 
 
 def _configure(rows: int, n: int, channels: int, interpret: bool) -> _Config:
-    """Rows go through in pairs: batch rows b and b + B/2 at an even batch, else channels h and h + H/2 at an
-    even channel count (`mirror`: pass C then holds two spectra per value, so its blocks are halved), else alone."""
     p = plan(n)
     batch = rows // channels
-    mirror = batch % 2 == 1 and channels % 2 == 0
-    pairs = 2 if batch % 2 == 0 or mirror else 1
+    pairs = 2 if batch % 2 == 0 else 1
 
     def slab(values):
-        """G = values / M k1 slabs (at least 1); with two factors at least 16 k1 rows; a mirror block's G
-        slabs lie within one half of the 128 (K1_ORDER)."""
+        """G = values / M k1 slabs (at least 1); with two factors at least 16 k1 rows."""
         group = max(1, values // p.m) if p.r3 > 1 else max(16, values // p.inner)
-        return _Slab(p.outer, _pow2_divisor(HALF if mirror else R1, group), p.inner)
+        return _Slab(p.outer, _pow2_divisor(R1, group), p.inner)
 
-    block = BLOCK // 2 if mirror else BLOCK
-    return _Config(p, factors(p, min(TILE, p.inner)), pairs, mirror, rows // pairs,
-                   batch if mirror else batch // pairs, channels // 2 if mirror else channels,
-                   _pow2_divisor(rows // pairs, ROWS_PER_PROGRAM), slab(block), slab(block // 2), interpret)
+    return _Config(p, factors(p, min(TILE, p.inner)), pairs, rows // pairs, batch // pairs, channels,
+                   _pow2_divisor(rows // pairs, ROWS_PER_PROGRAM), slab(BLOCK), slab(BLOCK // 2), interpret)
 
 
 def _pass_a(x, c: _Config):
@@ -524,42 +461,31 @@ def _pass_a_inverse(w, c: _Config, dtype):
 def _pass_c(ys, khat, c: _Config, slab: _Slab, *, conj_khat=False, with_w=True, with_cotangent=False):
     """ys: one or two (y, then yu) [rows, re/im, outer, 128, inner] -> [W1 like y] (with_w: y's spectrum × K̂ or
     conj(K̂), transformed back), [K̂'s cotangent summed over the batch: [channels, re/im, outer, 128, inner] f32]
-    (with_cotangent). Grid (channel, k1 group); each program loops over the batch, so K̂ is read once.
-
-    With channel pairs (c.mirror) K̂ and the cotangent are [channels, 2, re/im, ...]: (K̂_a + K̂_b)/2 and
-    (K̂_a − K̂_b)/2 for the spectrum and its mirror, and each y is read twice, as the program's block and as
-    the mirror block (k1 → −k1: 64 positions on in K1_ORDER)."""
+    (with_cotangent). Grid (channel, k1 group); each program loops over the batch, so K̂ is read once."""
     p, f = c.p, c.f
     shape = (c.batch, c.channels, 2, p.outer, R1, p.inner)
     ys = [y.reshape(shape) for y in ys]
-    groups = R1 // slab.group
-    grid = (c.channels, groups)
+    grid = (c.channels, R1 // slab.group)
     data = pl.BlockSpec((c.batch, None, 2, *slab.dims), lambda h, j: (0, h, 0, 0, j, 0))
-    mirror_data = pl.BlockSpec((c.batch, None, 2, *slab.dims), lambda h, j: (0, h, 0, 0, (j + groups // 2) % groups, 0))
-    two = (2,) if c.mirror else ()
-    per_channel = pl.BlockSpec((None, *two, 2, *slab.dims), lambda h, j: (h, *(0,) * len(two), 0, 0, j, 0))
+    per_channel = pl.BlockSpec((None, 2, *slab.dims), lambda h, j: (h, 0, 0, j, 0))
     tables = [f.fl, f.cb]
     specs = [_full(f.fl), pl.BlockSpec((2, slab.dims[1], p.inner), lambda h, j: (0, j, 0))]
     if slab.three:
         tables += [f.f2, f.t2, f.ca]
         specs += [_full(f.f2), _full(f.t2), pl.BlockSpec((2, p.outer, slab.dims[1]), lambda h, j: (0, 0, j))]
-    if c.mirror:
-        tables.append(f.om)
-        specs.append(_full(f.om))
     out_specs, out_shape = [], []
     if with_w:
         out_specs.append(data)
         out_shape.append(jax.ShapeDtypeStruct(shape, jnp.bfloat16))
     if with_cotangent:
         out_specs.append(per_channel)
-        out_shape.append(jax.ShapeDtypeStruct((c.channels, *two, *shape[2:]), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct(shape[1:], jnp.float32))
     kernel = functools.partial(_middle_kernel, slab=slab, steps=c.batch, conj_khat=conj_khat, with_w=with_w,
-                               with_cotangent=with_cotangent, mirror=c.mirror)
-    data_specs = [data, mirror_data] if c.mirror else [data]
+                               with_cotangent=with_cotangent)
     outs = list(pl.pallas_call(
-        kernel, grid=grid, in_specs=data_specs * len(ys) + ([per_channel] if with_w else []) + specs,
+        kernel, grid=grid, in_specs=[data] * len(ys) + ([per_channel] if with_w else []) + specs,
         out_specs=out_specs, out_shape=out_shape, **c.compiler(slab), name="longseq_monarch_pass_c",
-    )(*[y for y in ys for _ in data_specs], *([khat] if with_w else []), *tables))
+    )(*ys, *([khat] if with_w else []), *tables))
     if with_w:
         outs[0] = outs[0].reshape(c.rows, 2, p.outer, R1, p.inner)
     return outs
@@ -569,27 +495,9 @@ def pass_functions(rows: int, n: int, channels: int, interpret: bool = False) ->
     """The forward passes one at a time, for timing: {"A": u [rows, n] -> Y1, "C": (Y1, K̂ in bf16) -> W1,
     "A'": W1 -> y [rows, n]}."""
     c = _configure(rows, n, channels, interpret)
-    return {"A": lambda u: _pass_a(_rows_in_pairs(u, c).reshape(c.pairs, c.rows, HALF, c.p.m), c),
-            "C": lambda y, khat: _pass_c([y], _spectra_in_pairs(khat, c), c, c.slab)[0],
-            "A'": lambda w: _rows_in_pairs(_pass_a_inverse(w, c, jnp.bfloat16).reshape(rows, n), c, back=True)}
-
-
-def _rows_in_pairs(u, c: _Config, back=False):
-    """u: [rows, n] in (batch, channel) order -> the order pass A pairs them in: (half, batch, channel) for
-    channel pairs (back=True undoes it); batch pairs and unpaired rows are already in it."""
-    if not c.mirror:
-        return u
-    rows, n = u.shape
-    shape = (c.batch, 2, c.channels, n) if not back else (2, c.batch, c.channels, n)
-    return u.reshape(shape).transpose(1, 0, 2, 3).reshape(rows, n)
-
-
-def _spectra_in_pairs(khat, c: _Config):
-    """K̂ [channels, ...] -> for channel pairs (h, h + H/2): [H/2, 2, ...] = ((K̂_h + K̂_h')/2, (K̂_h − K̂_h')/2)."""
-    if not c.mirror:
-        return khat
-    halves = khat.reshape(2, c.channels, *khat.shape[1:])
-    return jnp.stack([halves[0] + halves[1], halves[0] - halves[1]], axis=1) / 2
+    return {"A": lambda u: _pass_a(u.reshape(c.pairs, c.rows, HALF, c.p.m), c),
+            "C": lambda y, khat: _pass_c([y], khat, c, c.slab)[0],
+            "A'": lambda w: _pass_a_inverse(w, c, jnp.bfloat16).reshape(rows, n)}
 
 
 @functools.partial(jax.jit, static_argnames=("channels", "interpret"))
@@ -630,7 +538,7 @@ def conv_rows(u, khat, *, channels: int, interpret: bool = False):
         return _pass_a_inverse(wd, c, u.dtype).reshape(rows, n), cot.astype(khat_in)
 
     conv.defvjp(conv_fwd, conv_bwd)
-    return _rows_in_pairs(conv(_rows_in_pairs(u, c), _spectra_in_pairs(khat, c)), c, back=True)
+    return conv(u, khat)
 
 
 def long_conv_monarch_passes(u: jax.Array, k: jax.Array, *, interpret: bool = False) -> jax.Array:
@@ -651,15 +559,12 @@ def long_conv_monarch_passes(u: jax.Array, k: jax.Array, *, interpret: bool = Fa
     return y.reshape(batch, channels, n)[:, :, :seq].transpose(0, 2, 1)
 
 
-def _numpy_model(n: int, channel_pairs: bool = False) -> float:
+def _numpy_model(n: int) -> float:
     """The passes in float64 against np.convolve (NumPy's FFT past 16K): the largest error over the largest output.
-    Two rows as one complex pair, each layout and factored twiddle as the kernels use them: the same kernel for
-    both (a batch pair), or two kernels through the mirrored spectrum (channel_pairs)."""
+    Two rows as one complex pair, each layout and factored twiddle as the kernels use them."""
     p = plan(n)
     rng = np.random.default_rng(0)
-    u, ks = rng.standard_normal((2, n)), rng.standard_normal((2, n - 7))
-    if not channel_pairs:
-        ks[1] = ks[0]
+    u, k = rng.standard_normal((2, n)), rng.standard_normal(n - 7)
     tile = min(64, p.inner)
     exact = factors(p, tile, matrix_dtype=np.float64, table_dtype=np.float64, twiddle_dtype=np.float64)
     f = {name: a[0] + 1j * a[1] if name not in ("fa", "ga") else a for name, a in exact._asdict().items()}
@@ -667,19 +572,10 @@ def _numpy_model(n: int, channel_pairs: bool = False) -> float:
     y = (f["fa"][0, 0] + 1j * f["fa"][1, 0]) @ x[0] + (f["fa"][0, 1] + 1j * f["fa"][1, 1]) @ x[1]   # A
     t1 = (f["ta"][:, :, None] * f["tb"][None]).transpose(1, 0, 2).reshape(R1, p.m)                  # [k1, m]
     y = (y * t1).reshape(R1, p.outer, p.inner).transpose(1, 0, 2)                                   # [n2, k1, n3]
-    khat = [np.fft.fft(k, p.length).reshape(p.m // p.outer, p.outer, R1).transpose(1, 2, 0)[:, K1_ORDER] / p.length
-            for k in ks]
-    mirrored = np.conj(np.roll(y, HALF, axis=1)) * f["om"][:, None, :]                            # C's mirror
-    mirrored[:, 0] = np.conj(y[:, 0])                        # k1 = 0 is its own mirror, without the twiddle
-    mirrored[:, HALF] = np.conj(y[:, HALF]) * f["om"]        # and k1 = 64, with it
-
-    def spectrum(y):
-        if p.r3 > 1:
-            y = np.einsum("kn,nac->kac", f["f2"], y) * f["t2"][:, None, :]
-        return y @ f["fl"]
-
-    w = spectrum(y) * (khat[0] + khat[1]) / 2 + spectrum(mirrored) * (khat[0] - khat[1]) / 2
-    w = w @ np.conj(f["fl"])
+    khat = np.fft.fft(k, p.length).reshape(p.m // p.outer, p.outer, R1).transpose(1, 2, 0) / p.length
+    if p.r3 > 1:                                                                                     # C
+        y = np.einsum("kn,nac->kac", f["f2"], y) * f["t2"][:, None, :]
+    w = ((y @ f["fl"]) * khat) @ np.conj(f["fl"])
     if p.r3 > 1:
         w = np.einsum("kn,nac->kac", np.conj(f["f2"]), w * np.conj(f["t2"][:, None, :]))
     w = w * np.conj(f["ca"][:, :, None] * f["cb"][None])
@@ -687,7 +583,7 @@ def _numpy_model(n: int, channel_pairs: bool = False) -> float:
     g = [f["ga"][q, 0] @ w.real + f["ga"][q, 1] @ w.imag for q in range(2)]                          # A'
     out = np.stack([gq.reshape(-1) for gq in g])
     if n <= 16384:
-        expected = np.stack([np.convolve(row, k)[:n] for row, k in zip(u, ks)])
+        expected = np.stack([np.convolve(row, k)[:n] for row in u])
     else:  # np.convolve is O(n²); NumPy's own float64 FFT is the other way to the same numbers
-        expected = np.fft.irfft(np.fft.rfft(u, p.length) * np.fft.rfft(ks, p.length), p.length)[:, :n]
+        expected = np.fft.irfft(np.fft.rfft(u, p.length) * np.fft.rfft(k, p.length), p.length)[:, :n]
     return float(np.abs(out - expected).max() / np.abs(expected).max())
