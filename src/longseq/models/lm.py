@@ -38,7 +38,9 @@ def _vocab_logits_bwd(residuals, d_logits):
     h, head = residuals
     d_logits = d_logits.astype(h.dtype)
     dh = jnp.einsum("blv,vd->bld", d_logits, head.astype(h.dtype), preferred_element_type=jnp.float32)
-    d_head = jnp.einsum("blv,bld->vd", d_logits, h, preferred_element_type=jnp.float32)
+    # as [d_model, vocab], the untied head's own layout: in the [vocab, d_model] form XLA's CPU runtime (at
+    # --xla_backend_optimization_level=0, as `make test` runs) found no bf16 x bf16 -> float32 matmul
+    d_head = jnp.einsum("bld,blv->dv", h, d_logits, preferred_element_type=jnp.float32).T
     return dh.astype(h.dtype), d_head.astype(head.dtype)
 
 

@@ -105,9 +105,9 @@ def kernel_spectrum(k: Array, n: int) -> Array:
     The backward takes its transpose for k's cotangent."""
     length = 2 * n
     r2 = length // R1
-    spectrum = real_signal_dft(k, length) / length                          # index k1 + 128·k2
-    spectrum = spectrum.reshape(k.shape[0], r2, R1).transpose(0, 2, 1)       # [channels, k1, k2]
-    return jnp.stack([spectrum.real, spectrum.imag], 1).reshape(k.shape[0], 2, 2, HALF, r2)
+    planes = real_signal_dft(k, length) / length                             # index k1 + 128·k2
+    planes = planes.reshape(k.shape[0], 2, r2, R1).transpose(0, 1, 3, 2)     # [channels, re/im, k1, k2]
+    return planes.reshape(k.shape[0], 2, 2, HALF, r2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -165,10 +165,9 @@ def factors(p: Plan, tile: int = 64, matrix_dtype=jnp.bfloat16, table_dtype=jnp.
 def kernel_spectrum(k: jax.Array, p: Plan, dtype=jnp.float32) -> jax.Array:
     """k: [channels, kernel_len <= N] -> K̂: [channels, re/im, outer, 128, inner] (dtype), pass C's order, / L."""
     channels = k.shape[0]
-    spectrum = real_signal_dft(k, p.length) / p.length
+    planes = real_signal_dft(k, p.length) / p.length
     # k = k1 + 128·k2 (+ 128·r2·k3) -> [k2, k1, k3] (three factors) or [1, k1, k2] (two)
-    spectrum = spectrum.reshape(channels, p.m // p.outer, p.outer, R1).transpose(0, 2, 3, 1)
-    return jnp.stack([spectrum.real, spectrum.imag], 1).astype(dtype)
+    return planes.reshape(channels, 2, p.m // p.outer, p.outer, R1).transpose(0, 1, 3, 4, 2).astype(dtype)
 
 
 def traffic(n: int, batch: int) -> dict:
