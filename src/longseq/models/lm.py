@@ -36,12 +36,18 @@ def _vocab_logits_fwd(h, head):
 
 def _vocab_logits_bwd(residuals, d_logits):
     h, head = residuals
-    d_logits = d_logits.astype(h.dtype)
-    dh = jnp.einsum("blv,vd->bld", d_logits, head.astype(h.dtype), preferred_element_type=jnp.float32)
-    # as [d_model, vocab], the untied head's own layout: in the [vocab, d_model] form XLA's CPU runtime (at
-    # --xla_backend_optimization_level=0, as `make test` runs) found no bf16 x bf16 -> float32 matmul
-    d_head = jnp.einsum("bld,blv->dv", h, d_logits, preferred_element_type=jnp.float32).T
+    operands = _backward_operand_dtype(h.dtype)
+    d_logits = d_logits.astype(h.dtype).astype(operands)  # rounded to the compute dtype either way
+    dh = jnp.einsum("blv,vd->bld", d_logits, head.astype(h.dtype).astype(operands),
+                    preferred_element_type=jnp.float32)
+    d_head = jnp.einsum("blv,bld->vd", d_logits, h.astype(operands), preferred_element_type=jnp.float32)
     return dh.astype(h.dtype), d_head.astype(head.dtype)
+
+
+def _backward_operand_dtype(compute_dtype) -> jnp.dtype:
+    """The compute dtype, except on XLA's CPU backend: its runtime has no bf16 x bf16 -> float32 matmul outside
+    a fusion (`make test` hit it), so there the bf16-rounded operands multiply as float32, to the same sums."""
+    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(compute_dtype)
 
 
 vocab_logits.defvjp(_vocab_logits_fwd, _vocab_logits_bwd)
