@@ -7,14 +7,14 @@ and the rest (XLA fusions), split by the JAX operation each fusion came from (it
 pass's norms, activations, casts and loss ("jvp"), the backward pass's ("transpose", rematerialisation
 included), and the update (AdamW, the gradient norm, the finite check: neither). "outside the GPU span" is
 the untraced wall time per step less the traced step's span from its first kernel to its last (the host's
-dispatch and the result's return; the traced step can run a few ms slower, so it can come out negative). It prints the 20
-longest of the rest by name, and one row of the breakdown in milliseconds.
+dispatch and the result's return; the traced step can run a few ms slower, so it can come out negative).
+It prints the 20 longest of the rest by name, and one row of the breakdown in milliseconds.
 
     PYTHONPATH=src python3 experiments/end_to_end/profile_train.py configs/bench_lm_370m.yaml [overrides] [--out DIR]
 
 With `--out DIR` it also writes DIR/kernels.json (every GPU kernel of the traced step: name, kind, total ns,
-launches; and the breakdown) and DIR/step.hlo.txt (the compiled step's optimized HLO, where a fusion's kernel name is its
-instruction's name), for reading offline which fusions take the time.
+launches; and the breakdown) and DIR/step.hlo.txt (the compiled step's optimized HLO, where a fusion's kernel
+name is its instruction's name), for reading offline which fusions take the time.
 """
 
 from __future__ import annotations
@@ -81,13 +81,13 @@ def main(argv: list[str]) -> None:
             jax.block_until_ready(step.call())
         data = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
     print(f"{argv}: {wall_ms:.2f} ms per step untraced; model {step.flops['flops'] / wall_ms / 1e9:.0f} TFLOP/s")
-    phases = fusion_phases(step.compiled.as_text())
-    breakdown = {}
+    hlo = step.compiled.as_text()
+    phases = fusion_phases(hlo)
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         totals, others, first, last = collections.Counter(), collections.Counter(), float("inf"), 0.0
-        every, launches = collections.Counter(), collections.Counter()
+        every, launches, breakdown = collections.Counter(), collections.Counter(), collections.Counter()
         for line in plane.lines:
             if not line.name.lower().startswith("stream"):
                 continue
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
                 what = kind(event.name)
                 totals[what] += event.duration_ns
                 part = f"other, {phases.get(event.name, 'unnamed')}" if what == "other" else what
-                breakdown[part] = breakdown.get(part, 0) + event.duration_ns / 1e6
+                breakdown[part] += event.duration_ns / 1e6
                 every[event.name] += event.duration_ns
                 launches[event.name] += 1
                 first, last = min(first, event.start_ns), max(last, event.start_ns + event.duration_ns)
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> None:
               f"{step.flops['matmul_flops'] / max(totals['matmul'], 1):.0f} GFLOP/s of matmul kernel time")
         for name, ns in others.most_common(20):
             print(f"      {ns / 1e6:7.3f} ms  {name}")
-        breakdown = {part: round(ms, 2) for part, ms in sorted(breakdown.items(), key=lambda kv: -kv[1])}
+        breakdown = {part: round(ms, 2) for part, ms in breakdown.most_common()}
         breakdown["outside the GPU span"] = round(wall_ms - (last - first) / 1e6, 2)
         print("  breakdown (ms): " + json.dumps(breakdown))
         if out:
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> None:
                            "breakdown": breakdown, "kernels": rows}, f, indent=0)
     if out:
         with open(os.path.join(out, "step.hlo.txt"), "w") as f:
-            f.write(step.compiled.as_text())
+            f.write(hlo)
 
 
 if __name__ == "__main__":

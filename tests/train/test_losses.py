@@ -28,6 +28,18 @@ def problem(dtype, batch=3, seq=24, d_model=16, vocab=50, seed=0):
     return hidden, head, targets, weights
 
 
+def equations(jaxpr):
+    """Every equation of a jaxpr, inside scans, custom rules and other nested jaxprs too."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for inner in (param if isinstance(param, (list, tuple)) else [param]):
+                if hasattr(inner, "eqns"):
+                    yield from equations(inner)
+                elif hasattr(getattr(inner, "jaxpr", None), "eqns"):
+                    yield from equations(inner.jaxpr)
+
+
 def objective(sums_fn, z_loss):
     def f(hidden, head, weights, targets):
         sums = sums_fn(hidden, head, targets, weights)
@@ -105,18 +117,9 @@ def test_vocab_logits_gradients_match_autodiff_with_the_matmuls_in_the_compute_d
         np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max(), err_msg=name)
 
     def dot_operand_dtypes(fn):  # of every matmul in the backward, inside the custom rule too
-        dtypes = set()
-
-        def walk(jaxpr):
-            for eqn in jaxpr.eqns:
-                if eqn.primitive.name == "dot_general":
-                    dtypes.update(str(v.aval.dtype) for v in eqn.invars)
-                for param in eqn.params.values():
-                    inner = getattr(param, "jaxpr", param)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-        walk(jax.make_jaxpr(lambda h, w, g: jax.vjp(fn, h, w)[1](g))(hidden, head, d_logits).jaxpr)
-        return dtypes
+        jaxpr = jax.make_jaxpr(lambda h, w, g: jax.vjp(fn, h, w)[1](g))(hidden, head, d_logits).jaxpr
+        return {str(v.aval.dtype) for eqn in equations(jaxpr) if eqn.primitive.name == "dot_general"
+                for v in eqn.invars}
 
     with mock.patch.object(jax, "default_backend", lambda: "gpu"):  # traced only: the rule as a GPU runs it
         assert dot_operand_dtypes(vocab_logits) == {jnp.dtype(dtype).name}
@@ -131,19 +134,8 @@ def test_the_chunked_loss_never_holds_the_logits():
 
     def largest(fn):
         jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: fn(h, w, targets, weights)["loss_sum"], argnums=(0, 1)))(hidden, head)
-        sizes = []
-
-        def walk(jx):  # every equation's outputs, inside scans and custom rules too
-            for eqn in jx.eqns:
-                sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape"))
-                for param in eqn.params.values():
-                    for inner in (param if isinstance(param, (list, tuple)) else [param]):
-                        if hasattr(inner, "eqns"):
-                            walk(inner)
-                        elif hasattr(getattr(inner, "jaxpr", None), "eqns"):
-                            walk(inner.jaxpr)
-        walk(jaxpr.jaxpr)
-        return max(sizes)
+        return max(int(np.prod(v.aval.shape)) for eqn in equations(jaxpr.jaxpr) for v in eqn.outvars
+                   if hasattr(v.aval, "shape"))
 
     assert largest(plain) >= full
     assert largest(lambda *a: chunked_lm_sums(*a, chunk=16)) <= full // 4  # [batch, 16, vocab] blocks
