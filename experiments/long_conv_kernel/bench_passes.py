@@ -81,12 +81,13 @@ def model_bytes(batch, channels, n):
     return fwd, fwd + rows * sum(t["bwd"].values())
 
 
-def conv_bhn(interpret):
-    """u: [B, H, N] bf16, k: [H, N] -> y: [B, H, N] by the passes, on rows."""
+def conv_bhn(interpret, r1=None):
+    """u: [B, H, N] bf16, k: [H, N] -> y: [B, H, N] by the passes, on rows (first factor r1: None, the plan's)."""
     def conv(u, k):
         b, h, n = u.shape
-        khat = passes.kernel_spectrum(k, passes.plan(n))
-        return passes.conv_rows(u.reshape(b * h, n), khat, channels=h, interpret=interpret).reshape(u.shape)
+        khat = passes.kernel_spectrum(k, passes.plan(n, r1))
+        return passes.conv_rows(u.reshape(b * h, n), khat, channels=h, interpret=interpret,
+                                r1=r1).reshape(u.shape)
     return conv
 
 
@@ -96,6 +97,8 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--shapes", default="8x768x8192,8x768x16384,4x768x65536,1x768x262144,1x256x1048576",
                         help="B x H x N, comma-separated")
+    parser.add_argument("--r1", default="", help="first factors to time each shape with, comma-separated "
+                        "(default: the plan's)")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (a CPU smoke test)")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -105,15 +108,17 @@ def main():
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, copy bandwidth {bandwidth / 1e12:.2f} TB/s",
           flush=True)
     fft, fft_f32 = jax.jit(reference), jax.jit(lambda u, k: reference(u.astype(jnp.float32), k))
-    conv = conv_bhn(args.interpret)
     rows = []
-    for shape in args.shapes.split(","):
+    first_factors = [int(r) for r in args.r1.split(",") if r] or [None]
+    for shape, r1 in [(shape, r1) for shape in args.shapes.split(",") for r1 in first_factors]:
+        conv = conv_bhn(args.interpret, r1)
         b, h, n = map(int, shape.split("x"))
         keys = jax.random.split(jax.random.key(n), 3)
         u = jax.random.normal(keys[0], (b, h, n), jnp.float32).astype(jnp.bfloat16)
         k = jax.random.normal(keys[1], (h, n), jnp.float32) / np.sqrt(n)
         dy = jax.random.normal(keys[2], (b, h, n), jnp.float32).astype(jnp.bfloat16)
-        row = {"shape": shape, "fft": {}, "passes": {}, "by_pass": {}, "copy_TBps": bandwidth / 1e12}
+        row = {"shape": shape, "r1": passes.plan(n, r1).r1, "fft": {}, "passes": {}, "by_pass": {},
+               "copy_TBps": bandwidth / 1e12}
         try:
             row["fft"]["fwd"] = timed(fft, u, k)
             row["fft"]["fwd+bwd"] = timed(fwd_bwd(reference, dy), u, k)
@@ -133,7 +138,7 @@ def main():
                 out[f"{part}_bw"] = nbytes / (out[part] * 1e-3) / bandwidth
                 if part in row["fft"]:
                     out[f"{part}_speedup"] = row["fft"][part] / out[part]
-            row["by_pass"] = time_passes(b, h, n, u, k, bandwidth, args.interpret)
+            row["by_pass"] = time_passes(b, h, n, u, k, bandwidth, args.interpret, r1)
         except Exception as e:  # noqa: BLE001
             out["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         rows.append(row)
@@ -145,11 +150,11 @@ def main():
             json.dump(rows, f, indent=1)
 
 
-def time_passes(b, h, n, u, k, bandwidth, interpret):
+def time_passes(b, h, n, u, k, bandwidth, interpret, r1=None):
     """The three forward passes one at a time: ms and fraction of the copy bandwidth of each."""
-    fns = passes.pass_functions(b * h, n, h, interpret)
+    fns = passes.pass_functions(b * h, n, h, interpret, r1)
     model = passes.traffic(n, b)["fwd"]
-    khat = passes.kernel_spectrum(k, passes.plan(n), jnp.bfloat16)
+    khat = passes.kernel_spectrum(k, passes.plan(n, r1), jnp.bfloat16)
     y1 = jax.jit(fns["A"])(u.reshape(b * h, n))
     w1 = jax.jit(fns["C"])(y1, khat)
     result = {}
@@ -161,18 +166,18 @@ def time_passes(b, h, n, u, k, bandwidth, interpret):
 
 def print_table(rows):
     nan = float("nan")
-    print("\n| B × H × N | jnp.fft fwd / fwd+bwd ms | passes fwd / fwd+bwd ms | ratio | of copy bw | "
+    print("\n| B × H × N | r1 | jnp.fft fwd / fwd+bwd ms | passes fwd / fwd+bwd ms | ratio | of copy bw | "
           "err y / du / dk | by pass (fwd) |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         fft, v = row["fft"], row["passes"]
         if "error" in v:
-            print(f"| {row['shape']} | {fft.get('fwd', nan):.3f} / {fft.get('fwd+bwd', nan):.3f} | "
+            print(f"| {row['shape']} | {row['r1']} | {fft.get('fwd', nan):.3f} / {fft.get('fwd+bwd', nan):.3f} | "
                   f"{v['error'][:80]} | | | | |")
             continue
         errs = " / ".join(f"{v.get(e, nan):.1e}" for e in ("err_y", "err_du", "err_dk"))
         cells = ", ".join(f"{name} {p['ms']:.3f} ({p['bw']:.0%})" for name, p in row["by_pass"].items())
-        print(f"| {row['shape']} | {fft.get('fwd', nan):.3f} / {fft.get('fwd+bwd', nan):.3f} | "
+        print(f"| {row['shape']} | {row['r1']} | {fft.get('fwd', nan):.3f} / {fft.get('fwd+bwd', nan):.3f} | "
               f"{v['fwd']:.3f} / {v['fwd+bwd']:.3f} | {v.get('fwd_speedup', nan):.2f}× / "
               f"{v.get('fwd+bwd_speedup', nan):.2f}× | {v['fwd_bw']:.0%} / {v['fwd+bwd_bw']:.0%} | {errs} | {cells} |")
 

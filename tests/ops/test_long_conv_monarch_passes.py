@@ -24,8 +24,18 @@ def _inputs(batch, seq, channels, kernel_len, seed=0):
 
 
 def test_passes_factorisation_is_the_linear_convolution():
-    for n in (1024, 16384, 1 << 20):  # two factors, three factors of 16, three of 128
-        assert passes._numpy_model(n) < 1e-12
+    # two factors; first factor 128 then three of 16, or 256 then two; 128 then three of 128, or 256, 64, 128
+    for n, r1 in ((1024, None), (16384, 128), (16384, 256), (1 << 20, 128), (1 << 20, 256)):
+        assert passes._numpy_model(n, r1) < 1e-12
+
+
+def test_plan_widens_the_first_factor_where_it_was_measured_faster():
+    assert [passes.plan(n).r1 for n in (8192, 16384, 32768, 1 << 20)] == [128, 256, 128, 256]
+    assert passes.plan(16384) == passes.Plan(16384, 32768, 256, 128, 1)        # two factors, M = 128
+    assert passes.plan(1 << 20) == passes.Plan(1 << 20, 1 << 21, 256, 64, 128)
+    for r1 in (64, 512):
+        with pytest.raises(ValueError, match="r1=.*128 or 256"):
+            passes.plan(16384, r1)
 
 
 ON_GPU = jax.devices()[0].platform == "gpu"
@@ -33,11 +43,13 @@ on_gpu_only = pytest.mark.skipif(not ON_GPU, reason="long rows: compiled passes 
 
 
 # (batch, seq, channels, kernel_len): an even batch goes through in pairs, an odd one unpaired; seq 1000 pads to
-# 1024 (two factors), 9001 to 16384 (three factors, the middle pass's [r2, G, r3] blocks). Interpreted on CPU,
-# compiled on a GPU, which also runs 2^17 and 2^20 (three factors of 128).
+# 1024 (two factors), 9001 to 16384 (first factor 256, two factors), 17000 to 32768 (three factors, the middle
+# pass's [r2, G, r3] blocks). Interpreted on CPU, compiled on a GPU, which also runs 2^17 (three factors, the
+# last of 128) and 2^20 (256, 64, 128).
 @pytest.mark.parametrize("shape", [
     pytest.param((4, 1000, 3, 995), id="pairs_two_factors"),
-    pytest.param((1, 9001, 2, 4000), id="unpaired_three_factors"),
+    pytest.param((1, 9001, 2, 4000), id="unpaired_first_factor_256"),
+    pytest.param((2, 17000, 1, 4000), id="pairs_three_factors"),
     pytest.param((2, 70001, 8, 65536), id="pairs_128k", marks=on_gpu_only),
     pytest.param((1, 1 << 20, 4, 1 << 20), id="unpaired_1m", marks=on_gpu_only),
 ])
@@ -107,14 +119,15 @@ def test_long_conv_runs_the_passes():
 def test_auto_takes_the_passes_only_where_they_were_measured_faster():
     assert passes.faster_than_fft(2, 20000) and passes.faster_than_fft(4, 1 << 17)
     assert not passes.faster_than_fft(1, 1 << 16)        # unpaired
-    assert not passes.faster_than_fft(8, 1 << 14)        # 16K: lost at batch 2
+    assert passes.faster_than_fft(2, 1 << 14)            # 16K: with r1 = 256
+    assert not passes.faster_than_fft(2, 8192)           # 8K: won at batch 8 only
     assert not passes.faster_than_fft(2, (1 << 17) + 1)  # 2^18: the middle pass is slower
     u, k = jax.ShapeDtypeStruct((2, 20000, 4), jnp.bfloat16), jax.ShapeDtypeStruct((4, 20000), jnp.float32)
     assert _resolve_impl("auto", u, k, causal=True) == ("monarch" if ON_GPU else "fft")
 
 
 # forward: A, C, A'; the gradient: A on dy and u, C (du and K̂'s cotangent in one), A'
-@pytest.mark.parametrize("shape", [(8, 8192, 768), (1, 65536, 768)])
+@pytest.mark.parametrize("shape", [(8, 8192, 768), (2, 16384, 256), (1, 65536, 768)])
 def test_passes_lower_through_triton(shape):
     u = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     k = jax.ShapeDtypeStruct((shape[2], shape[1]), jnp.float32)

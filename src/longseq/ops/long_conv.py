@@ -41,7 +41,7 @@ dispatches on `impl`, and `gated_long_conv`:
                portable kernel where it applies, else the Monarch matmuls as XLA ops (e.g. on TPUs,
                float32 past 8K, circular past 8K, learned butterflies)
     "auto"     "monarch" where its kernels were measured faster than cuFFT on a GPU (the Hopper
-               kernels; the passes at an even batch and seq 16K < seq <= 128K:
+               kernels; the passes at an even batch and 8K < seq <= 128K:
                `long_conv_monarch_passes.faster_than_fft`), "fft" elsewhere (docs/long_conv.md)
     "direct"   the O(seq²) Toeplitz matrix (`long_conv_direct`): ground truth for tests
 """
@@ -224,7 +224,7 @@ def long_conv(u: Array, k: Array, *, causal: bool = True, impl: str = "auto", bu
         False: circular convolution of length seq with k zero-padded to seq.
       impl: one of LONG_CONV_IMPLS; "auto" picks the fastest measured: "monarch" where the Hopper
         kernels apply (bf16, causal, 513 <= seq <= 4096 on an H100 / H200) and where the passes were
-        faster on a GPU (bf16, causal, even batch, 16K < seq <= 128K), "fft" elsewhere.
+        faster on a GPU (bf16, causal, even batch, 8K < seq <= 128K), "fft" elsewhere.
       butterflies: (forward, inverse) `long_conv_monarch.Butterfly` factors replacing the exact DFT
         (a learned butterfly), causal only, with impl "monarch" or "auto"; their length must be
         at least seq + kernel_len − 1.

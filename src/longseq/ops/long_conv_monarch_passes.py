@@ -12,18 +12,19 @@ Shapes: the passes work on rows, u: [rows, n] bf16 with rows = batch · channels
 which `long_conv_monarch_passes` makes from u: [batch, seq, channels] by a transpose. k: [channels,
 kernel_len <= seq].
 
-L = 2N = 128 · M. Two factors (M = r2 <= 128, N <= 8K), or three (M = r2 · r3, r2, r3 >= 16, N = 16K … 1M).
-x is viewed as X[n1, n2, n3] (n = n1·M + n2·r3 + n3; rows n1 >= 64 are the causal zero padding), the spectrum
-comes out as Z[k1, k2, k3] = DFT_L(x)[k1 + 128·k2 + 128·r2·k3], and K̂ is laid out the same way (1/L folded in).
-A row's intermediates are stored as [re/im, outer, 128, inner] = [2, n2, k1, n3] (three factors) or
-[2, 1, k1, n2] (two: outer = 1, inner = r2), so the middle pass reads whole k1 slabs:
+L = 2N = r1 · M, with r1 = 128, or 256 at N = 16K and 1M (`plan`). Two factors (M = r2 <= 128: N <= 8K, and
+16K), or three (M = r2 · r3, r2, r3 >= 16). x is viewed as X[n1, n2, n3] (n = n1·M + n2·r3 + n3; rows
+n1 >= r1/2 are the causal zero padding), the spectrum comes out as Z[k1, k2, k3] = DFT_L(x)[k1 + r1·k2 +
+r1·r2·k3], and K̂ is laid out the same way (1/L folded in). A row's intermediates are stored as [re/im, outer,
+r1, inner] = [2, n2, k1, n3] (three factors) or [2, 1, k1, n2] (two: outer = 1, inner = r2), so the middle pass
+reads whole k1 slabs:
 
-    A    Y1 = (F1[:, :64] @ X) ⊙ T1                T1[k1, m] = ω_L^(k1·m), m = n2·r3 + n3
+    A    Y1 = (F1[:, :r1/2] @ X) ⊙ T1           T1[k1, m] = ω_L^(k1·m), m = n2·r3 + n3
     C    per k1 (a group of G k1 slabs per program):
            Y2 = (F2 @ Y1[:, k1, :]) ⊙ T2             T2[k2, n3] = ω_M^(k2·n3)                 (three factors)
            W2 = ((Y2 @ Fl) ⊙ K̂) @ conj(Fl)           Fl: the last factor (r3, or r2 with two factors)
            W1 = (conj(F2) @ (W2 ⊙ conj(T2))) ⊙ conj(T1)   (with two factors: W1 = W2 ⊙ conj(T1))
-    A'   y  = Re(conj(F1)[:64, :] @ W1)
+    A'   y  = Re(conj(F1)[:r1/2, :] @ W1)
 
 T1 is never stored whole: T1[k1, n2·r3 + n3] = ω_L^(k1·r3·n2) · ω_L^(k1·n3) is formed in registers from two
 small float32 tables (pass A: ω_L^(k1·c·tile) · ω_L^(k1·j) for column block c). T2 is one [r2, r3] table.
@@ -57,30 +58,40 @@ from jax.experimental import pallas as pl
 
 from longseq.ops.long_conv_monarch import real_signal_dft
 
-R1 = 128
-HALF = R1 // 2
+CHUNK = 128             # k1 rows pass A makes at a time
+# N whose first factor is 256, not 128, measured faster on an H200 (experiments/long_conv_kernel/NOTES.md):
+# at 16K, 128 leaves M = 16 · 16 (A and A' move 32-byte runs), 256 two factors with M = 128 (forward + backward
+# 1.23x -> 1.60x jnp.fft at 8 x 768 x 16K); at 2^20, 128 leaves pass C a [128, 128] block that spills, 256 a
+# [64, 128] one (1 x 256 x 1M: 166 -> 94 ms). At 8K and 64K-256K it was no faster or slower.
+WIDE_FIRST_FACTOR = (1 << 14, 1 << 20)
 MIN_LENGTH, MAX_LENGTH = 1 << 10, 1 << 20  # the n the passes take (powers of two)
 MIN_SEQ = 4097          # shorter causal bf16 sequences take the Hopper kernels or the fused portable kernel
 # Where "auto" takes the passes: an even batch (rows go through in pairs) and these padded n, where they were
-# 1.2-1.7x jnp.fft forward and forward + backward on an H200 (B x 768 channels, B = 2-8). At 8K-16K they
-# won at batch 8 but lost at batch 2 (16K, 1024 channels: 0.77x), at 2^18 and 2^20 the middle pass's 128-point
-# factors make them slower, and an odd batch runs unpaired (batch 1: 0.5-0.9x). docs/long_conv.md.
-AUTO_LENGTHS = (1 << 15, 1 << 16, 1 << 17)
+# 1.2-1.7x jnp.fft forward and forward + backward on an H200 (B x 768-1024 channels, B = 2-8). At 8K they won
+# at batch 8 only, at 2^18 and 2^20 the middle pass's 128-point factors make them slower, and an odd batch runs
+# unpaired (batch 1: 0.5-0.9x). docs/long_conv.md.
+AUTO_LENGTHS = (1 << 14, 1 << 15, 1 << 16, 1 << 17)
 
 
 class Plan(NamedTuple):
     n: int
     length: int
+    r1: int
     r2: int
     r3: int  # 1: two factors
 
     @property
     def m(self) -> int:
-        return self.length // R1
+        return self.length // self.r1
+
+    @property
+    def half(self) -> int:
+        """The n1 rows of x that can be nonzero (the rest is the causal zero padding)."""
+        return self.r1 // 2
 
     @property
     def outer(self) -> int:
-        """The n2 (k2) axis of a row's layout [2, outer, 128, inner]: r2 with three factors, 1 with two."""
+        """The n2 (k2) axis of a row's layout [2, outer, r1, inner]: r2 with three factors, 1 with two."""
         return self.r2 if self.r3 > 1 else 1
 
     @property
@@ -104,16 +115,20 @@ def faster_than_fft(batch: int, seq: int) -> bool:
     return batch % 2 == 0 and padded_length(seq) in AUTO_LENGTHS
 
 
-def plan(n: int) -> Plan:
-    """The factors for N = n (a power of two, 1024 … 2^20). r3 (the inner axis) takes the larger share."""
+def plan(n: int, r1: int | None = None) -> Plan:
+    """The factors for N = n (a power of two, 1024 … 2^20): r1 (128 or 256; None: `WIDE_FIRST_FACTOR` decides),
+    then r3 (the inner axis) takes the larger share of M."""
     if n < MIN_LENGTH or n > MAX_LENGTH or n & (n - 1):
         raise ValueError(f"u: padded length {n}: the passes take powers of two from {MIN_LENGTH} to {MAX_LENGTH}")
     length = 2 * n
-    m = length // R1
+    r1 = r1 or (256 if n in WIDE_FIRST_FACTOR else 128)
+    if r1 not in (128, 256) or length // r1 < 16:
+        raise ValueError(f"r1={r1}: the first factor is 128 or 256, and at most L / 16 (L = {length})")
+    m = length // r1
     if m <= 128:
-        return Plan(n, length, m, 1)
+        return Plan(n, length, r1, m, 1)
     r3 = min(128, m // 16)
-    return Plan(n, length, m // r3, r3)
+    return Plan(n, length, r1, m // r3, r3)
 
 
 def _planes(z: np.ndarray, dtype) -> np.ndarray:
@@ -130,12 +145,12 @@ def _omega(exponent: np.ndarray, period: int) -> np.ndarray:
 
 
 class Factors(NamedTuple):
-    fa: np.ndarray   # [2 (out re/im), 2 (in re/im), 128, 64] bf16: F1[:, :64] as a real block matrix (pass A)
-    ga: np.ndarray   # [2 (out re/im), 2 (in re/im), 64, 128] bf16: conj(F1)[:64, :] likewise (pass A')
-    ta: np.ndarray   # [2, M / tile, 128] f32: ω_L^(k1·c·tile), column block c of pass A
-    tb: np.ndarray   # [2, 128, tile] f32: ω_L^(k1·j)                   (T1 = ta[c] ⊗ tb in pass A)
-    ca: np.ndarray   # [2, outer, 128] f32: ω_L^(k1·r3·n2) (ones with two factors)
-    cb: np.ndarray   # [2, 128, inner] f32: ω_L^(k1·n3)               (T1 = ca ⊗ cb in pass C)
+    fa: np.ndarray   # [2 (out re/im), 2 (in re/im), r1, r1/2] bf16: F1[:, :r1/2] as a real block matrix (pass A)
+    ga: np.ndarray   # [2 (out re/im), 2 (in re/im), r1/2, r1] bf16: conj(F1)[:r1/2, :] likewise (pass A')
+    ta: np.ndarray   # [2, M / tile, r1] f32: ω_L^(k1·c·tile), column block c of pass A
+    tb: np.ndarray   # [2, r1, tile] f32: ω_L^(k1·j)                   (T1 = ta[c] ⊗ tb in pass A)
+    ca: np.ndarray   # [2, outer, r1] f32: ω_L^(k1·r3·n2) (ones with two factors)
+    cb: np.ndarray   # [2, r1, inner] f32: ω_L^(k1·n3)               (T1 = ca ⊗ cb in pass C)
     f2: np.ndarray   # [2, r2, r2] bf16 (three factors)
     t2: np.ndarray   # [2, r2, r3] table_dtype (three factors)
     fl: np.ndarray   # [2, inner, inner] bf16: the last factor
@@ -143,11 +158,11 @@ class Factors(NamedTuple):
 
 def factors(p: Plan, tile: int = 64, matrix_dtype=jnp.bfloat16, table_dtype=jnp.bfloat16,
             twiddle_dtype=np.float32) -> Factors:
-    f1 = _dft(R1)[:, :HALF]
-    g1 = np.conj(_dft(R1)[:HALF, :])
+    f1 = _dft(p.r1)[:, :p.half]
+    g1 = np.conj(_dft(p.r1)[:p.half, :])
     fa = np.stack([np.stack([f1.real, -f1.imag]), np.stack([f1.imag, f1.real])])   # (re, im) of F1 (x_a + i x_b)
     ga = np.stack([np.stack([g1.real, -g1.imag]), np.stack([g1.imag, g1.real])])   # (re, im) of conj(G) W
-    k1 = np.arange(R1)
+    k1 = np.arange(p.r1)
     ta = _omega(np.outer(np.arange(p.m // tile) * tile, k1), p.length)
     tb = _omega(np.outer(k1, np.arange(tile)), p.length)
     ca = _omega(np.outer(np.arange(p.outer) * p.inner, k1), p.length)
@@ -163,11 +178,11 @@ def factors(p: Plan, tile: int = 64, matrix_dtype=jnp.bfloat16, table_dtype=jnp.
 
 
 def kernel_spectrum(k: jax.Array, p: Plan, dtype=jnp.float32) -> jax.Array:
-    """k: [channels, kernel_len <= N] -> K̂: [channels, re/im, outer, 128, inner] (dtype), pass C's order, / L."""
+    """k: [channels, kernel_len <= N] -> K̂: [channels, re/im, outer, r1, inner] (dtype), pass C's order, / L."""
     channels = k.shape[0]
     planes = real_signal_dft(k, p.length) / p.length
-    # k = k1 + 128·k2 (+ 128·r2·k3) -> [k2, k1, k3] (three factors) or [1, k1, k2] (two)
-    return planes.reshape(channels, 2, p.m // p.outer, p.outer, R1).transpose(0, 1, 3, 4, 2).astype(dtype)
+    # k = k1 + r1·k2 (+ r1·r2·k3) -> [k2, k1, k3] (three factors) or [1, k1, k2] (two)
+    return planes.reshape(channels, 2, p.m // p.outer, p.outer, p.r1).transpose(0, 1, 3, 4, 2).astype(dtype)
 
 
 def traffic(n: int, batch: int) -> dict:
@@ -232,25 +247,29 @@ def _planes_of(ref):
 
 
 def _pass_a_kernel(x_ref, f_ref, ta_ref, tb_ref, y_ref, *, pairs, steps):
-    """x_ref: [P, R, 64, tile] u-like rows (P = 2: a pair's real and imaginary parts), f_ref: [2, P, 128, 64],
-    ta_ref: [2, 128], tb_ref: [2, 128, tile] -> y_ref: [R, 2, 128, tile] = (F1 @ x) ⊙ (ta ⊗ tb), row by row."""
+    """x_ref: [P, R, r1/2, tile] u-like rows (P = 2: a pair's real and imaginary parts), f_ref: [2, P, r1, r1/2],
+    ta_ref: [2, r1], tb_ref: [2, r1, tile] -> y_ref: [R, 2, r1, tile] = (F1 @ x) ⊙ (ta ⊗ tb), row by row, in
+    chunks of CHUNK k1 rows."""
+    r1 = f_ref.shape[2]
+
     def row(i, carry):  # the constants are read at each use: holding them through the loop spills registers
-        x = x_ref[0, i]
-        re, im = _dot(f_ref[0, 0], x), _dot(f_ref[1, 0], x)
-        if pairs == 2:
-            x = x_ref[1, i]
-            re, im = re + _dot(f_ref[0, 1], x), im + _dot(f_ref[1, 1], x)
-        t1 = _mul((ta_ref[0][:, None], ta_ref[1][:, None]), (tb_ref[0], tb_ref[1]))
-        re, im = _mul((re, im), t1)
-        y_ref[i, 0] = re.astype(y_ref.dtype)
-        y_ref[i, 1] = im.astype(y_ref.dtype)
+        for k1 in [pl.ds(start, CHUNK) for start in range(0, r1, CHUNK)]:
+            x = x_ref[0, i]
+            re, im = _dot(f_ref[0, 0, k1], x), _dot(f_ref[1, 0, k1], x)
+            if pairs == 2:
+                x = x_ref[1, i]
+                re, im = re + _dot(f_ref[0, 1, k1], x), im + _dot(f_ref[1, 1, k1], x)
+            t1 = _mul((ta_ref[0, k1][:, None], ta_ref[1, k1][:, None]), (tb_ref[0, k1], tb_ref[1, k1]))
+            re, im = _mul((re, im), t1)
+            y_ref[i, 0, k1] = re.astype(y_ref.dtype)
+            y_ref[i, 1, k1] = im.astype(y_ref.dtype)
         return carry
 
     jax.lax.fori_loop(0, steps, row, 0)
 
 
 def _pass_a_inverse_kernel(w_ref, g_ref, y_ref, *, pairs, steps):
-    """w_ref: [R, 2, 128, tile], g_ref: [P, 2, 64, 128] -> y_ref: [P, R, 64, tile]: Re (and Im) of conj(G) @ w."""
+    """w_ref: [R, 2, r1, tile], g_ref: [P, 2, r1/2, r1] -> y_ref: [P, R, r1/2, tile]: Re (and Im) of conj(G) @ w."""
     def row(i, carry):
         w_re, w_im = w_ref[i, 0], w_ref[i, 1]
         for q in range(pairs):
@@ -274,7 +293,7 @@ class _Slab(NamedTuple):
 
     @property
     def dims(self):
-        """Block dims of the trailing [outer, 128, inner] axes (None: squeezed)."""
+        """Block dims of the trailing [outer, r1, inner] axes (None: squeezed)."""
         return (self.outer if self.three else None, self.group if self.group > 1 else None, self.inner)
 
     def _as(self, z, shape):
@@ -395,13 +414,14 @@ class _Config(NamedTuple):
 
     def compiler(self, slab=None):
         """Triton's parameters: 8 warps (more in C: a complex f32 block at most 64 registers a thread), two
-        pipeline stages (one at N = 8K, r2 = 128, where two overflow an H200's shared memory by 1 KB)."""
+        pipeline stages (one at N = 8K, r2 = 128, where two overflow an H200's shared memory by 1 KB, and with
+        r1 = 256, whose F1 blocks are four times larger)."""
         if self.interpret:
             return dict(interpret=True)
         from jax.experimental.pallas import triton as pltriton
 
         warps = 8 if slab is None else max(8, min(16, slab.outer * slab.group * slab.inner // 1024))
-        stages = 1 if self.p.r3 == 1 and self.p.r2 == 128 else 2
+        stages = 1 if (self.p.r3 == 1 and self.p.r2 == 128) or self.p.r1 > 128 else 2
         return dict(compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages))
 
 
@@ -410,61 +430,61 @@ ROWS_PER_PROGRAM = 4     # rows A and A' loop over per program
 BLOCK = 8192             # about how many spectrum values of a row one program of C holds (half in the backward)
 
 
-def _configure(rows: int, n: int, channels: int, interpret: bool) -> _Config:
-    p = plan(n)
+def _configure(rows: int, n: int, channels: int, interpret: bool, r1: int | None = None) -> _Config:
+    p = plan(n, r1)
     batch = rows // channels
     pairs = 2 if batch % 2 == 0 else 1
 
     def slab(values):
         """G = values / M k1 slabs (at least 1); with two factors at least 16 k1 rows."""
         group = max(1, values // p.m) if p.r3 > 1 else max(16, values // p.inner)
-        return _Slab(p.outer, _pow2_divisor(R1, group), p.inner)
+        return _Slab(p.outer, _pow2_divisor(p.r1, group), p.inner)
 
     return _Config(p, factors(p, min(TILE, p.inner)), pairs, rows // pairs, batch // pairs, channels,
                    _pow2_divisor(rows // pairs, ROWS_PER_PROGRAM), slab(BLOCK), slab(BLOCK // 2), interpret)
 
 
 def _pass_a(x, c: _Config):
-    """x: [P, rows, 64, M] bf16 -> Y1: [rows, re/im, outer, 128, inner] bf16. Grid (row block, column block)."""
+    """x: [P, rows, r1/2, M] bf16 -> Y1: [rows, re/im, outer, r1, inner] bf16. Grid (row block, column block)."""
     p, f, step = c.p, c.f, c.rows_per_program
     tile = f.tb.shape[-1]
     per_n2 = p.inner // tile
     return pl.pallas_call(
         functools.partial(_pass_a_kernel, pairs=c.pairs, steps=step),
         grid=(c.rows // step, p.m // tile),
-        in_specs=[pl.BlockSpec((c.pairs, step, HALF, tile), lambda r, j: (0, r, 0, j)),
-                  pl.BlockSpec((2, c.pairs, R1, HALF), lambda r, j: (0, 0, 0, 0)),
-                  pl.BlockSpec((2, None, R1), lambda r, j: (0, j, 0)), _full(f.tb)],
-        out_specs=pl.BlockSpec((step, 2, None, R1, tile), lambda r, j: (r, 0, j // per_n2, 0, j % per_n2)),
-        out_shape=jax.ShapeDtypeStruct((c.rows, 2, p.outer, R1, p.inner), jnp.bfloat16), **c.compiler(),
+        in_specs=[pl.BlockSpec((c.pairs, step, p.half, tile), lambda r, j: (0, r, 0, j)),
+                  pl.BlockSpec((2, c.pairs, p.r1, p.half), lambda r, j: (0, 0, 0, 0)),
+                  pl.BlockSpec((2, None, p.r1), lambda r, j: (0, j, 0)), _full(f.tb)],
+        out_specs=pl.BlockSpec((step, 2, None, p.r1, tile), lambda r, j: (r, 0, j // per_n2, 0, j % per_n2)),
+        out_shape=jax.ShapeDtypeStruct((c.rows, 2, p.outer, p.r1, p.inner), jnp.bfloat16), **c.compiler(),
         name="longseq_monarch_pass_a",
     )(x, f.fa[:, :c.pairs], f.ta, f.tb)
 
 
 def _pass_a_inverse(w, c: _Config, dtype):
-    """W1: [rows, re/im, outer, 128, inner] -> y: [P, rows, 64, M]."""
+    """W1: [rows, re/im, outer, r1, inner] -> y: [P, rows, r1/2, M]."""
     p, f, step = c.p, c.f, c.rows_per_program
     tile = f.tb.shape[-1]
     per_n2 = p.inner // tile
     return pl.pallas_call(
         functools.partial(_pass_a_inverse_kernel, pairs=c.pairs, steps=step),
         grid=(c.rows // step, p.m // tile),
-        in_specs=[pl.BlockSpec((step, 2, None, R1, tile), lambda r, j: (r, 0, j // per_n2, 0, j % per_n2)),
-                  pl.BlockSpec((c.pairs, 2, HALF, R1), lambda r, j: (0, 0, 0, 0))],
-        out_specs=pl.BlockSpec((c.pairs, step, HALF, tile), lambda r, j: (0, r, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((c.pairs, c.rows, HALF, p.m), dtype), **c.compiler(),
+        in_specs=[pl.BlockSpec((step, 2, None, p.r1, tile), lambda r, j: (r, 0, j // per_n2, 0, j % per_n2)),
+                  pl.BlockSpec((c.pairs, 2, p.half, p.r1), lambda r, j: (0, 0, 0, 0))],
+        out_specs=pl.BlockSpec((c.pairs, step, p.half, tile), lambda r, j: (0, r, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((c.pairs, c.rows, p.half, p.m), dtype), **c.compiler(),
         name="longseq_monarch_pass_a_inverse",
     )(w, f.ga[:c.pairs])
 
 
 def _pass_c(ys, khat, c: _Config, slab: _Slab, *, conj_khat=False, with_w=True, with_cotangent=False):
-    """ys: one or two (y, then yu) [rows, re/im, outer, 128, inner] -> [W1 like y] (with_w: y's spectrum × K̂ or
-    conj(K̂), transformed back), [K̂'s cotangent summed over the batch: [channels, re/im, outer, 128, inner] f32]
+    """ys: one or two (y, then yu) [rows, re/im, outer, r1, inner] -> [W1 like y] (with_w: y's spectrum × K̂ or
+    conj(K̂), transformed back), [K̂'s cotangent summed over the batch: [channels, re/im, outer, r1, inner] f32]
     (with_cotangent). Grid (channel, k1 group); each program loops over the batch, so K̂ is read once."""
     p, f = c.p, c.f
-    shape = (c.batch, c.channels, 2, p.outer, R1, p.inner)
+    shape = (c.batch, c.channels, 2, p.outer, p.r1, p.inner)
     ys = [y.reshape(shape) for y in ys]
-    grid = (c.channels, R1 // slab.group)
+    grid = (c.channels, p.r1 // slab.group)
     data = pl.BlockSpec((c.batch, None, 2, *slab.dims), lambda h, j: (0, h, 0, 0, j, 0))
     per_channel = pl.BlockSpec((None, 2, *slab.dims), lambda h, j: (h, 0, 0, j, 0))
     tables = [f.fl, f.cb]
@@ -486,21 +506,21 @@ def _pass_c(ys, khat, c: _Config, slab: _Slab, *, conj_khat=False, with_w=True, 
         out_specs=out_specs, out_shape=out_shape, **c.compiler(slab), name="longseq_monarch_pass_c",
     )(*ys, *([khat] if with_w else []), *tables))
     if with_w:
-        outs[0] = outs[0].reshape(c.rows, 2, p.outer, R1, p.inner)
+        outs[0] = outs[0].reshape(c.rows, 2, p.outer, p.r1, p.inner)
     return outs
 
 
-def pass_functions(rows: int, n: int, channels: int, interpret: bool = False) -> dict:
+def pass_functions(rows: int, n: int, channels: int, interpret: bool = False, r1: int | None = None) -> dict:
     """The forward passes one at a time, for timing: {"A": u [rows, n] -> Y1, "C": (Y1, K̂ in bf16) -> W1,
     "A'": W1 -> y [rows, n]}."""
-    c = _configure(rows, n, channels, interpret)
-    return {"A": lambda u: _pass_a(u.reshape(c.pairs, c.rows, HALF, c.p.m), c),
+    c = _configure(rows, n, channels, interpret, r1)
+    return {"A": lambda u: _pass_a(u.reshape(c.pairs, c.rows, c.p.half, c.p.m), c),
             "C": lambda y, khat: _pass_c([y], khat, c, c.slab)[0],
             "A'": lambda w: _pass_a_inverse(w, c, jnp.bfloat16).reshape(rows, n)}
 
 
-@functools.partial(jax.jit, static_argnames=("channels", "interpret"))
-def conv_rows(u, khat, *, channels: int, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("channels", "interpret", "r1"))
+def conv_rows(u, khat, *, channels: int, interpret: bool = False, r1: int | None = None):
     """y[r] = causal conv of u[r] with channel (r mod channels)'s kernel; differentiable in u and khat.
 
     Args:
@@ -512,11 +532,11 @@ def conv_rows(u, khat, *, channels: int, interpret: bool = False):
       y: [rows, n] like u.
     """
     rows, n = u.shape
-    c = _configure(rows, n, channels, interpret)
+    c = _configure(rows, n, channels, interpret, r1)
     khat_in = khat.dtype
 
     def spectra(x):
-        return _pass_a(x.reshape(c.pairs, c.rows, HALF, c.p.m), c)
+        return _pass_a(x.reshape(c.pairs, c.rows, c.p.half, c.p.m), c)
 
     def forward(x, kh):
         [w] = _pass_c([spectra(x)], kh, c, c.slab)
@@ -558,27 +578,27 @@ def long_conv_monarch_passes(u: jax.Array, k: jax.Array, *, interpret: bool = Fa
     return y.reshape(batch, channels, n)[:, :, :seq].transpose(0, 2, 1)
 
 
-def _numpy_model(n: int) -> float:
+def _numpy_model(n: int, r1: int | None = None) -> float:
     """The passes in float64 against np.convolve (NumPy's FFT past 16K): the largest error over the largest output.
     Two rows as one complex pair, each layout and factored twiddle as the kernels use them."""
-    p = plan(n)
+    p = plan(n, r1)
     rng = np.random.default_rng(0)
     u, k = rng.standard_normal((2, n)), rng.standard_normal(n - 7)
     tile = min(64, p.inner)
     exact = factors(p, tile, matrix_dtype=np.float64, table_dtype=np.float64, twiddle_dtype=np.float64)
     f = {name: a[0] + 1j * a[1] if name not in ("fa", "ga") else a for name, a in exact._asdict().items()}
-    x = u.reshape(2, HALF, p.m)
+    x = u.reshape(2, p.half, p.m)
     y = (f["fa"][0, 0] + 1j * f["fa"][1, 0]) @ x[0] + (f["fa"][0, 1] + 1j * f["fa"][1, 1]) @ x[1]   # A
-    t1 = (f["ta"][:, :, None] * f["tb"][None]).transpose(1, 0, 2).reshape(R1, p.m)                  # [k1, m]
-    y = (y * t1).reshape(R1, p.outer, p.inner).transpose(1, 0, 2)                                   # [n2, k1, n3]
-    khat = np.fft.fft(k, p.length).reshape(p.m // p.outer, p.outer, R1).transpose(1, 2, 0) / p.length
+    t1 = (f["ta"][:, :, None] * f["tb"][None]).transpose(1, 0, 2).reshape(p.r1, p.m)                  # [k1, m]
+    y = (y * t1).reshape(p.r1, p.outer, p.inner).transpose(1, 0, 2)                                   # [n2, k1, n3]
+    khat = np.fft.fft(k, p.length).reshape(p.m // p.outer, p.outer, p.r1).transpose(1, 2, 0) / p.length
     if p.r3 > 1:                                                                                     # C
         y = np.einsum("kn,nac->kac", f["f2"], y) * f["t2"][:, None, :]
     w = ((y @ f["fl"]) * khat) @ np.conj(f["fl"])
     if p.r3 > 1:
         w = np.einsum("kn,nac->kac", np.conj(f["f2"]), w * np.conj(f["t2"][:, None, :]))
     w = w * np.conj(f["ca"][:, :, None] * f["cb"][None])
-    w = w.transpose(1, 0, 2).reshape(R1, p.m)
+    w = w.transpose(1, 0, 2).reshape(p.r1, p.m)
     g = [f["ga"][q, 0] @ w.real + f["ga"][q, 1] @ w.imag for q in range(2)]                          # A'
     out = np.stack([gq.reshape(-1) for gq in g])
     if n <= 16384:
