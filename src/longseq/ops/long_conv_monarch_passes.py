@@ -122,8 +122,8 @@ def plan(n: int, r1: int | None = None) -> Plan:
         raise ValueError(f"u: padded length {n}: the passes take powers of two from {MIN_LENGTH} to {MAX_LENGTH}")
     length = 2 * n
     r1 = r1 or (256 if n in WIDE_FIRST_FACTOR else 128)
-    if r1 not in (128, 256) or length // r1 < 16:
-        raise ValueError(f"r1={r1}: the first factor is 128 or 256, and at most L / 16 (L = {length})")
+    if r1 not in (128, 256, 512) or length // r1 < 16:
+        raise ValueError(f"r1={r1}: the first factor is 128, 256 or 512, and at most L / 16 (L = {length})")
     m = length // r1
     if m <= 128:
         return Plan(n, length, r1, m, 1)
@@ -246,6 +246,10 @@ def _planes_of(ref):
     return read
 
 
+def _chunks(total: int, size: int):
+    return [pl.ds(start, min(size, total)) for start in range(0, total, size)]
+
+
 def _pass_a_kernel(x_ref, f_ref, ta_ref, tb_ref, y_ref, *, pairs, steps):
     """x_ref: [P, R, r1/2, tile] u-like rows (P = 2: a pair's real and imaginary parts), f_ref: [2, P, r1, r1/2],
     ta_ref: [2, r1], tb_ref: [2, r1, tile] -> y_ref: [R, 2, r1, tile] = (F1 @ x) ⊙ (ta ⊗ tb), row by row, in
@@ -253,7 +257,7 @@ def _pass_a_kernel(x_ref, f_ref, ta_ref, tb_ref, y_ref, *, pairs, steps):
     r1 = f_ref.shape[2]
 
     def row(i, carry):  # the constants are read at each use: holding them through the loop spills registers
-        for k1 in [pl.ds(start, CHUNK) for start in range(0, r1, CHUNK)]:
+        for k1 in _chunks(r1, CHUNK):
             x = x_ref[0, i]
             re, im = _dot(f_ref[0, 0, k1], x), _dot(f_ref[1, 0, k1], x)
             if pairs == 2:
@@ -269,11 +273,16 @@ def _pass_a_kernel(x_ref, f_ref, ta_ref, tb_ref, y_ref, *, pairs, steps):
 
 
 def _pass_a_inverse_kernel(w_ref, g_ref, y_ref, *, pairs, steps):
-    """w_ref: [R, 2, r1, tile], g_ref: [P, 2, r1/2, r1] -> y_ref: [P, R, r1/2, tile]: Re (and Im) of conj(G) @ w."""
+    """w_ref: [R, 2, r1, tile], g_ref: [P, 2, r1/2, r1] -> y_ref: [P, R, r1/2, tile]: Re (and Im) of conj(G) @ w,
+    in chunks of CHUNK outputs and 2 · CHUNK k1 terms."""
+    half, r1 = g_ref.shape[2:]
+
     def row(i, carry):
-        w_re, w_im = w_ref[i, 0], w_ref[i, 1]
-        for q in range(pairs):
-            y_ref[q, i] = (_dot(g_ref[q, 0], w_re) + _dot(g_ref[q, 1], w_im)).astype(y_ref.dtype)
+        for n1 in _chunks(half, CHUNK):
+            for q in range(pairs):
+                y = sum(_dot(g_ref[q, 0, n1, k1], w_ref[i, 0, k1]) + _dot(g_ref[q, 1, n1, k1], w_ref[i, 1, k1])
+                        for k1 in _chunks(r1, 2 * CHUNK))
+                y_ref[q, i, n1] = y.astype(y_ref.dtype)
         return carry
 
     jax.lax.fori_loop(0, steps, row, 0)
