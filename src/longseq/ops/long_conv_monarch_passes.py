@@ -59,11 +59,12 @@ from jax.experimental import pallas as pl
 from longseq.ops.long_conv_monarch import real_signal_dft
 
 CHUNK = 128             # k1 rows pass A makes at a time
-# N whose first factor is 256, not 128, measured faster on an H200 (experiments/long_conv_kernel/NOTES.md):
+# The first factor r1 where it is not 128, by N, measured faster on an H200 (experiments/long_conv_kernel/NOTES.md):
 # at 16K, 128 leaves M = 16 · 16 (A and A' move 32-byte runs), 256 two factors with M = 128 (forward + backward
-# 1.23x -> 1.60x jnp.fft at 8 x 768 x 16K); at 2^20, 128 leaves pass C a [128, 128] block that spills, 256 a
-# [64, 128] one (1 x 256 x 1M: 166 -> 94 ms). At 8K and 64K-256K it was no faster or slower.
-WIDE_FIRST_FACTOR = (1 << 14, 1 << 20)
+# 1.23x -> 1.60x jnp.fft at 8 x 768 x 16K); at 2^19 and 2^20, 128 leaves pass C [64, 128] or [128, 128] blocks,
+# which run at 4-10% of the copy bandwidth, 512 [32, 2, 128] ones (1 x 256 x 1M: 166 -> 50 ms). At 8K and
+# 64K-256K a wider first factor was no faster or slower.
+FIRST_FACTOR = {1 << 14: 256, 1 << 19: 512, 1 << 20: 512}
 MIN_LENGTH, MAX_LENGTH = 1 << 10, 1 << 20  # the n the passes take (powers of two)
 MIN_SEQ = 4097          # shorter causal bf16 sequences take the Hopper kernels or the fused portable kernel
 # Where "auto" takes the passes: an even batch (rows go through in pairs) and these padded n, where they were
@@ -116,12 +117,12 @@ def faster_than_fft(batch: int, seq: int) -> bool:
 
 
 def plan(n: int, r1: int | None = None) -> Plan:
-    """The factors for N = n (a power of two, 1024 … 2^20): r1 (128 or 256; None: `WIDE_FIRST_FACTOR` decides),
+    """The factors for N = n (a power of two, 1024 … 2^20): r1 (128, 256 or 512; None: `FIRST_FACTOR`'s or 128),
     then r3 (the inner axis) takes the larger share of M."""
     if n < MIN_LENGTH or n > MAX_LENGTH or n & (n - 1):
         raise ValueError(f"u: padded length {n}: the passes take powers of two from {MIN_LENGTH} to {MAX_LENGTH}")
     length = 2 * n
-    r1 = r1 or (256 if n in WIDE_FIRST_FACTOR else 128)
+    r1 = r1 or FIRST_FACTOR.get(n, 128)
     if r1 not in (128, 256, 512) or length // r1 < 16:
         raise ValueError(f"r1={r1}: the first factor is 128, 256 or 512, and at most L / 16 (L = {length})")
     m = length // r1
