@@ -278,12 +278,15 @@ def _pass_a_inverse_kernel(w_ref, g_ref, y_ref, *, pairs, steps):
     in chunks of CHUNK outputs and 2 · CHUNK k1 terms."""
     half, r1 = g_ref.shape[2:]
 
-    def row(i, carry):
+    def row(i, carry):  # each chunk of w is read once per chunk of outputs (one read at r1 <= 256)
         for n1 in _chunks(half, CHUNK):
+            ys = [0.0] * pairs
+            for k1 in _chunks(r1, 2 * CHUNK):
+                w_re, w_im = w_ref[i, 0, k1], w_ref[i, 1, k1]
+                for q in range(pairs):
+                    ys[q] += _dot(g_ref[q, 0, n1, k1], w_re) + _dot(g_ref[q, 1, n1, k1], w_im)
             for q in range(pairs):
-                y = sum(_dot(g_ref[q, 0, n1, k1], w_ref[i, 0, k1]) + _dot(g_ref[q, 1, n1, k1], w_ref[i, 1, k1])
-                        for k1 in _chunks(r1, 2 * CHUNK))
-                y_ref[q, i, n1] = y.astype(y_ref.dtype)
+                y_ref[q, i, n1] = ys[q].astype(y_ref.dtype)
         return carry
 
     jax.lax.fori_loop(0, steps, row, 0)
