@@ -24,18 +24,19 @@ def _inputs(batch, seq, channels, kernel_len, seed=0):
 
 
 def test_passes_factorisation_is_the_linear_convolution():
-    # two factors; first factor 128 then three of 16, or 256 then two; 128 then three of 128, or 256, 64, 128
-    for n, r1 in ((1024, None), (16384, 128), (16384, 256), (1 << 20, 128), (1 << 20, 256)):
+    # two factors; first factor 128 then two of 16, or 256 then one; 128 then two of 128, or 512, 32, 128
+    for n, r1 in ((1024, None), (16384, 128), (16384, 256), (1 << 20, 128), (1 << 20, 512)):
         assert passes._numpy_model(n, r1) < 1e-12
 
 
 def test_plan_widens_the_first_factor_where_it_was_measured_faster():
-    assert [passes.plan(n).r1 for n in (8192, 16384, 32768, 1 << 20)] == [128, 256, 128, 256]
+    assert [passes.plan(n).r1 for n in (8192, 16384, 32768, 1 << 18, 1 << 19, 1 << 20)] == [128, 256, 128, 128,
+                                                                                                512, 512]
     assert passes.plan(16384) == passes.Plan(16384, 32768, 256, 128, 1)        # two factors, M = 128
-    assert passes.plan(1 << 20) == passes.Plan(1 << 20, 1 << 21, 256, 64, 128)
-    for r1 in (64, 512):
-        with pytest.raises(ValueError, match="r1=.*128 or 256"):
-            passes.plan(16384, r1)
+    assert passes.plan(1 << 20) == passes.Plan(1 << 20, 1 << 21, 512, 32, 128)
+    for n, r1 in ((16384, 64), (16384, 1024), (1024, 512)):  # 1024: L / 512 = 4, too few for a factor
+        with pytest.raises(ValueError, match="r1=.*128, 256 or 512"):
+            passes.plan(n, r1)
 
 
 ON_GPU = jax.devices()[0].platform == "gpu"
@@ -45,7 +46,7 @@ on_gpu_only = pytest.mark.skipif(not ON_GPU, reason="long rows: compiled passes 
 # (batch, seq, channels, kernel_len): an even batch goes through in pairs, an odd one unpaired; seq 1000 pads to
 # 1024 (two factors), 9001 to 16384 (first factor 256, two factors), 17000 to 32768 (three factors, the middle
 # pass's [r2, G, r3] blocks). Interpreted on CPU, compiled on a GPU, which also runs 2^17 (three factors, the
-# last of 128) and 2^20 (256, 64, 128).
+# last of 128) and 2^20 (512, 32, 128).
 @pytest.mark.parametrize("shape", [
     pytest.param((4, 1000, 3, 995), id="pairs_two_factors"),
     pytest.param((1, 9001, 2, 4000), id="unpaired_first_factor_256"),

@@ -12,8 +12,8 @@ Shapes: the passes work on rows, u: [rows, n] bf16 with rows = batch · channels
 which `long_conv_monarch_passes` makes from u: [batch, seq, channels] by a transpose. k: [channels,
 kernel_len <= seq].
 
-L = 2N = r1 · M, with r1 = 128, or 256 at N = 16K and 1M (`plan`). Two factors (M = r2 <= 128: N <= 8K, and
-16K), or three (M = r2 · r3, r2, r3 >= 16). x is viewed as X[n1, n2, n3] (n = n1·M + n2·r3 + n3; rows
+L = 2N = r1 · M, with r1 = 128, or 256 at N = 16K, or 512 at 512K and 1M (`plan`). Two factors (M = r2 <= 128:
+N <= 8K, and 16K), or three (M = r2 · r3, r2, r3 >= 16). x is viewed as X[n1, n2, n3] (n = n1·M + n2·r3 + n3; rows
 n1 >= r1/2 are the causal zero padding), the spectrum comes out as Z[k1, k2, k3] = DFT_L(x)[k1 + r1·k2 +
 r1·r2·k3], and K̂ is laid out the same way (1/L folded in). A row's intermediates are stored as [re/im, outer,
 r1, inner] = [2, n2, k1, n3] (three factors) or [2, 1, k1, n2] (two: outer = 1, inner = r2), so the middle pass
