@@ -58,7 +58,7 @@ from jax.experimental import pallas as pl
 
 from longseq.ops.long_conv_monarch import real_signal_dft
 
-CHUNK = 128             # k1 rows pass A makes at a time
+CHUNK = 128             # k1 rows pass A makes at a time, and outputs pass A' makes at a time
 # The first factor r1 where it is not 128, by N, measured faster on an H200 (experiments/long_conv_kernel/NOTES.md):
 # at 16K, 128 leaves M = 16 · 16 (A and A' move 32-byte runs), 256 two factors with M = 128 (forward + backward
 # 1.23x -> 1.60x jnp.fft at 8 x 768 x 16K); at 2^19 and 2^20, 128 leaves pass C [64, 128] or [128, 128] blocks,
@@ -69,8 +69,8 @@ MIN_LENGTH, MAX_LENGTH = 1 << 10, 1 << 20  # the n the passes take (powers of tw
 MIN_SEQ = 4097          # shorter causal bf16 sequences take the Hopper kernels or the fused portable kernel
 # Where "auto" takes the passes: an even batch (rows go through in pairs) and these padded n, where they were
 # 1.2-1.7x jnp.fft forward and forward + backward on an H200 (B x 768-1024 channels, B = 2-8). At 8K they won
-# at batch 8 only, at 2^18 and 2^20 the middle pass's 128-point factors make them slower, and an odd batch runs
-# unpaired (batch 1: 0.5-0.9x). docs/long_conv.md.
+# at batch 8 only (batch 2 not measured), at 2^18-2^20 they were 0.85-0.99x (the middle pass's 128-point factors
+# are compute-bound), and an odd batch runs unpaired (batch 1: 0.76x at 16K). docs/long_conv.md.
 AUTO_LENGTHS = (1 << 14, 1 << 15, 1 << 16, 1 << 17)
 
 
@@ -428,7 +428,7 @@ class _Config(NamedTuple):
     def compiler(self, slab=None):
         """Triton's parameters: 8 warps (more in C: a complex f32 block at most 64 registers a thread), two
         pipeline stages (one at N = 8K, r2 = 128, where two overflow an H200's shared memory by 1 KB, and with
-        r1 = 256, whose F1 blocks are four times larger)."""
+        r1 >= 256, whose F1 blocks are four or more times larger)."""
         if self.interpret:
             return dict(interpret=True)
         from jax.experimental.pallas import triton as pltriton
