@@ -77,6 +77,26 @@ def test_passes_match_fft(shape):
     assert _rel_err(dk, want_dk) < 1e-2
 
 
+def test_a_512_point_first_factor_matches_fft():
+    """r1 = 512 (the plan's at 512K and 1M, which only a GPU runs) on a short row, interpreted: pass A makes four
+    chunks of k1 rows, A' two chunks of outputs, each a sum over two chunks of k1; a pair, forward and gradients."""
+    u, k, dy = _inputs(2, 8192, 1, 3000)
+    rows, dy_rows = u.transpose(0, 2, 1).reshape(2, 8192), dy.transpose(0, 2, 1).reshape(2, 8192)
+
+    def conv(rows, k):
+        return passes.conv_rows(rows, passes.kernel_spectrum(k, passes.plan(8192, 512)), channels=1,
+                                interpret=not ON_GPU, r1=512)
+
+    def reference(rows, k):
+        return long_conv(rows.astype(jnp.float32)[:, :, None], k, impl="fft")[:, :, 0]
+
+    y, vjp = jax.vjp(conv, rows, k)
+    assert _rel_err(y, reference(rows, k)) < 1e-2
+    want = jax.grad(lambda r, k: jnp.sum(reference(r, k) * dy_rows.astype(jnp.float32)), (0, 1))(rows, k)
+    for got, expected in zip(vjp(dy_rows), want):
+        assert _rel_err(got, expected) < 1e-2
+
+
 def test_pass_functions_compose_to_the_forward():
     """bench_passes.py times the passes one at a time: together they are the forward."""
     u, k, _ = _inputs(2, 1024, 2, 1000)
