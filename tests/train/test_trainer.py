@@ -134,9 +134,13 @@ def test_killed_and_interrupted_runs_resume_with_identical_losses(empty_config):
         assert resumed.returncode == 0, resumed.stderr
         assert f"resumed {tmp_path / name} from step {stopped_at}" in resumed.stdout
         restarted = train_losses(tmp_path / name)
-        # none lost, none duplicated; Ctrl-C's checkpoint logs a row at the step it stopped at, as every checkpoint
+        # none lost, none duplicated. Ctrl-C logs the steps since the last row at the step it stopped at, as every
+        # checkpoint does, so the next row after it means fewer steps than the uninterrupted run's: skip that one.
         assert sorted(restarted) == sorted({*expected_rows, stopped_at}), name
-        assert [restarted[s] for s in expected_rows] == [whole[s] for s in expected_rows], name  # bit-for-bit
+        shortened = {min(s for s in expected_rows if s > stopped_at)} if stopped_at not in expected_rows else set()
+        compared = [s for s in expected_rows if s not in shortened]
+        assert len(compared) >= len(expected_rows) - 1
+        assert [restarted[s] for s in compared] == [whole[s] for s in compared], name  # bit-for-bit
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_only_finite_checkpoints(empty_config):
