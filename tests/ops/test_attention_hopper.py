@@ -108,6 +108,46 @@ def test_long_sequences_traced_offsets_and_merged_halves():
 
 
 @needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_rows_take_192_key_blocks_and_match_the_reference(causal):
+    """Past LONG_KV keys the forward streams 192-key blocks: an odd key count (a masked tail), GQA, forward and
+    gradients against the reference."""
+    kv_len = attention_hopper.LONG_KV[causal] + 77
+    assert attention_hopper.block_kv_for(kv_len, causal=causal, segmented=False, window=None) == 192
+    qkv, weights, _ = random_inputs(11, batch=1, q_len=300, kv_len=kv_len, heads=4, kv_heads=2, head_dim=128,
+                                    dtype=jnp.bfloat16)
+    options = dict(causal=causal, q_offset=kv_len - 300)   # causal: the queries are the last 300 positions
+    got = outputs_and_grads(qkv, weights, impl="pallas_mosaic_gpu", **options)
+    want = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), weights, impl="reference", **options)
+    assert_close_bf16(got, want, f"192-key blocks, causal={causal}")
+
+
+def test_the_forward_takes_192_key_blocks_only_on_long_rows_without_segments_or_a_window():
+    choose = attention_hopper.block_kv_for
+    for causal in (False, True):
+        long = attention_hopper.LONG_KV[causal]
+        assert choose(long, causal=causal, segmented=False, window=None) == 192
+        assert choose(long - 1, causal=causal, segmented=False, window=None) == 128
+        assert choose(long, causal=causal, segmented=True, window=None) == 128   # its buffers would not fit
+        assert choose(long, causal=causal, segmented=False, window=512) == 128
+    assert attention_hopper.LONG_KV[True] > attention_hopper.LONG_KV[False]
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="the interpreter stands in for the GPU")
+def test_interpreter_forward_with_192_key_blocks():
+    """The ring of 192-key blocks (it wraps; the tail block is masked), causal so that the warpgroups of a tile
+    see different blocks, against the reference."""
+    qkv, _, _ = random_inputs(4, batch=1, q_len=200, kv_len=700, heads=2, kv_heads=1, head_dim=64,
+                              dtype=jnp.bfloat16)
+    options = dict(causal=True, q_offset=350, kv_offset=100)
+    out, lse = attention_hopper.flash_forward(*qkv, block_kv=192, interpret=mosaic_gpu.interpret_params(),
+                                              **options)
+    want, want_lse = attention(*(x.astype(jnp.float32) for x in qkv), impl="reference", **options)
+    np.testing.assert_allclose(lse, want_lse, atol=2e-2)
+    assert relative_error(out, want) < 1e-2
+
+
+@needs_hopper
 def test_a_scanned_layer_runs_the_forward_kernel_once():
     """One forward and one backward kernel in the compiled gradient of a scan of 3 layers (a matmul, then
     attention). Without `computed_once`, XLA's dynamic-slice fusion copied the forward kernel into the fusion
@@ -214,7 +254,9 @@ def test_lowers_for_cuda_within_shared_memory(causal):
     q = jax.ShapeDtypeStruct((2, 4096, 16, 128), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, 4096, 4, 128), jnp.bfloat16)
     forward = functools.partial(attention_hopper.flash_forward, causal=causal)
-    assert "mosaic_gpu" in jax.export.export(jax.jit(forward), platforms=["cuda"])(q, k, k).mlir_module()
+    long_k = jax.ShapeDtypeStruct((2, attention_hopper.LONG_KV[causal], 4, 128), jnp.bfloat16)  # 192-key blocks
+    for keys in (k, long_k):
+        assert "mosaic_gpu" in jax.export.export(jax.jit(forward), platforms=["cuda"])(q, keys, keys).mlir_module()
     ids = (jnp.zeros((2, 4096), jnp.int32),) * 2 if causal else None  # segment ids and a window with causal
     window = 1024 if causal else None
 
