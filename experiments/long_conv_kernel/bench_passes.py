@@ -127,8 +127,8 @@ def main():
         k = jax.random.normal(keys[1], (h, n), jnp.float32) / np.sqrt(n)
         dy = jax.random.normal(keys[2], (b, h, n), jnp.float32).astype(jnp.bfloat16)
         row = {"shape": shape, "r1": passes.plan(n, r1).r1,
-               "blocking": ":".join(map(str, (passes.TILE, passes.ROWS_PER_PROGRAM, passes.BLOCK))), "fft": {}, "passes": {}, "by_pass": {},
-               "copy_TBps": bandwidth / 1e12}
+               "blocking": ":".join(map(str, (passes.TILE, passes.ROWS_PER_PROGRAM, passes.BLOCK))),
+               "fft": {}, "passes": {}, "by_pass": {}, "copy_TBps": bandwidth / 1e12}
         if shape in fft_rows:   # timed once per shape
             row["fft"] = fft_rows[shape]
         else:
@@ -180,8 +180,8 @@ def time_passes(b, h, n, u, k, bandwidth, interpret, r1=None):
 
 def print_table(rows):
     nan = float("nan")
-    print("\n| B × H × N | r1 | tile:rows:block | jnp.fft fwd / fwd+bwd ms | passes fwd / fwd+bwd ms | ratio | of copy bw | "
-          "err y / du / dk | by pass (fwd) |")
+    print("\n| B × H × N | r1 | tile:rows:block | jnp.fft fwd / fwd+bwd ms | passes fwd / fwd+bwd ms | ratio | "
+          "of copy bw | err y / du / dk | by pass (fwd) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         fft, v = row["fft"], row["passes"]
@@ -192,8 +192,9 @@ def print_table(rows):
         errs = " / ".join(f"{v.get(e, nan):.1e}" for e in ("err_y", "err_du", "err_dk"))
         cells = ", ".join(f"{name} {p['ms']:.3f} ({p['bw']:.0%})" for name, p in row["by_pass"].items())
         print(f"| {row['shape']} | {row['r1']} | {row['blocking']} | {fft.get('fwd', nan):.3f} / "
-              f"{fft.get('fwd+bwd', nan):.3f} | {v['fwd']:.3f} / {v['fwd+bwd']:.3f} | {v.get('fwd_speedup', nan):.2f}× / "
-              f"{v.get('fwd+bwd_speedup', nan):.2f}× | {v['fwd_bw']:.0%} / {v['fwd+bwd_bw']:.0%} | {errs} | {cells} |")
+              f"{fft.get('fwd+bwd', nan):.3f} | {v['fwd']:.3f} / {v['fwd+bwd']:.3f} | "
+              f"{v.get('fwd_speedup', nan):.2f}× / {v.get('fwd+bwd_speedup', nan):.2f}× | "
+              f"{v['fwd_bw']:.0%} / {v['fwd+bwd_bw']:.0%} | {errs} | {cells} |")
 
 
 if __name__ == "__main__":
